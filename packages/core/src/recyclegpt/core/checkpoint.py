@@ -1,0 +1,180 @@
+"""Weights I/O: RecycleGPT directories, Hugging Face Llama directories and GGUF files.
+
+Only safetensors and GGUF are read; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_model
+
+from recyclegpt.core.config import RecycleConfig
+from recyclegpt.core.model import RecycleGPT
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+SUPPORTED_HF_TYPES = ("llama", "mistral")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def save_pretrained(model: RecycleGPT, path: str | Path, tokenizer: Any = None) -> Path:
+    """Write config.json, model.safetensors and tokenizer files into ``path`` atomically.
+
+    The files go to a temporary sibling directory that replaces ``path`` with one rename, so a
+    reader never sees a half-written export.
+    """
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.config.save(staging / CONFIG_NAME)
+        save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging)
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
+    else:  # a raw `tokenizers.Tokenizer`
+        tokenizer.save(str(directory / "tokenizer.json"))
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None) -> Any:
+    """The transformers fast tokenizer stored with a model, or None when there is none."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    if (path / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    if (path / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    return None
+
+
+def load_pretrained(
+    path: str | Path,
+    module_layers: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    gguf_file: str | None = None,
+) -> RecycleGPT:
+    """Load a model from (a) a ``save_pretrained`` directory, (b) a Hugging Face Llama-family
+    checkpoint directory (safetensors) or (c) a ``.gguf`` file; (b) and (c) get a freshly
+    initialised recyclable module of ``module_layers`` layers (default 1).
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if gguf_file is not None:
+        model = _load_gguf(path, gguf_file, module_layers or 1)
+    elif not (path / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a model directory")
+    else:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        if raw.get("model_type") == "recyclegpt":
+            model = _load_own(path, raw, module_layers)
+        else:
+            model = _load_hf(path, raw, module_layers or 1)
+    return model.to(device=device, dtype=_resolve_dtype(dtype)).eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None or dtype == "fp32" or dtype == "float32":
+        return torch.float32
+    if dtype in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if dtype in ("fp16", "float16"):
+        return torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise ValueError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
+
+
+def _load_own(path: Path, raw: dict[str, Any], module_layers: int | None) -> RecycleGPT:
+    config = RecycleConfig.from_dict(raw)
+    if module_layers is not None and module_layers != config.module_layers:
+        raise ValueError(f"{path} has a {config.module_layers}-layer module; module_layers={module_layers} differs")
+    model = RecycleGPT(config)
+    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}")
+    model.tokenizer = load_tokenizer(path)
+    return model
+
+
+def _load_hf(path: Path, raw: dict[str, Any], module_layers: int) -> RecycleGPT:
+    from transformers import AutoConfig
+
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_HF_TYPES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not a supported Llama-family type {SUPPORTED_HF_TYPES}")
+    hf_config = AutoConfig.from_pretrained(str(path))
+    if getattr(hf_config, "sliding_window", None):
+        raise ValueError(f"{path}: sliding-window attention is not supported")
+    state_dict = _read_safetensors(path)
+    model = _from_state_dict(RecycleConfig.from_hf(hf_config, module_layers), state_dict, str(path))
+    model.tokenizer = load_tokenizer(path)
+    return model
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS_NAME).exists():
+        shards = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"{path} has no model.safetensors; pickled .bin weights are refused for safety")
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state_dict.update(load_file(str(path / shard)))
+    return state_dict
+
+
+def _load_gguf(directory: Path, gguf_file: str, module_layers: int) -> RecycleGPT:
+    """Dequantise a GGUF checkpoint with transformers' loader, then adopt its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+    if hf_config.model_type not in SUPPORTED_HF_TYPES:
+        raise ValueError(f"{gguf_file}: architecture {hf_config.model_type!r} is not Llama-family")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+    model = _from_state_dict(RecycleConfig.from_hf(hf_model.config, module_layers), hf_model.state_dict(), gguf_file)
+    model.tokenizer = load_tokenizer(directory, gguf_file=gguf_file)
+    return model
+
+
+def _from_state_dict(config: RecycleConfig, state_dict: dict[str, torch.Tensor], source: str) -> RecycleGPT:
+    """A RecycleGPT whose base takes a LlamaForCausalLM state dict and whose module is fresh."""
+    model = RecycleGPT(config)
+    state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith("recycle.") and not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit a Llama layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

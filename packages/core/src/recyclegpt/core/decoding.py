@@ -1,0 +1,322 @@
+"""The three decoders: standard, alternating (the paper's) and speculative (lossless).
+
+Conventions: the base's KV cache holds positions 0..n-1; ``hidden`` is the base's final state
+h[n-1] that predicted the pending token x[n]. The module at position t reads (h[t-1], x[t]) and
+predicts x[t+1]; its KV cache covers every position, exactly as in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recyclegpt.core.model import KVCache, RecycleGPT
+from recyclegpt.core.sampling import SamplingParams, sample, token_probs
+
+DECODING_MODES = ("standard", "alternating", "speculative")
+
+
+@dataclass
+class GenerationOutput:
+    """Prompt plus new tokens, and what it cost."""
+
+    sequences: torch.Tensor  # [B, prompt + new]
+    full_model_calls: int = 0
+    module_calls: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    prompt_length: int = 0
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+def validate_generation_args(
+    model: RecycleGPT,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    decoding: str,
+    draft_length: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> None:
+    """Raise ValueError naming the first bad argument."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    context = model.config.max_seq_len
+    if input_ids.shape[1] + max_new_tokens > context:
+        raise ValueError(
+            f"prompt length ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"the model's context of {context} tokens"
+        )
+    if decoding not in DECODING_MODES:
+        raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+    if not isinstance(draft_length, int) or draft_length < 1:
+        raise ValueError(f"draft_length must be an integer >= 1, got {draft_length!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {model.config.vocab_size}), the model's vocabulary")
+
+
+@torch.inference_mode()
+def generate(
+    model: RecycleGPT,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    decoding: str = "standard",
+    draft_length: int = 4,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P].
+
+    ``standard``: the full model, token by token. ``alternating``: a full-model call, then a
+    module call, so each full call yields two tokens (lossy, the paper's). ``speculative``: the
+    module drafts ``draft_length`` tokens, the full model verifies them in one forward; output
+    equals ``standard`` (greedy) or follows its distribution (sampling). Batches need left
+    padding described by ``attention_mask`` (1 = token, 0 = padding); rows that emit
+    ``eos_token_id`` are padded with ``pad_token_id`` (default: the EOS id) afterwards.
+    """
+    validate_generation_args(model, input_ids, max_new_tokens, decoding, draft_length, temperature, top_k, top_p)
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if decoding == "speculative" and input_ids.shape[0] > 1:
+        raise ValueError("decoding='speculative' supports batch size 1; use standard or alternating for batches")
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    params = SamplingParams(temperature, top_k, top_p, generator)
+    state = _DecodeState(model, input_ids, attention_mask, max_new_tokens, draft_length if decoding == "speculative" else 1)
+    if decoding == "standard":
+        _standard(state, params, eos_token_id)
+    elif decoding == "alternating":
+        _alternating(state, params, eos_token_id)
+    else:
+        _speculative(state, params, eos_token_id, draft_length)
+    return state.finish(pad_token_id if pad_token_id is not None else eos_token_id)
+
+
+class _DecodeState:
+    """Caches, positions and the growing output shared by the decoders."""
+
+    def __init__(
+        self,
+        model: RecycleGPT,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        lookahead: int,
+    ) -> None:
+        self.model = model
+        self.batch, self.prompt_length = input_ids.shape
+        self.max_new_tokens = max_new_tokens
+        device = input_ids.device
+        # Room for the prompt, the new tokens and the last (partly rejected) draft.
+        capacity = min(self.prompt_length + max_new_tokens + lookahead + 1, model.config.max_seq_len)
+        self.base_cache = model.new_cache("base", self.batch, capacity)
+        self.module_cache: KVCache | None = None
+        self.capacity = capacity
+        self.tokens = torch.zeros(self.batch, self.prompt_length + max_new_tokens + lookahead + 1, dtype=torch.long, device=device)
+        self.tokens[:, : self.prompt_length] = input_ids
+        self.length = self.prompt_length  # tokens written so far (prompt + new)
+        self.slot_positions: torch.Tensor | None = None
+        self.padding_mask: torch.Tensor | None = None
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            self.padding_mask = attention_mask.to(device)
+            self.base_cache.set_padding(self.padding_mask)
+            # Rotary positions count real tokens only, so a left-padded row decodes as if unpadded.
+            prompt_positions = (self.padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+            later = torch.arange(1, self.tokens.shape[1] - self.prompt_length + 1, device=device)
+            self.slot_positions = torch.cat((prompt_positions, prompt_positions[:, -1:] + later), dim=1)
+        self.finished = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.eos_at = torch.full((self.batch,), -1, dtype=torch.long, device=device)
+        self.out = GenerationOutput(sequences=input_ids, prompt_length=self.prompt_length)
+
+    @property
+    def num_new(self) -> int:
+        return self.length - self.prompt_length
+
+    @property
+    def done(self) -> bool:
+        return self.num_new >= self.max_new_tokens or bool(self.finished.all())
+
+    def positions(self, start: int, count: int) -> torch.Tensor | None:
+        """Rotary positions of slots start..start+count-1 (None: the slot indices themselves)."""
+        if self.slot_positions is None:
+            return None
+        return self.slot_positions[:, start : start + count]
+
+    def base_step(self, start: int, count: int) -> torch.Tensor:
+        """Run the base on slots start..start+count-1 (its cache must end at start); hidden states."""
+        self.out.full_model_calls += 1
+        ids = self.tokens[:, start : start + count]
+        return self.model.base_hidden(ids, self.positions(start, count), self.base_cache)
+
+    def module_step(self, prev_hidden: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """Run the module on slots start..start+count-1 with the given h[t-1]; output states."""
+        if self.module_cache is None:
+            self.module_cache = self.model.new_cache("module", self.batch, self.capacity)
+            if self.padding_mask is not None:
+                self.module_cache.set_padding(self.padding_mask)
+        self.out.module_calls += 1
+        ids = self.tokens[:, start : start + count]
+        return self.model.module_hidden(prev_hidden, ids, self.positions(start, count), self.module_cache)
+
+    def prompt_prev_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """h[t-1] for every prompt slot: zeros at the first real token and on padding."""
+        prev = torch.cat((torch.zeros_like(hidden[:, :1]), hidden[:, :-1]), dim=1)
+        if self.padding_mask is not None:
+            has_prev = torch.cat((torch.zeros_like(self.padding_mask[:, :1]), self.padding_mask[:, :-1]), dim=1)
+            prev = prev * has_prev.unsqueeze(-1).to(prev.dtype)
+        return prev
+
+    def append(self, new_tokens: torch.Tensor, eos_token_id: int | None) -> None:
+        """Write tokens [B, k] at the end; note rows that reach EOS."""
+        count = min(new_tokens.shape[1], self.max_new_tokens - self.num_new)
+        new_tokens = new_tokens[:, :count]
+        self.tokens[:, self.length : self.length + count] = new_tokens
+        if eos_token_id is not None:
+            hits = new_tokens == eos_token_id
+            first = torch.where(hits.any(1), hits.float().argmax(1) + self.length, torch.full_like(self.eos_at, -1))
+            newly = (~self.finished) & (first >= 0)
+            self.eos_at = torch.where(newly, first, self.eos_at)
+            self.finished |= newly
+        self.length += count
+
+    def finish(self, pad_token_id: int | None) -> GenerationOutput:
+        sequences = self.tokens[:, : self.length].clone()
+        if pad_token_id is not None:
+            slots = torch.arange(self.length, device=sequences.device).unsqueeze(0)
+            after_eos = (self.eos_at.unsqueeze(1) >= 0) & (slots > self.eos_at.unsqueeze(1))
+            sequences[after_eos] = pad_token_id
+        self.out.sequences = sequences
+        return self.out
+
+
+def _standard(state: _DecodeState, params: SamplingParams, eos_token_id: int | None) -> None:
+    model = state.model
+    hidden = state.base_step(0, state.prompt_length)
+    while True:
+        state.append(sample(model.lm_head(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+        if state.done:
+            return
+        hidden = state.base_step(state.length - 1, 1)
+
+
+def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int | None) -> None:
+    """Full call (prompt, or the last two tokens) -> token; module call -> one more token."""
+    model = state.model
+    hidden = state.base_step(0, state.prompt_length)
+    state.append(sample(model.lm_head(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+    if state.done:
+        return
+    # Module catch-up over the prompt (zero state before the first token) plus the new token.
+    prev = torch.cat((state.prompt_prev_hidden(hidden), hidden[:, -1:]), dim=1)
+    module_state = state.module_step(prev, 0, state.length)
+    while True:
+        state.append(sample(model.lm_head(module_state[:, -1]), params).unsqueeze(1), eos_token_id)
+        if state.done:
+            return
+        hidden = state.base_step(state.length - 2, 2)
+        state.append(sample(model.lm_head(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+        if state.done:
+            return
+        # The module covers the two slots the full call just read, each with its true h[t-1].
+        module_state = state.module_step(hidden, state.length - 2, 2)
+
+
+def _speculative(state: _DecodeState, params: SamplingParams, eos_token_id: int | None, draft_length: int) -> None:
+    """Draft with the module, verify with the base in one forward, roll back the rejected tail."""
+    model = state.model
+    out = state.out
+    prompt_hidden = state.base_step(0, state.prompt_length)
+    hidden_log = torch.zeros(1, state.tokens.shape[1], model.config.hidden_size, dtype=prompt_hidden.dtype, device=prompt_hidden.device)
+    hidden_log[:, : state.prompt_length] = prompt_hidden
+    state.append(sample(model.lm_head(prompt_hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+    module_done = 0  # the module cache holds slots 0..module_done-1, computed from true states
+    greedy = params.greedy
+    while not state.done:
+        pending = state.length - 1  # slot of the token the base has not yet seen
+        depth = min(draft_length, state.max_new_tokens - state.num_new - 1)  # +1 comes from the base
+        draft_tokens: list[torch.Tensor] = []
+        draft_probs: list[torch.Tensor] = []
+        if depth > 0:
+            # Catch the module up on true states h[module_done-1 .. pending-1], then chain its own.
+            prev = hidden_log[:, max(module_done - 1, 0) : pending]
+            if module_done == 0:
+                prev = torch.cat((torch.zeros_like(prev[:, :1]), prev), dim=1)
+            module_state = state.module_step(prev, module_done, pending + 1 - module_done)[:, -1:]
+            module_done = pending + 1
+            for step in range(depth):
+                logits = model.lm_head(module_state[:, -1])
+                probs = None if greedy else token_probs(logits, params)
+                token = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
+                draft_tokens.append(token)
+                if probs is not None:
+                    draft_probs.append(probs)
+                state.tokens[:, pending + 1 + step] = token
+                if step + 1 < depth:
+                    module_state = state.module_step(module_state, pending + 1 + step, 1)
+            out.drafted_tokens += depth
+        # Verify: the base reads the pending token and every draft in one forward.
+        verify_hidden = state.base_step(pending, depth + 1)
+        base_logits = model.lm_head(verify_hidden[0])  # [depth+1, V]
+        accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
+        out.accepted_tokens += accepted
+        hidden_log[:, pending : pending + accepted + 1] = verify_hidden[:, : accepted + 1]
+        state.base_cache.rollback(pending + accepted + 1)
+        if state.module_cache is not None:
+            state.module_cache.rollback(min(module_done, state.module_cache.length))
+        new = torch.stack([*draft_tokens[:accepted], next_token]).view(1, -1)
+        state.append(new, eos_token_id)
+
+
+def _verify(
+    base_logits: torch.Tensor,
+    draft_tokens: list[torch.Tensor],
+    draft_probs: list[torch.Tensor],
+    params: SamplingParams,
+) -> tuple[int, torch.Tensor]:
+    """Accepted draft count and the token that follows them (batch 1)."""
+    if params.greedy:
+        targets = base_logits.argmax(-1)  # [depth+1]
+        accepted = 0
+        for token in draft_tokens:
+            if int(token) != int(targets[accepted]):
+                break
+            accepted += 1
+        return accepted, targets[accepted]
+    base_probs = token_probs(base_logits, params)  # [depth+1, V]
+    for i, token in enumerate(draft_tokens):
+        p, q = base_probs[i], draft_probs[i][0]
+        t = int(token)
+        accept_prob = min(1.0, float(p[t]) / max(float(q[t]), 1e-20))
+        u = float(torch.rand((), generator=params.generator, device=p.device))
+        if u >= accept_prob:
+            residual = (p - q).clamp(min=0)
+            total = residual.sum()
+            residual = residual / total if float(total) > 0 else p
+            return i, torch.multinomial(residual, 1, generator=params.generator)[0]
+    last = base_probs[len(draft_tokens)]
+    return len(draft_tokens), torch.multinomial(last, 1, generator=params.generator)[0]

@@ -1,0 +1,324 @@
+"""The RecycleGPT model: a Llama-family decoder plus a recyclable module, in one readable file.
+
+Module names follow transformers' ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj`` ...),
+so a Llama checkpoint's state dict loads into the base unchanged. The recyclable module lives
+under ``recycle.*``.
+
+Shapes: B batch, T new tokens, L cached + new tokens, d hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recyclegpt.core.config import RecycleConfig
+
+if TYPE_CHECKING:
+    from recyclegpt.core.decoding import GenerationOutput
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables, indexed by absolute position (rotate-half convention)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, T] -> cos, sin [B, 1, T, head_dim]
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of a stack of layers.
+
+    ``length`` positions are valid; ``rollback(n)`` discards everything after position n (the
+    speculative decoder uses it to drop rejected drafts). ``key_valid`` marks left padding.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.length = 0
+        self.max_len = max_len
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Mark the positions of a left-padded prompt (0 = padding) as invalid keys."""
+        width = attention_mask.shape[1]
+        self.key_valid[:, :width] = attention_mask.bool()
+        self.has_padding = bool((attention_mask == 0).any())
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back a cache of length {self.length} to {length}")
+        self.length = length
+
+
+def attention_mask_for(cache: KVCache | None, start: int, num_new: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [B, 1, T, L] mask (True = attend), or None when plain causal attention is exact."""
+    if cache is None:
+        return None
+    if num_new == 1 and not cache.has_padding:
+        return None
+    total = start + num_new
+    key_index = torch.arange(total, device=device)
+    query_index = torch.arange(start, total, device=device)
+    causal = key_index[None, :] <= query_index[:, None]
+    # A padded query still attends to itself, so no softmax row is empty (which would give NaN).
+    valid = cache.key_valid[:, None, None, :total] | (key_index[None, :] == query_index[:, None])
+    return causal[None, None] & valid
+
+
+class Attention(nn.Module):
+    def __init__(self, config: RecycleConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_index: int,
+    ) -> torch.Tensor:
+        batch, num_new, _ = x.shape
+        q = self.q_proj(x).view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            start, end = cache.length, cache.length + num_new
+            cache.keys[layer_index, :, :, start:end] = k
+            cache.values[layer_index, :, :, start:end] = v
+            k = cache.keys[layer_index, :, :, :end]
+            v = cache.values[layer_index, :, :, :end]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=cache is None and mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, num_new, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: RecycleConfig, intermediate_size: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache, layer_index):  # noqa: ANN001, ANN201 - hot path
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Decoder layers over their own rotary table and KV cache; returns pre-norm states."""
+
+    def __init__(self, config: RecycleConfig, num_layers: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(config, intermediate_size) for _ in range(num_layers))
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        num_new = x.shape[1]
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + num_new, device=x.device).unsqueeze(0)
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = attention_mask_for(cache, start, num_new, x.device)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, index)
+        if cache is not None:
+            cache.length = start + num_new
+        return x
+
+
+class LlamaBackbone(DecoderStack):
+    """The base decoder: token embeddings, decoder layers and the final norm."""
+
+    def __init__(self, config: RecycleConfig) -> None:
+        super().__init__(config, config.num_layers, config.intermediate_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions=None, cache=None) -> torch.Tensor:  # noqa: ANN001
+        return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache))
+
+
+class RecyclableModule(DecoderStack):
+    """Predicts x[t+1] from the base's last hidden state h[t-1] and the embedding of x[t]."""
+
+    def __init__(self, config: RecycleConfig) -> None:
+        super().__init__(config, config.module_layers, config.module_intermediate_size)
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, prev_hidden, token_embeds, positions=None, cache=None) -> torch.Tensor:  # noqa: ANN001
+        x = self.fc(torch.cat((prev_hidden, token_embeds), dim=-1))
+        return self.norm(self.run_layers(x, positions, cache))
+
+
+class RecycleGPT(nn.Module):
+    """A Llama-family causal LM with a recyclable module that shares its embeddings and LM head."""
+
+    def __init__(self, config: RecycleConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.recycle = RecyclableModule(config)
+        self.tokenizer: Any = None
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # ----------------------------------------------------------------------------- parameters
+    def base_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the full model (embeddings and LM head included)."""
+        module_ids = {id(p) for p in self.recycle.parameters()}
+        return [p for p in self.parameters() if id(p) not in module_ids]
+
+    def freeze_base(self) -> None:
+        """Frozen-base mode: only the recyclable module (``recycle.*``) keeps gradients."""
+        for p in self.base_parameters():
+            p.requires_grad_(False)
+
+    def num_parameters(self, part: str = "all") -> int:
+        params = {"all": list(self.parameters()), "base": self.base_parameters(), "module": list(self.recycle.parameters())}[part]
+        return sum(p.numel() for p in params)
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Base logits [B, T, V] (no cache), as ``LlamaForCausalLM(...).logits``."""
+        return self.lm_head(self.model(input_ids))
+
+    def base_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """The base's final (normed) hidden states h [B, T, d]: the input of the LM head."""
+        return self.model(input_ids, positions, cache)
+
+    def module_hidden(
+        self,
+        prev_hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The module's output state at position t from h[t-1] [B, T, d] and x[t] [B, T]."""
+        return self.recycle(prev_hidden, self.model.embed_tokens(input_ids), positions, cache)
+
+    def new_cache(self, part: str, batch_size: int, max_len: int) -> KVCache:
+        """A preallocated KV cache for the ``base`` or the ``module``."""
+        num_layers = self.config.num_layers if part == "base" else self.config.module_layers
+        weight = self.lm_head.weight
+        return KVCache(
+            num_layers, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim, weight.dtype, weight.device
+        )
+
+    # ----------------------------------------------------------------------------- decoding
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> GenerationOutput:
+        """Decode with ``decoding`` = ``standard``, ``alternating`` or ``speculative``.
+
+        See :func:`recyclegpt.core.decoding.generate` for every argument.
+        """
+        from recyclegpt.core.decoding import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # ----------------------------------------------------------------------------- weights
+    def save_pretrained(self, path: str, tokenizer: Any = None) -> None:
+        """Write config.json, model.safetensors and (if any) the tokenizer files, atomically."""
+        from recyclegpt.core.checkpoint import save_pretrained
+
+        save_pretrained(self, path, tokenizer if tokenizer is not None else self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> RecycleGPT:
+        """Load a saved RecycleGPT directory, a HF Llama-family directory or a ``.gguf`` file."""
+        from recyclegpt.core.checkpoint import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+
+def module_parameter_ratio(config: RecycleConfig) -> float:
+    """Extra parameters of the module as a fraction of the base (the paper: about 15%)."""
+    with torch.device("meta"):
+        model = RecycleGPT(config)
+    return model.num_parameters("module") / model.num_parameters("base")
