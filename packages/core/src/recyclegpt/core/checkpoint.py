@@ -135,7 +135,7 @@ def _load_hf(path: Path, raw: dict[str, Any], module_layers: int) -> RecycleGPT:
     if getattr(hf_config, "sliding_window", None):
         raise ValueError(f"{path}: sliding-window attention is not supported")
     state_dict = _read_safetensors(path)
-    model = _from_state_dict(RecycleConfig.from_hf(hf_config, module_layers), state_dict, str(path))
+    model = from_llama_state_dict(RecycleConfig.from_hf(hf_config, module_layers), state_dict, str(path))
     model.tokenizer = load_tokenizer(path)
     return model
 
@@ -162,12 +162,12 @@ def _load_gguf(directory: Path, gguf_file: str, module_layers: int) -> RecycleGP
     if hf_config.model_type not in SUPPORTED_HF_TYPES:
         raise ValueError(f"{gguf_file}: architecture {hf_config.model_type!r} is not Llama-family")
     hf_model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
-    model = _from_state_dict(RecycleConfig.from_hf(hf_model.config, module_layers), hf_model.state_dict(), gguf_file)
+    model = from_llama_state_dict(RecycleConfig.from_hf(hf_model.config, module_layers), hf_model.state_dict(), gguf_file)
     model.tokenizer = load_tokenizer(directory, gguf_file=gguf_file)
     return model
 
 
-def _from_state_dict(config: RecycleConfig, state_dict: dict[str, torch.Tensor], source: str) -> RecycleGPT:
+def from_llama_state_dict(config: RecycleConfig, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> RecycleGPT:
     """A RecycleGPT whose base takes a LlamaForCausalLM state dict and whose module is fresh."""
     model = RecycleGPT(config)
     state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}

@@ -288,7 +288,7 @@ def _speculative(state: _DecodeState, params: SamplingParams, eos_token_id: int 
         state.base_cache.rollback(pending + accepted + 1)
         if state.module_cache is not None:
             state.module_cache.rollback(min(module_done, state.module_cache.length))
-        new = torch.stack([*draft_tokens[:accepted], next_token]).view(1, -1)
+        new = torch.cat([*draft_tokens[:accepted], next_token.view(1)]).view(1, -1)
         state.append(new, eos_token_id)
 
 

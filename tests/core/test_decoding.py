@@ -1,0 +1,165 @@
+"""The three decoders: exact equalities, call counts, batching, sampling and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recyclegpt.core import RecycleGPT, recycle_losses
+
+from .conftest import tiny_config
+
+PATTERN = [5, 17, 42, 8, 99 % 97, 63, 21, 70, 33]
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> RecycleGPT:
+    """A tiny model whose base and module both learned a repeating sequence (high acceptance)."""
+    torch.manual_seed(0)
+    model = RecycleGPT(tiny_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sequence = torch.tensor(PATTERN * 8)
+    batch = torch.stack([sequence.roll(-shift)[:48] for shift in range(len(PATTERN))])
+    for _ in range(80):
+        loss = recycle_losses(model, batch, feature_weight=1.0).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def pattern_prompts() -> list[torch.Tensor]:
+    return [torch.tensor([PATTERN[:n]]) for n in (1, 3, 6)] + [torch.tensor([[7, 3] + PATTERN[2:6]])]
+
+
+@pytest.mark.parametrize("draft_length", [1, 2, 3, 4, 5])
+def test_speculative_greedy_equals_standard_low_acceptance(tiny_model, prompts, draft_length) -> None:
+    for prompt in prompts:
+        standard = tiny_model.generate(prompt, 25)
+        speculative = tiny_model.generate(prompt, 25, decoding="speculative", draft_length=draft_length)
+        assert torch.equal(speculative.sequences, standard.sequences)
+
+
+@pytest.mark.parametrize("draft_length", [1, 2, 3, 4, 5])
+def test_speculative_greedy_equals_standard_high_acceptance(trained_model, draft_length) -> None:
+    accepted = drafted = 0
+    for prompt in pattern_prompts():
+        standard = trained_model.generate(prompt, 30)
+        speculative = trained_model.generate(prompt, 30, decoding="speculative", draft_length=draft_length)
+        assert torch.equal(speculative.sequences, standard.sequences)
+        accepted += speculative.accepted_tokens
+        drafted += speculative.drafted_tokens
+        assert speculative.full_model_calls < standard.full_model_calls
+    assert accepted / drafted > 0.7
+
+
+def test_trained_module_follows_the_pattern(trained_model) -> None:
+    prompt = torch.tensor([PATTERN[:4]])
+    out = trained_model.generate(prompt, 18, decoding="alternating")
+    expected = (PATTERN * 4)[4 : 4 + 18]
+    assert out.new_tokens[0].tolist() == expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 24])
+def test_alternating_makes_one_full_call_per_two_tokens(tiny_model, n) -> None:
+    out = tiny_model.generate(torch.tensor([[1, 2, 3]]), n, decoding="alternating")
+    assert out.new_tokens.shape[1] == n
+    assert abs(out.full_model_calls - math.ceil(n / 2)) <= 1
+    assert out.module_calls == n // 2
+
+
+def test_alternating_equals_manual_schedule(tiny_model) -> None:
+    """Token 2k+1 is the base's argmax, token 2k+2 the module's argmax from (h[t-1], x[t])."""
+    ids = torch.tensor([[4, 9, 2, 7]])
+    out = tiny_model.generate(ids, 8, decoding="alternating").sequences
+    with torch.no_grad():
+        for t in range(ids.shape[1], out.shape[1]):
+            prefix = out[:, :t]
+            hidden = tiny_model.base_hidden(prefix)
+            if (t - ids.shape[1]) % 2 == 0:
+                expected = tiny_model.lm_head(hidden[:, -1]).argmax(-1)
+            else:  # the module reads h[t-2] and x[t-1] with its own causal attention over the prefix
+                prev = torch.cat((torch.zeros_like(hidden[:, :1]), hidden[:, :-1]), dim=1)
+                state = tiny_model.module_hidden(prev, prefix)
+                expected = tiny_model.lm_head(state[:, -1]).argmax(-1)
+            assert int(out[0, t]) == int(expected)
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("decoding", ["standard", "alternating"])
+def test_left_padded_batch_equals_rows_alone(tiny_model, decoding) -> None:
+    rows = [[3, 14, 15, 92, 65, 35], [27, 18], [81, 82, 83, 84]]
+    ids, mask = left_pad(rows)
+    batched = tiny_model.generate(ids, 12, decoding=decoding, attention_mask=mask)
+    for i, row in enumerate(rows):
+        alone = tiny_model.generate(torch.tensor([row]), 12, decoding=decoding)
+        assert batched.new_tokens[i].tolist() == alone.new_tokens[0].tolist()
+
+
+def test_speculative_rejects_batches(tiny_model) -> None:
+    with pytest.raises(ValueError, match="batch size 1"):
+        tiny_model.generate(torch.ones(2, 3, dtype=torch.long), 4, decoding="speculative")
+
+
+def test_eos_stops_and_pads(trained_model) -> None:
+    eos = PATTERN[3]
+    out = trained_model.generate(torch.tensor([PATTERN[:2]]), 20, eos_token_id=eos, pad_token_id=0)
+    assert out.new_tokens[0].tolist() == [PATTERN[2], eos]
+    batch = trained_model.generate(torch.tensor([PATTERN[:2], PATTERN[5:7]]), 9, eos_token_id=eos, pad_token_id=0)
+    # Decoding stops once every row has finished; a finished row is padded meanwhile.
+    assert batch.new_tokens[0].tolist() == [PATTERN[2], eos, 0, 0, 0, 0]
+    assert batch.new_tokens[1].tolist() == [PATTERN[7], PATTERN[8], PATTERN[0], PATTERN[1], PATTERN[2], eos]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=200), "max_new_tokens"),
+        (dict(decoding="beam"), "decoding"),
+        (dict(draft_length=0), "draft_length"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(input_ids=torch.tensor([[1, 500]])), "input_ids"),
+    ],
+)
+def test_bad_arguments_name_themselves(tiny_model, kwargs, name) -> None:
+    args = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        tiny_model.generate(**args)
+
+
+def test_kv_cache_rollback_recomputes_identically(tiny_model) -> None:
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = tiny_model.new_cache("base", 1, 16)
+        tiny_model.base_hidden(ids[:, :8], cache=cache)
+        first = tiny_model.base_hidden(ids[:, 8:12], cache=cache)
+        assert cache.length == 12
+        cache.rollback(8)
+        tiny_model.base_hidden(torch.tensor([[1, 2, 3]]), cache=cache)  # a rejected draft
+        cache.rollback(8)
+        again = tiny_model.base_hidden(ids[:, 8:12], cache=cache)
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="roll back"):
+        cache.rollback(13)
+
+
+def test_sampling_is_reproducible_with_seed(tiny_model) -> None:
+    ids = torch.tensor([[1, 2, 3]])
+    for decoding in ("standard", "alternating", "speculative"):
+        a = tiny_model.generate(ids, 15, decoding=decoding, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+        b = tiny_model.generate(ids, 15, decoding=decoding, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+        assert torch.equal(a.sequences, b.sequences)
