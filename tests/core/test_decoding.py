@@ -163,3 +163,12 @@ def test_sampling_is_reproducible_with_seed(tiny_model) -> None:
         a = tiny_model.generate(ids, 15, decoding=decoding, temperature=1.0, top_k=20, top_p=0.9, seed=7)
         b = tiny_model.generate(ids, 15, decoding=decoding, temperature=1.0, top_k=20, top_p=0.9, seed=7)
         assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("decoding", ["standard", "alternating", "speculative"])
+def test_on_tokens_streams_exactly_the_new_tokens(trained_model, decoding) -> None:
+    pieces: list[torch.Tensor] = []
+    out = trained_model.generate(torch.tensor([PATTERN[:3]]), 17, decoding=decoding, on_tokens=pieces.append)
+    assert torch.cat(pieces, dim=1).tolist() == out.new_tokens.tolist()
+    if decoding == "speculative":
+        assert len(pieces) < 17  # accepted drafts arrive together

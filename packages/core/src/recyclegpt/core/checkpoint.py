@@ -65,10 +65,8 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None) -> Any:
     path = Path(path)
     if gguf_file is not None:
         return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    if (path / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(path))
     if (path / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
     return None
 
 

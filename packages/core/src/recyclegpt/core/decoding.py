@@ -7,6 +7,7 @@ predicts x[t+1]; its KV cache covers every position, exactly as in training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,7 @@ def generate(
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P].
 
@@ -95,6 +97,7 @@ def generate(
     equals ``standard`` (greedy) or follows its distribution (sampling). Batches need left
     padding described by ``attention_mask`` (1 = token, 0 = padding); rows that emit
     ``eos_token_id`` are padded with ``pad_token_id`` (default: the EOS id) afterwards.
+    ``on_tokens`` is called with each group of tokens [B, k] as soon as it is accepted (streaming).
     """
     validate_generation_args(model, input_ids, max_new_tokens, decoding, draft_length, temperature, top_k, top_p)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -107,7 +110,8 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     params = SamplingParams(temperature, top_k, top_p, generator)
-    state = _DecodeState(model, input_ids, attention_mask, max_new_tokens, draft_length if decoding == "speculative" else 1)
+    lookahead = draft_length if decoding == "speculative" else 1
+    state = _DecodeState(model, input_ids, attention_mask, max_new_tokens, lookahead, on_tokens)
     if decoding == "standard":
         _standard(state, params, eos_token_id)
     elif decoding == "alternating":
@@ -127,8 +131,10 @@ class _DecodeState:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         lookahead: int,
+        on_tokens: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.model = model
+        self.on_tokens = on_tokens
         self.batch, self.prompt_length = input_ids.shape
         self.max_new_tokens = max_new_tokens
         device = input_ids.device
@@ -203,6 +209,8 @@ class _DecodeState:
             self.eos_at = torch.where(newly, first, self.eos_at)
             self.finished |= newly
         self.length += count
+        if self.on_tokens is not None:
+            self.on_tokens(new_tokens)
 
     def finish(self, pad_token_id: int | None) -> GenerationOutput:
         sequences = self.tokens[:, : self.length].clone()
