@@ -172,3 +172,15 @@ def test_on_tokens_streams_exactly_the_new_tokens(trained_model, decoding) -> No
     assert torch.cat(pieces, dim=1).tolist() == out.new_tokens.tolist()
     if decoding == "speculative":
         assert len(pieces) < 17  # accepted drafts arrive together
+
+
+def test_on_tokens_returning_true_stops_decoding(trained_model) -> None:
+    seen: list[int] = []
+
+    def stop_after_five(tokens: torch.Tensor) -> bool:
+        seen.extend(tokens[0].tolist())
+        return len(seen) >= 5
+
+    out = trained_model.generate(torch.tensor([PATTERN[:3]]), 30, on_tokens=stop_after_five)
+    assert out.new_tokens[0].tolist() == seen and len(seen) == 5
+    assert out.full_model_calls == 5

@@ -87,7 +87,7 @@ def generate(
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
-    on_tokens: Callable[[torch.Tensor], None] | None = None,
+    on_tokens: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P].
 
@@ -97,7 +97,8 @@ def generate(
     equals ``standard`` (greedy) or follows its distribution (sampling). Batches need left
     padding described by ``attention_mask`` (1 = token, 0 = padding); rows that emit
     ``eos_token_id`` are padded with ``pad_token_id`` (default: the EOS id) afterwards.
-    ``on_tokens`` is called with each group of tokens [B, k] as soon as it is accepted (streaming).
+    ``on_tokens`` is called with each group of tokens [B, k] as soon as it is accepted (streaming);
+    when it returns True, decoding stops there and the output so far is returned.
     """
     validate_generation_args(model, input_ids, max_new_tokens, decoding, draft_length, temperature, top_k, top_p)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -131,10 +132,11 @@ class _DecodeState:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         lookahead: int,
-        on_tokens: Callable[[torch.Tensor], None] | None = None,
+        on_tokens: Callable[[torch.Tensor], bool | None] | None = None,
     ) -> None:
         self.model = model
         self.on_tokens = on_tokens
+        self.stopped = False  # set when on_tokens asks to stop
         self.batch, self.prompt_length = input_ids.shape
         self.max_new_tokens = max_new_tokens
         device = input_ids.device
@@ -165,7 +167,7 @@ class _DecodeState:
 
     @property
     def done(self) -> bool:
-        return self.num_new >= self.max_new_tokens or bool(self.finished.all())
+        return self.stopped or self.num_new >= self.max_new_tokens or bool(self.finished.all())
 
     def positions(self, start: int, count: int) -> torch.Tensor | None:
         """Rotary positions of slots start..start+count-1 (None: the slot indices themselves)."""
@@ -209,8 +211,8 @@ class _DecodeState:
             self.eos_at = torch.where(newly, first, self.eos_at)
             self.finished |= newly
         self.length += count
-        if self.on_tokens is not None:
-            self.on_tokens(new_tokens)
+        if self.on_tokens is not None and self.on_tokens(new_tokens):
+            self.stopped = True
 
     def finish(self, pad_token_id: int | None) -> GenerationOutput:
         sequences = self.tokens[:, : self.length].clone()

@@ -1,0 +1,1 @@
+"""recyclegpt.serve: an OpenAI-compatible LitServe server for RecycleGPT (``recyclegpt-serve``)."""

@@ -1,0 +1,108 @@
+"""recyclegpt-serve: an OpenAI-compatible server for a RecycleGPT model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from jsonargparse import ArgumentParser
+
+from recyclegpt.core import DECODING_MODES
+from recyclegpt.serve.protocol import MAX_DRAFT_LENGTH
+
+API_KEY_ENV = "RECYCLEGPT_API_KEY"
+HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "0.0.0.0": "0.0.0.0", "::": "::"}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="recyclegpt-serve", description=__doc__)
+    parser.add_argument("--model", type=str, required=True, help="a saved RecycleGPT directory (with its tokenizer)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="127.0.0.1 (default), localhost, 0.0.0.0 or ::")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--decoding", type=Literal[DECODING_MODES], default="alternating", help="default decoder")
+    parser.add_argument("--draft-length", type=int, default=4, help="default speculative draft length")
+    parser.add_argument(
+        "--dtype",
+        type=Literal["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 on a GPU or a CPU with AVX512-BF16/AMX, else fp32",
+    )
+    parser.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
+    parser.add_argument("--max-queue", type=int, default=128, help="requests in flight before new ones get 503")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait in the queue")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int | None,
+        default=None,
+        help="torch CPU threads in the worker (default: torch's choice; 1 suits tiny models on busy hosts)",
+    )
+    parser.add_argument(
+        "--api-key", type=str | None, default=None, help=f"require this bearer token (or set {API_KEY_ENV})"
+    )
+    parser.add_argument(
+        "--served-model-name", type=str | None, default=None, help="model id (default: the directory name)"
+    )
+    parser.add_argument("--log-level", type=Literal["debug", "info", "warning", "error"], default="warning")
+    return parser
+
+
+def check(args) -> str | None:  # noqa: ANN001 - a jsonargparse Namespace
+    """The first problem with the arguments, as a one-line message."""
+    model = Path(args.model)
+    if not model.exists():
+        return f"--model {model}: no such file or directory"
+    if model.is_dir() and not (model / "config.json").exists():
+        return f"--model {model}: no config.json, not a model directory"
+    if model.is_dir() and not (model / "tokenizer.json").exists():
+        return f"--model {model}: no tokenizer.json; save the model with its tokenizer"
+    if args.host not in HOSTS:
+        return f"--host {args.host}: LitServe listens on one of {', '.join(HOSTS)}"
+    if not 1024 <= args.port <= 65535:
+        return f"--port {args.port}: must be in 1024..65535"
+    if not 1 <= args.draft_length <= MAX_DRAFT_LENGTH:
+        return f"--draft-length {args.draft_length}: must be in 1..{MAX_DRAFT_LENGTH}"
+    for name in ("max_tokens_limit", "max_queue", "cpu_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+    if args.timeout <= 0:
+        return f"--timeout {args.timeout}: must be > 0"
+    return None
+
+
+def resolve_api_key(flag: str | None, environ: dict[str, str]) -> str | None:
+    """--api-key wins over RECYCLEGPT_API_KEY; an empty value means no key."""
+    return flag or environ.get(API_KEY_ENV) or None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if (problem := check(args)) is not None:
+        print(f"recyclegpt-serve: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # LitServe forks its API process
+    from recyclegpt.serve.server import ServeOptions, serve  # after the checks: imports torch
+
+    model = Path(args.model).resolve()
+    serve(
+        ServeOptions(
+            model=str(model),
+            model_name=args.served_model_name or (model.stem if model.is_file() else model.name),
+            host=HOSTS[args.host],
+            port=args.port,
+            decoding=args.decoding,
+            draft_length=args.draft_length,
+            dtype=args.dtype,
+            max_tokens_limit=args.max_tokens_limit,
+            max_queue=args.max_queue,
+            timeout=args.timeout,
+            api_key=resolve_api_key(args.api_key, dict(os.environ)),
+            cpu_threads=args.cpu_threads,
+            log_level=args.log_level,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""In-process pieces of the server: request validation, prompts, the engine, CLI checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recyclegpt.core import RecycleConfig, RecycleGPT
+from recyclegpt.serve.cli import main, resolve_api_key
+from recyclegpt.serve.engine import Engine, Job, resolve_dtype
+from recyclegpt.serve.prompts import PLAIN_CHAT_TEMPLATE, chat_text
+from recyclegpt.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_request
+
+from .conftest import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _parse(kind, body, limit=64):
+    return parse_request(kind, json.dumps(body).encode(), limit)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        (CompletionRequest, {}, "prompt"),
+        (CompletionRequest, {"prompt": ""}, "prompt"),
+        (CompletionRequest, {"prompt": ["a", "b"]}, "prompt"),
+        (CompletionRequest, {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {"prompt": "a", "max_tokens": 65}, "max_tokens"),
+        (CompletionRequest, {"prompt": "a", "max_tokens": True}, "max_tokens"),
+        (CompletionRequest, {"prompt": "a", "temperature": float("nan")}, "temperature"),
+        (CompletionRequest, {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (
+            ChatRequest,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+            "messages[0].content",
+        ),
+        (ChatRequest, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        (
+            ChatRequest,
+            {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99},
+            "max_completion_tokens",
+        ),
+    ],
+)
+def test_parse_request_names_the_bad_field(kind, body, param):
+    with pytest.raises(ApiError) as err:
+        _parse(kind, body)
+    assert err.value.status == 400
+    assert err.value.param == param
+    assert param.split("[")[0] in err.value.message
+
+
+def test_parse_request_accepts_openai_shapes():
+    request = _parse(CompletionRequest, {"prompt": ["hello"], "stop": "x", "user": "someone", "logit_bias": {}})
+    assert request.prompt == "hello" and request.stop == ["x"]
+    chat = _parse(
+        ChatRequest,
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
+    )
+    assert chat.messages[0].text() == "ab"
+
+
+def test_chat_prompt_uses_the_tokenizer_template_or_the_plain_one(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert chat_text(tokenizer, messages) == "system: Be brief.\nuser: Hi\nassistant:"
+    templated = build_tokenizer()
+    templated.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    assert chat_text(templated, messages) == "<system>Be brief.<user>Hi<assistant>"
+    assert "assistant" in PLAIN_CHAT_TEMPLATE
+
+
+def test_engine_runs_core_generate_and_checks_the_context(tokenizer):
+    torch.manual_seed(0)
+    config = RecycleConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32
+    )
+    engine = Engine(RecycleGPT(config).eval(), tokenizer)
+    job = Job(prompt="The robot", max_tokens=6, temperature=0.0, decoding="speculative", draft_length=3)
+    (final,) = list(engine.run(job))
+    assert final["usage"]["completion_tokens"] <= 6
+    assert final["usage"]["prompt_tokens"] == len(tokenizer("The robot")["input_ids"])
+    standard = list(engine.run(Job(prompt="The robot", max_tokens=6, temperature=0.0, decoding="standard")))
+    assert final["text"] == standard[0]["text"]  # speculative greedy is lossless
+    assert final["stats"]["decoding"] == "speculative" and final["finish_reason"] in ("stop", "length")
+    with pytest.raises(ApiError, match="context of 32") as err:
+        list(engine.run(Job(prompt="The robot", max_tokens=31)))
+    assert err.value.param == "max_tokens"
+    with pytest.raises(ApiError, match="prompt is") as err:
+        list(engine.run(Job(messages=[{"role": "user", "content": "robot " * 40}])))
+    assert err.value.param == "messages"
+
+
+def test_dtype_and_api_key_resolution():
+    assert resolve_dtype("fp32", "cuda:0") == "fp32"
+    assert resolve_dtype("auto", "mps") == "fp32"
+    assert resolve_dtype("auto", "cpu") in ("bf16", "fp32")
+    assert resolve_api_key(None, {"RECYCLEGPT_API_KEY": "env"}) == "env"
+    assert resolve_api_key("flag", {"RECYCLEGPT_API_KEY": "env"}) == "flag"
+    assert resolve_api_key(None, {"RECYCLEGPT_API_KEY": ""}) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model"], "no such file"),
+        (["--model", "{tmp}", "--host", "10.1.2.3"], "--host 10.1.2.3"),
+        (["--model", "{tmp}", "--draft-length", "0"], "--draft-length 0"),
+        (["--model", "{tmp}", "--max-tokens-limit", "0"], "--max-tokens-limit 0"),
+    ],
+)
+def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.replace("{tmp}", str(tiny_model_dir)) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
