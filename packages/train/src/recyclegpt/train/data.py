@@ -1,0 +1,143 @@
+"""LightningDataModule: text corpus -> tokenizer -> fixed-length blocks, with a deterministic split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, read_texts, resolve
+from recyclegpt.train.tokenizer import TOKENIZER_FILE, load_any_tokenizer, train_bpe_tokenizer, wrap
+
+
+class TextDataModule(LightningDataModule):
+    """Blocks of ``block_size`` tokens from plain-text files.
+
+    Args:
+        train_files: files, directories or globs; ``["stdlib"]`` is the Python standard library.
+        val_files: held-out files; when None the last ``val_fraction`` of the train token stream.
+        tokenizer: a model directory, ``.gguf`` file or ``tokenizer.json``; None trains a BPE.
+        vocab_size: size of the BPE trained when ``tokenizer`` is None.
+        tokenizer_dir: where the trained tokenizer.json is kept (and reused while the corpus is unchanged).
+        max_corpus_bytes: read at most this many characters of training text (None: all).
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 4096,
+        tokenizer_dir: str = "runs/tokenizer",
+        max_corpus_bytes: int | None = 4_000_000,
+        max_val_bytes: int | None = 1_000_000,
+        block_size: int = 256,
+        val_fraction: float = 0.05,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.train_files = train_files or [STDLIB]
+        self.val_files = val_files
+        if not 0 < val_fraction < 1 and val_files is None:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {block_size}")
+        check_readable(self.train_files, seed)
+        if val_files is not None:
+            check_readable(val_files, seed)
+        self.tokenizer: PreTrainedTokenizerFast | None = None
+        self.train_blocks: torch.Tensor | None = None
+        self.val_blocks: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer_path(self) -> Path:
+        return Path(self.hparams.tokenizer_dir) / TOKENIZER_FILE
+
+    def _fingerprint(self) -> str:
+        files = [(str(p), p.stat().st_size) for p in resolve(self.train_files, self.hparams.seed)]
+        key = [files, self.hparams.vocab_size, self.hparams.max_corpus_bytes]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+    def prepare_data(self) -> None:
+        """Train the BPE once (rank 0); later runs with the same corpus reuse the saved file."""
+        if self.hparams.tokenizer is not None:
+            return
+        stamp = self.tokenizer_path.with_suffix(".corpus-sha256")
+        fingerprint = self._fingerprint()
+        if self.tokenizer_path.exists() and stamp.exists() and stamp.read_text() == fingerprint:
+            return
+        texts = self._train_texts()
+        tokenizer = train_bpe_tokenizer(texts, self.hparams.vocab_size)
+        self.tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tokenizer_path.with_suffix(".tmp")
+        tokenizer.backend_tokenizer.save(str(tmp))
+        tmp.replace(self.tokenizer_path)
+        stamp.write_text(fingerprint)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerFast:
+        if self.tokenizer is None:
+            if self.hparams.tokenizer is not None:
+                self.tokenizer = load_any_tokenizer(self.hparams.tokenizer)
+            else:
+                from tokenizers import Tokenizer
+
+                self.tokenizer = wrap(Tokenizer.from_file(str(self.tokenizer_path)))
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ blocks
+    def _train_texts(self) -> list[str]:
+        files = resolve(self.train_files, self.hparams.seed)
+        return read_texts(files, self.hparams.max_corpus_bytes)
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        """One stream of token ids, documents separated by the end-of-text token."""
+        tokenizer = self.load_tokenizer()
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids: list[int] = []
+        for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.extend(eos)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _blocks(self, tokens: torch.Tensor, what: str) -> torch.Tensor:
+        size = self.hparams.block_size
+        count = tokens.numel() // size
+        if count == 0:
+            raise CorpusError(f"{what} corpus has {tokens.numel()} tokens, fewer than one block of {size}")
+        return tokens[: count * size].view(count, size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_blocks is not None:
+            return
+        self.load_tokenizer()
+        train = self._tokens(self._train_texts())
+        if self.val_files is None:
+            cut = int(train.numel() * (1 - self.hparams.val_fraction))
+            train, val = train[:cut], train[cut:]
+        else:
+            val_paths = resolve(self.val_files, self.hparams.seed)
+            val = self._tokens(read_texts(val_paths, self.hparams.max_val_bytes))
+        self.train_blocks = self._blocks(train, "training")
+        self.val_blocks = self._blocks(val, "validation")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_blocks,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_blocks, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

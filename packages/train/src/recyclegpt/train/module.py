@@ -1,0 +1,168 @@
+"""LightningModule: RecycleGPT trained with L_lm + rec_weight * L_rec (+ feature_weight * L_feature)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from recyclegpt.core import RecycleConfig, RecycleGPT, RecycleLosses, recycle_losses
+
+Regime = Literal["joint", "frozen_base"]
+
+
+class RecycleLM(LightningModule):
+    """Trains a RecycleGPT in one of two regimes.
+
+    Args:
+        regime: ``joint`` trains base and module together (from scratch unless ``pretrained``);
+            ``frozen_base`` trains only the module of a ``pretrained`` model, whose base stays unchanged.
+        config: the model shape for training from scratch; its ``vocab_size`` is replaced by the tokenizer's.
+        pretrained: a RecycleGPT or Hugging Face Llama directory, or a ``.gguf`` file.
+        module_layers: depth of the module attached to a ``pretrained`` model.
+        rec_weight: weight of the recycle loss L_rec.
+        feature_weight: weight of the EAGLE-style smooth L1 between module state and base h[t] (0 = off).
+        compile: run the loss computation through ``torch.compile`` (works on CPU and GPU).
+    """
+
+    def __init__(
+        self,
+        regime: Regime = "joint",
+        config: RecycleConfig | None = None,
+        pretrained: str | None = None,
+        module_layers: int = 1,
+        rec_weight: float = 1.0,
+        feature_weight: float = 0.0,
+        learning_rate: float = 1e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if regime == "frozen_base" and pretrained is None:
+            raise ValueError("regime frozen_base needs model.pretrained (a model directory or .gguf file)")
+        if regime == "joint" and pretrained is None and config is None:
+            raise ValueError("regime joint from scratch needs model.config")
+        self.save_hyperparameters(logger=False)
+        if isinstance(config, dict):
+            config = RecycleConfig.from_dict(config)
+        self.config = config
+        self.model: RecycleGPT | None = None
+        self.tokenizer: Any = None
+        self._losses = recycle_losses
+
+    @property
+    def frozen_base(self) -> bool:
+        return self.hparams.regime == "frozen_base"
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Build the model once the tokenizer is known (the DataModule is set up before this hook)."""
+        if self.model is not None:
+            return
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = datamodule.load_tokenizer()
+        self.model = self.build_model()
+        if self.frozen_base:
+            self.model.freeze_base()
+        vocab = self.model.config.vocab_size
+        for stage in ("train", "val"):
+            setattr(self, f"{stage}_perplexity", Perplexity())
+            setattr(self, f"{stage}_module_accuracy", MulticlassAccuracy(vocab, average="micro", validate_args=False))
+            setattr(self, f"{stage}_agreement", MulticlassAccuracy(vocab, average="micro", validate_args=False))
+        if self.hparams.compile:
+            self._losses = torch.compile(recycle_losses)
+
+    def build_model(self) -> RecycleGPT:
+        hp = self.hparams
+        if hp.pretrained is not None:
+            model = RecycleGPT.from_pretrained(hp.pretrained, module_layers=hp.module_layers)
+            model.train()
+            return model
+        if self.tokenizer is None:
+            raise ValueError("training from scratch needs a tokenizer (attach a TextDataModule)")
+        tok = self.tokenizer
+        config = dataclasses.replace(
+            self.config,
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        model = RecycleGPT(config)
+        model.tokenizer = tok
+        return model
+
+    def train(self, mode: bool = True) -> RecycleLM:
+        """Keep a frozen base in eval mode whatever Lightning asks of the module."""
+        super().train(mode)
+        if self.frozen_base and self.model is not None:
+            self.model.model.eval()
+            self.model.lm_head.eval()
+        return self
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
+        hp = self.hparams
+        out: RecycleLosses = self._losses(self.model, batch, hp.rec_weight, hp.feature_weight, self.frozen_base)
+        on_step = stage == "train"
+        log = {"on_step": on_step, "on_epoch": not on_step, "sync_dist": not on_step, "batch_size": batch.shape[0]}
+        self.log(f"{stage}/loss", out.loss, **log)
+        self.log(f"{stage}/lm_loss", out.lm_loss, prog_bar=True, **log)
+        self.log(f"{stage}/rec_loss", out.rec_loss, prog_bar=True, **log)
+        if hp.feature_weight > 0:
+            self.log(f"{stage}/feature_loss", out.feature_loss, **log)
+
+        with torch.no_grad():
+            perplexity = getattr(self, f"{stage}_perplexity")
+            perplexity(out.base_logits.detach().float(), out.targets)
+            module_tokens = out.module_logits.detach().argmax(-1).flatten()
+            base_tokens = out.base_logits.detach().argmax(-1).flatten()
+            accuracy = getattr(self, f"{stage}_module_accuracy")
+            accuracy(module_tokens, out.targets.flatten())
+            agreement = getattr(self, f"{stage}_agreement")
+            agreement(module_tokens, base_tokens)
+        metric_log = {"on_step": on_step, "on_epoch": not on_step, "batch_size": batch.shape[0]}
+        self.log(f"{stage}/perplexity", perplexity, **metric_log)
+        self.log(f"{stage}/module_accuracy", accuracy, **metric_log)
+        self.log(f"{stage}/agreement", agreement, prog_bar=True, **metric_log)
+        return out.loss
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters (decay on matrices only); linear warmup, cosine decay."""
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["recycle_config"] = self.model.config.to_dict()

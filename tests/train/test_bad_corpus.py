@@ -1,0 +1,37 @@
+"""Empty, missing and unreadable corpora end with a one-line error naming the path, no traceback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def unreadable_file(tmp_path: Path) -> str:
+    path = tmp_path / "secret.txt"
+    path.write_text("some text\n")
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: use a file whose read fails with EIO instead
+        return "/proc/self/mem"
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["empty", "missing", "unreadable", "blank"])
+def test_bad_corpus_is_a_one_line_error(case, workdir, run_train):
+    if case == "empty":
+        corpus = workdir / "empty.txt"
+        corpus.write_text("")
+    elif case == "blank":
+        corpus = workdir / "blank.txt"
+        corpus.write_text("   \n\n  \n")
+    elif case == "missing":
+        corpus = workdir / "no" / "such.txt"
+    else:
+        corpus = unreadable_file(workdir)
+    result = run_train(workdir, "--data.train_files", f"[{corpus}]", timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("recyclegpt-train: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert str(corpus) in errors[0]
