@@ -1,0 +1,106 @@
+"""``recyclegpt-eval quality|speed``: see packages/eval/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jsonargparse import ArgumentParser
+
+from recyclegpt.eval.errors import EvalError
+
+PROG = "recyclegpt-eval"
+DTYPES = ("fp32", "bf16")
+
+
+def _common(parser: ArgumentParser, command: str) -> None:
+    parser.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and compute dtype")
+    parser.add_argument(
+        "--json", default=f"artifacts/eval/{command}.json", help="result JSON; .md (and .png) beside it"
+    )
+    parser.add_argument(
+        "--mlflow-experiment", default=None, help="log to this MLflow experiment ($MLFLOW_TRACKING_URI)"
+    )
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts taken from --data (evenly spaced)")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt taken from --data")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Quality and speed of a RecycleGPT model.", exit_on_error=False)
+    commands = parser.add_subcommands(dest="command")
+
+    quality = ArgumentParser(description="Teacher-forced perplexity, accuracy and module/base agreement.")
+    _common(quality, "quality")
+    quality.add_argument("--data", required=True, help="held-out UTF-8 text")
+    quality.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens of --data")
+    quality.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
+    quality.add_argument("--max-depth", type=int, default=4, help="deepest chained draft depth to score")
+    quality.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (agreement)")
+    commands.add_subcommand("quality", quality)
+
+    speed = ArgumentParser(description="Tokens/s of transformers, standard, alternating and speculative decoding.")
+    _common(speed, "speed")
+    speed.add_argument("--prompts", default=None, help="UTF-8 file, one prompt per line (blank lines skipped)")
+    speed.add_argument("--data", default=None, help="UTF-8 text to cut --num-prompts prompts from")
+    speed.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    speed.add_argument("--repeats", type=int, default=3, help="timed repeats (median); one warm-up runs first")
+    speed.add_argument("--reference", default=None, help="an earlier speed JSON whose standard outputs must match")
+    commands.add_subcommand("speed", speed)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; 0 on success, 1 when a correctness check fails, 2 on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+    except argparse.ArgumentError as error:
+        print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
+        return 2
+    from recyclegpt.eval.commands import run_quality, run_speed  # heavy imports after the arguments are valid
+
+    try:
+        if args.command == "quality":
+            a = args.quality
+            run_quality(
+                a.model,
+                a.data,
+                max_tokens=a.max_tokens,
+                batch_size=a.batch_size,
+                max_depth=a.max_depth,
+                num_prompts=a.num_prompts,
+                prompt_tokens=a.prompt_tokens,
+                max_new_tokens=a.max_new_tokens,
+                dtype=a.dtype,
+                json_path=a.json,
+                mlflow_experiment=a.mlflow_experiment,
+            )
+            return 0
+        a = args.speed
+        _, failures = run_speed(
+            a.model,
+            prompts_file=a.prompts,
+            data_file=a.data,
+            num_prompts=a.num_prompts,
+            prompt_tokens=a.prompt_tokens,
+            max_new_tokens=a.max_new_tokens,
+            repeats=a.repeats,
+            dtype=a.dtype,
+            json_path=a.json,
+            reference=a.reference,
+            mlflow_experiment=a.mlflow_experiment,
+        )
+    except EvalError as error:
+        print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
+        return 2
+    for failure in failures:
+        print(f"{PROG}: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Decoding speed of transformers' generate, standard, alternating and speculative decoding.
+
+All methods run in one process on the same prompts, interleaved: each repeat runs every method
+once over every prompt (round robin), so slow phases of a noisy machine hit all methods alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from recyclegpt.core import RecycleGPT
+from recyclegpt.core.losses import shift_hidden
+from recyclegpt.eval.peer import CallCounter, peer_generate, transformers_peer
+from recyclegpt.eval.timing import timed
+
+DRAFT_LENGTHS = tuple(range(1, 7))
+
+
+@dataclass
+class Decoded:
+    """New tokens [1, N] of one prompt and what they cost."""
+
+    new_tokens: torch.Tensor
+    full_model_calls: int
+    accepted_tokens: int = 0
+    drafted_tokens: int = 0
+
+
+def method_names(draft_lengths: tuple[int, ...] = DRAFT_LENGTHS) -> list[str]:
+    return ["transformers", "standard", "alternating", *(f"speculative@{g}" for g in draft_lengths)]
+
+
+class Decoders:
+    """Runs one method on one prompt: the transformers peer or one of the core decoders."""
+
+    def __init__(self, model: RecycleGPT, max_new_tokens: int) -> None:
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.peer = transformers_peer(model)
+        self.peer_calls = CallCounter(self.peer)
+
+    def __call__(self, method: str, prompt: torch.Tensor) -> Decoded:
+        if method == "transformers":
+            before = self.peer_calls.calls
+            sequences = peer_generate(self.peer, prompt, self.max_new_tokens)
+            return Decoded(sequences[:, prompt.shape[1] :], self.peer_calls.calls - before)
+        decoding, _, draft = method.partition("@")
+        out = self.model.generate(prompt, self.max_new_tokens, decoding=decoding, draft_length=int(draft or 4))
+        return Decoded(out.new_tokens, out.full_model_calls, out.accepted_tokens, out.drafted_tokens)
+
+
+def compare_outputs(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> list[int]:
+    """Indices of the prompts whose candidate tokens differ from the reference (length included)."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidates")
+    pairs = enumerate(zip(reference, candidate, strict=True))
+    return [i for i, (ref, cand) in pairs if ref.shape != cand.shape or not torch.equal(ref.cpu(), cand.cpu())]
+
+
+def run_benchmark(
+    decoders: Decoders, methods: list[str], prompts: list[torch.Tensor], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[Decoded]]]:
+    """Tokens/s of every method in every repeat, and each method's outputs (from the first repeat).
+
+    One warm-up pass (first prompt, every method) runs before anything is timed.
+    """
+    for method in methods:
+        decoders(method, prompts[0])
+    rates: dict[str, list[float]] = {m: [] for m in methods}
+    outputs: dict[str, list[Decoded]] = {}
+    for repeat in range(repeats):
+        for method in methods:
+            decoded, seconds = timed(lambda method=method: [decoders(method, p) for p in prompts])
+            rates[method].append(sum(d.new_tokens.numel() for d in decoded) / seconds)
+            outputs.setdefault(method, decoded)
+        print(f"speed: repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return rates, outputs
+
+
+@torch.inference_mode()
+def measure_step_cost(
+    model: RecycleGPT, prompt: torch.Tensor, iterations: int = 30, inner: int = 5
+) -> dict[str, float]:
+    """c = time of a 1-token module step / time of a 1-token full-model step, both with KV caches
+    filled by ``prompt`` and both including the LM head and the greedy pick, as in decoding.
+    """
+    device = model.lm_head.weight.device
+    prompt = prompt.to(device)
+    length = prompt.shape[1]
+    base_cache = model.new_cache("base", 1, length + 1)
+    module_cache = model.new_cache("module", 1, length + 1)
+    hidden = model.base_hidden(prompt, cache=base_cache)
+    model.module_hidden(shift_hidden(hidden), prompt, cache=module_cache)
+    token, last_hidden = prompt[:, -1:], hidden[:, -1:]
+
+    def base_step() -> None:
+        for _ in range(inner):
+            base_cache.rollback(length)
+            model.lm_head(model.base_hidden(token, cache=base_cache)).argmax(-1)
+
+    def module_step() -> None:
+        for _ in range(inner):
+            module_cache.rollback(length)
+            model.lm_head(model.module_hidden(last_hidden, token, cache=module_cache)).argmax(-1)
+
+    base_step()  # warm-up
+    module_step()
+    base_times, module_times = [], []
+    for _ in range(iterations):  # interleaved, like the methods
+        base_times.append(timed(base_step)[1] / inner)
+        module_times.append(timed(module_step)[1] / inner)
+    base_s, module_s = statistics.median(base_times), statistics.median(module_times)
+    c = module_s / base_s
+    return {"base_step_ms": 1e3 * base_s, "module_step_ms": 1e3 * module_s, "c": c, "alternating_bound": 2 / (1 + c)}
+
+
+def summarize(
+    rates: dict[str, list[float]],
+    outputs: dict[str, list[Decoded]],
+    step_cost: dict[str, float],
+) -> dict[str, Any]:
+    """Per-method figures; ``speculative`` reports its best draft length and keeps every length."""
+    standard_rate = statistics.median(rates["standard"])
+    reference = [d.new_tokens for d in outputs["standard"]]
+    c = step_cost["c"]
+    per_method: dict[str, dict[str, Any]] = {}
+    for method, method_rates in rates.items():
+        decoded = outputs[method]
+        tokens = sum(d.new_tokens.numel() for d in decoded)
+        calls = sum(d.full_model_calls for d in decoded)
+        rate = statistics.median(method_rates)
+        entry: dict[str, Any] = {
+            "tokens_per_s": rate,
+            "speedup": rate / standard_rate,
+            "full_calls_per_token": calls / tokens,
+            "identical_to_standard": not compare_outputs(reference, [d.new_tokens for d in decoded]),
+        }
+        if method.startswith("speculative@"):
+            draft_length = int(method.split("@")[1])
+            verifications = calls - len(decoded)  # every prompt's first call is the prefill
+            drafted = sum(d.drafted_tokens for d in decoded)
+            accepted = sum(d.accepted_tokens for d in decoded)
+            entry["accepted_per_verify"] = accepted / verifications if verifications else 0.0
+            entry["acceptance_rate"] = accepted / drafted if drafted else 0.0
+            # Tokens per full call over the cost of a cycle (1 full step + g module steps).
+            entry["predicted_speedup"] = (tokens / calls) / (1 + draft_length * c)
+        per_method[method] = entry
+    per_method["alternating"]["predicted_speedup"] = step_cost["alternating_bound"]
+    by_length = {m.split("@")[1]: e for m, e in per_method.items() if m.startswith("speculative@")}
+    best = max(by_length, key=lambda g: by_length[g]["tokens_per_s"])
+    speculative = {
+        **by_length[best],
+        "best_draft_length": int(best),
+        "identical_to_standard": all(e["identical_to_standard"] for e in by_length.values()),
+        "by_draft_length": by_length,
+    }
+    return {
+        "transformers": per_method["transformers"],
+        "standard": per_method["standard"],
+        "alternating": per_method["alternating"],
+        "speculative": speculative,
+        "step_cost": step_cost,
+    }
+
+
+@torch.inference_mode()
+def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, actual: torch.Tensor) -> dict[str, Any]:
+    """Where ``actual`` [1, N] first leaves ``expected`` [1, N], and the base's logit gap there.
+
+    A gap near zero (within the dtype's rounding) is a numerical tie that a different
+    computation order broke the other way, not a decoding bug.
+    """
+    index = int((expected.cpu() != actual.cpu())[0].nonzero()[0])
+    device = model.lm_head.weight.device
+    prefix = torch.cat((prompt.to(device), expected[:, :index].to(device)), dim=1)
+    logits = model(prefix)[0, -1].float()
+    want, got = int(expected[0, index]), int(actual[0, index])
+    gap = float(logits[want] - logits[got])
+    tolerance = 4 * torch.finfo(model.lm_head.weight.dtype).eps * float(logits.abs().max())
+    return {"new_token_index": index, "tokens": [want, got], "logit_gap": gap, "numerical_tie": abs(gap) <= tolerance}
+
+
+def speculative_mismatches(outputs: dict[str, list[Decoded]]) -> dict[str, list[int]]:
+    """For each draft length, the prompts where speculative greedy output differs from standard."""
+    reference = [d.new_tokens for d in outputs["standard"]]
+    found = {}
+    for method, decoded in outputs.items():
+        if method.startswith("speculative@"):
+            bad = compare_outputs(reference, [d.new_tokens for d in decoded])
+            if bad:
+                found[method] = bad
+    return found

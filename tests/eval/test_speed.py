@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from recyclegpt.core import RecycleGPT
+from recyclegpt.eval import speed
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return RecycleGPT.from_pretrained(str(tiny_model_dir))
+
+
+def test_compare_outputs_finds_a_planted_mismatch():
+    reference = [torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]]), torch.tensor([[7, 8, 9]])]
+    assert speed.compare_outputs(reference, [t.clone() for t in reference]) == []
+    planted = [t.clone() for t in reference]
+    planted[1][0, 2] = 0
+    assert speed.compare_outputs(reference, planted) == [1]
+    shorter = [reference[0], reference[1][:, :2], reference[2]]
+    assert speed.compare_outputs(reference, shorter) == [1]
+    with pytest.raises(ValueError, match="2 candidates"):
+        speed.compare_outputs(reference, reference[:2])
+
+
+def test_speculative_mismatches_report_draft_length_and_prompt():
+    good = [speed.Decoded(torch.tensor([[1, 2]]), 2), speed.Decoded(torch.tensor([[3, 4]]), 2)]
+    bad = [good[0], speed.Decoded(torch.tensor([[3, 5]]), 1)]
+    outputs = {"standard": good, "speculative@1": good, "speculative@2": bad}
+    assert speed.speculative_mismatches(outputs) == {"speculative@2": [1]}
+
+
+def test_every_decoder_matches_standard_where_it_should(model):
+    decoders = speed.Decoders(model, max_new_tokens=12)
+    text = "The old fisherman repaired the wooden boat before dawn. A grey cat"
+    prompt = torch.tensor([model.tokenizer(text)["input_ids"]])
+    standard = decoders("standard", prompt)
+    assert standard.new_tokens.shape == (1, 12) and standard.full_model_calls == 12
+    peer = decoders("transformers", prompt)  # LlamaForCausalLM on the same weights
+    assert torch.equal(peer.new_tokens, standard.new_tokens) and peer.full_model_calls == 12
+    accepted = 0
+    for g in (1, 3):
+        spec = decoders(f"speculative@{g}", prompt)
+        assert torch.equal(spec.new_tokens, standard.new_tokens)
+        assert spec.drafted_tokens > 0
+        accepted += spec.accepted_tokens
+    assert accepted > 0  # equality is checked with accepted drafts, not only rejected ones
+    assert decoders("alternating", prompt).full_model_calls == 6  # one full call per two tokens
+
+
+def test_step_cost(model):
+    prompt = torch.randint(0, model.config.vocab_size, (1, 12))
+    cost = speed.measure_step_cost(model, prompt, iterations=3, inner=2)
+    assert cost["base_step_ms"] > 0 and cost["module_step_ms"] > 0
+    assert cost["c"] == pytest.approx(cost["module_step_ms"] / cost["base_step_ms"])
+    assert cost["alternating_bound"] == pytest.approx(2 / (1 + cost["c"]))
+
+
+def test_divergence_locates_the_first_difference_and_its_logit_gap(model):
+    prompt = torch.tensor([model.tokenizer("A grey cat watched")["input_ids"]])
+    expected = model.generate(prompt, 5).new_tokens
+    with torch.inference_mode():
+        logits = model(torch.cat((prompt, expected[:, :2]), dim=1))[0, -1]
+    runner_up = int(logits.topk(2).indices[1])
+    planted = expected.clone()
+    planted[0, 2] = runner_up
+    where = speed.divergence(model, prompt, expected, planted)
+    assert where["new_token_index"] == 2 and where["tokens"] == [int(expected[0, 2]), runner_up]
+    assert where["logit_gap"] == pytest.approx(float(logits.max() - logits[runner_up]), abs=1e-5)
+    assert where["logit_gap"] > 1e-3 and not where["numerical_tie"]
