@@ -21,6 +21,17 @@ ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
 PACKAGES = ["./packages/core", "./packages/train", "./packages/eval", "./packages/serve"]
 TEST_DEPS = ["pytest>=8", "openai>=1.40", "requests>=2.31"]
+DEMO_CONFIG = "configs/demo.yaml"
+DEMO_MODEL = "runs/demo/model"  # export.dirpath in configs/demo.yaml
+DEMO_CORPUS_BYTES = "4000000"  # data.max_corpus_bytes in configs/demo.yaml: held-out text starts after it
+RESULTS = "artifacts/demo"
+LATEST_RUN = """
+import mlflow, os
+client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+exp = client.get_experiment_by_name("recyclegpt")
+run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+print(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}")
+"""
 
 
 def has_gpu() -> bool:
@@ -57,3 +68,44 @@ def bench_core(session: nox.Session) -> None:
     """Step costs and tokens/s of each decoder vs transformers generate (random 12-layer model)."""
     install_project(session)
     session.run("recyclegpt-bench-core", *session.posargs)
+
+
+def evaluate_demo(session: nox.Session, speed_repeats: str) -> None:
+    """Quality and speed of the demo model on standard-library code it never saw, tables printed."""
+    heldout = f"{RESULTS}/heldout.txt"
+    session.run("python", "-m", "recyclegpt.train.heldout", "--skip-bytes", DEMO_CORPUS_BYTES, "--out", heldout)
+    common = ["--model", DEMO_MODEL, "--dtype", "bf16", "--mlflow-experiment", "recyclegpt-eval"]
+    session.run("recyclegpt-eval", "quality", *common, "--data", heldout, "--json", f"{RESULTS}/quality.json")
+    session.run(
+        "recyclegpt-eval", "speed", *common, "--data", heldout, "--repeats", speed_repeats, "--json", f"{RESULTS}/speed.json"
+    )
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: train the demo model (MLflow-tracked), evaluate it, show samples, say how to serve it."""
+    install_project(session)
+    session.run("recyclegpt-train", "fit", "--config", DEMO_CONFIG, *session.posargs)
+    evaluate_demo(session, speed_repeats="3")
+    session.run("recyclegpt-eval", "samples", "--model", DEMO_MODEL, "--dtype", "bf16")
+    run_url = session.run("python", "-c", LATEST_RUN, silent=True).strip()
+    session.log("Next steps (from this directory):")
+    print(
+        f"""
+  serve it:     .nox/demo/bin/recyclegpt-serve --model {DEMO_MODEL} --decoding alternating --port 8000
+  query it:     curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+                  -d '{{"prompt": "def parse_args(", "max_tokens": 48, "temperature": 0}}'
+  see the run:  .nox/demo/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+                then open {run_url}
+  results:      {RESULTS}/quality.md, {RESULTS}/speed.md, {RESULTS}/speed.png
+"""
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Quality and speed tables of the demo model (trained first if missing)."""
+    install_project(session)
+    if not (ROOT / DEMO_MODEL / "model.safetensors").exists():
+        session.run("recyclegpt-train", "fit", "--config", DEMO_CONFIG)
+    evaluate_demo(session, speed_repeats="5")

@@ -100,6 +100,8 @@ def test_quality_writes_every_key(tiny_model_dir, heldout_text, tmp_path):
         (["quality", "--data", "{data}"], "model"),
         (["quality", "--model", "{model}", "--data", "{empty}"], "is empty"),
         (["quality", "--model", "{tmp}", "--data", "{data}"], "cannot load model"),
+        (["samples", "--model", "{model}", "--prompt", "  "], "--prompt is empty"),
+        (["samples", "--model", "{model}", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["bench"], "invalid choice"),
     ],
 )
@@ -126,3 +128,11 @@ def test_console_script_error_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_samples_prints_each_decoding_mode(tiny_model_dir, capsys):
+    assert main(["samples", "--model", str(tiny_model_dir), "--prompt", "Once upon", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    for decoding in ("standard", "alternating", "speculative"):
+        assert f"### {decoding}:" in out
+    assert out.count("Once upon") >= 3

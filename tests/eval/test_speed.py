@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT
+from recyclegpt.core.profiling import measure_step_cost
 from recyclegpt.eval import speed
 
 
@@ -49,8 +52,8 @@ def test_every_decoder_matches_standard_where_it_should(model):
 
 def test_step_cost(model):
     prompt = torch.randint(0, model.config.vocab_size, (1, 12))
-    cost = speed.measure_step_cost(model, prompt, iterations=3, inner=2)
-    assert cost["base_step_ms"] > 0 and cost["module_step_ms"] > 0
+    cost = measure_step_cost(model, prompt, iterations=3, inner=2)
+    assert cost["base_step_ms"] > 0 and cost["module_step_ms"] > 0 and cost["base_2_tokens_ms"] > 0
     assert cost["c"] == pytest.approx(cost["module_step_ms"] / cost["base_step_ms"])
     assert cost["alternating_bound"] == pytest.approx(2 / (1 + cost["c"]))
 
@@ -67,3 +70,19 @@ def test_divergence_locates_the_first_difference_and_its_logit_gap(model):
     assert where["new_token_index"] == 2 and where["tokens"] == [int(expected[0, 2]), runner_up]
     assert where["logit_gap"] == pytest.approx(float(logits.max() - logits[runner_up]), abs=1e-5)
     assert where["logit_gap"] > 1e-3 and not where["numerical_tie"]
+
+
+def test_exact_equality_check_passes_in_fp32_and_names_failures(model):
+    prompts = [torch.tensor([model.tokenizer("A grey cat watched")["input_ids"]])]
+    assert speed.exact_equality_failures(model, prompts, 6) == []
+
+
+def test_bf16_speed_gate_checks_losslessness_in_fp32(tiny_model_dir, heldout_text, tmp_path):
+    from recyclegpt.eval.cli import main
+
+    argv = ["speed", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--dtype", "bf16"]
+    fast = ["--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "6", "--repeats", "1"]
+    code = main([*argv, *fast, "--json", str(tmp_path / "s.json")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["speculative"]["identical_to_standard_fp32"] is True
+    assert code == (0 if result["speculative"]["identical_up_to_ties"] else 1)

@@ -35,3 +35,12 @@ def test_bad_corpus_is_a_one_line_error(case, workdir, run_train):
     errors = [line for line in result.stderr.splitlines() if line.startswith("recyclegpt-train: error:")]
     assert len(errors) == 1, result.stderr[-2000:]
     assert str(corpus) in errors[0]
+
+
+def test_stdlib_heldout_text_starts_after_the_training_files() -> None:
+    from recyclegpt.train.corpus import read_texts, stdlib_files, stdlib_heldout_text
+
+    training = "".join(read_texts(stdlib_files(), max_bytes=200_000))
+    heldout = stdlib_heldout_text(skip_bytes=200_000, max_bytes=50_000)
+    assert len(heldout) == 50_000
+    assert heldout[:2000] not in training

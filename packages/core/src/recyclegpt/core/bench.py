@@ -10,64 +10,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 from recyclegpt.core.config import RecycleConfig
 from recyclegpt.core.model import RecycleGPT
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def step_costs(model: RecycleGPT, context: int, repeats: int = 20) -> dict[str, float]:
-    """ms of one cached base step of 1 and of 2 tokens, and of one module step, after ``context`` tokens."""
-    device = model.lm_head.weight.device
-    ids = torch.randint(0, model.config.vocab_size, (1, context + 2), device=device)
-    base_cache = model.new_cache("base", 1, context + 2)
-    module_cache = model.new_cache("module", 1, context + 2)
-    hidden = model.base_hidden(ids[:, :context], cache=base_cache)
-    model.module_hidden(hidden, ids[:, :context], cache=module_cache)
-
-    def base_step(count: int) -> Callable[[], object]:
-        def run() -> object:
-            base_cache.rollback(context)
-            return model.lm_head(model.base_hidden(ids[:, context : context + count], cache=base_cache)[:, -1])
-
-        return run
-
-    def module_step() -> object:
-        module_cache.rollback(context)
-        return model.lm_head(model.module_hidden(hidden[:, -1:], ids[:, context : context + 1], cache=module_cache)[:, -1])
-
-    one = median_ms(base_step(1), repeats)
-    two = median_ms(base_step(2), repeats)
-    module = median_ms(module_step, repeats)
-    return {"full_1_token_ms": one, "full_2_tokens_ms": two, "module_ms": module, "c": module / one}
-
-
-def transformers_peer(model: RecycleGPT) -> torch.nn.Module:
-    """transformers' LlamaForCausalLM holding the same base weights, dtype and device."""
-    from transformers import LlamaForCausalLM
-
-    weight = model.lm_head.weight
-    peer = LlamaForCausalLM(model.config.to_hf()).to(dtype=weight.dtype, device=weight.device).eval()
-    base = {k: v for k, v in model.state_dict().items() if not k.startswith("recycle.")}
-    peer.load_state_dict(base, strict=False)
-    if model.config.tie_embeddings:
-        peer.tie_weights()
-    return peer
+from recyclegpt.core.peer import peer_generate, transformers_peer
+from recyclegpt.core.profiling import measure_step_cost, timed
 
 
 def decoder_runs(model: RecycleGPT, draft_length: int) -> dict[str, Callable[[torch.Tensor, int], int]]:
@@ -75,14 +25,12 @@ def decoder_runs(model: RecycleGPT, draft_length: int) -> dict[str, Callable[[to
     peer = transformers_peer(model)
 
     def hf(prompt: torch.Tensor, n: int) -> int:
-        with torch.inference_mode():
-            out = peer.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-            )
-        return out.shape[1] - prompt.shape[1]
+        return peer_generate(peer, prompt, n).shape[1] - prompt.shape[1]
 
     def ours(decoding: str) -> Callable[[torch.Tensor, int], int]:
-        return lambda prompt, n: model.generate(prompt, n, decoding=decoding, draft_length=draft_length).new_tokens.shape[1]
+        return lambda prompt, n: model.generate(
+            prompt, n, decoding=decoding, draft_length=draft_length
+        ).new_tokens.shape[1]
 
     return {
         "transformers": hf,
@@ -101,9 +49,8 @@ def tokens_per_second(
         run(prompt, 4)  # warm-up
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
-            produced = run(prompt, new_tokens)
-            samples[name].append(produced / (time.perf_counter() - start))
+            produced, seconds = timed(lambda run=run: run(prompt, new_tokens))
+            samples[name].append(produced / seconds)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -145,22 +92,28 @@ def main(argv: list[str] | None = None) -> None:
     for dtype_name in args.dtypes:
         dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
         model = model.to(device=device, dtype=dtype)
-        costs = step_costs(model, args.prompt_length)
+        costs = measure_step_cost(model, prompt)
         speeds = tokens_per_second(decoder_runs(model, args.draft_length), prompt, args.new_tokens, args.repeats)
         rows.append((dtype_name, costs, speeds))
 
     print()
-    print("| dtype | full step, 1 token (ms) | full step, 2 tokens (ms) | 2-token / 1-token | module step (ms) | c = module / full | bound 2/(1+c) |")
+    print(
+        "| dtype | full step, 1 token (ms) | full step, 2 tokens (ms) | 2-token / 1-token | module step (ms) | c = module / full | bound 2/(1+c) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for dtype_name, costs, _ in rows:
-        c = costs["c"]
+        one, two, c = costs["base_step_ms"], costs["base_2_tokens_ms"], costs["c"]
         print(
-            f"| {dtype_name} | {costs['full_1_token_ms']:.2f} | {costs['full_2_tokens_ms']:.2f} | "
-            f"{costs['full_2_tokens_ms'] / costs['full_1_token_ms']:.2f}x | {costs['module_ms']:.2f} | {c:.3f} | {2 / (1 + c):.2f}x |"
+            f"| {dtype_name} | {one:.2f} | {two:.2f} | {two / one:.2f}x | {costs['module_step_ms']:.2f} | "
+            f"{c:.3f} | {costs['alternating_bound']:.2f}x |"
         )
     print()
     names = list(rows[0][2])
-    print("| dtype | " + " | ".join(f"{n} (tok/s)" for n in names) + " | alternating / standard | standard / transformers |")
+    print(
+        "| dtype | "
+        + " | ".join(f"{n} (tok/s)" for n in names)
+        + " | alternating / standard | standard / transformers |"
+    )
     print("|---|" + "---|" * (len(names) + 2))
     for dtype_name, _, speeds in rows:
         cells = " | ".join(f"{speeds[n]:.1f}" for n in names)

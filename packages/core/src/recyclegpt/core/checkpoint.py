@@ -120,7 +120,9 @@ def _load_own(path: Path, raw: dict[str, Any], module_layers: int | None) -> Rec
     model = RecycleGPT(config)
     missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}"
+        )
     model.tokenizer = load_tokenizer(path)
     return model
 
@@ -162,19 +164,27 @@ def _load_gguf(directory: Path, gguf_file: str, module_layers: int) -> RecycleGP
     if hf_config.model_type not in SUPPORTED_HF_TYPES:
         raise ValueError(f"{gguf_file}: architecture {hf_config.model_type!r} is not Llama-family")
     hf_model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
-    model = from_llama_state_dict(RecycleConfig.from_hf(hf_model.config, module_layers), hf_model.state_dict(), gguf_file)
+    model = from_llama_state_dict(
+        RecycleConfig.from_hf(hf_model.config, module_layers), hf_model.state_dict(), gguf_file
+    )
     model.tokenizer = load_tokenizer(directory, gguf_file=gguf_file)
     return model
 
 
-def from_llama_state_dict(config: RecycleConfig, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> RecycleGPT:
+def from_llama_state_dict(
+    config: RecycleConfig, state_dict: dict[str, torch.Tensor], source: str = "state dict"
+) -> RecycleGPT:
     """A RecycleGPT whose base takes a LlamaForCausalLM state dict and whose module is fresh."""
     model = RecycleGPT(config)
     state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
     if config.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith("recycle.") and not (config.tie_embeddings and k == "lm_head.weight")]
+    missing = [
+        k for k in missing if not k.startswith("recycle.") and not (config.tie_embeddings and k == "lm_head.weight")
+    ]
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit a Llama layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{source}: weights do not fit a Llama layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model

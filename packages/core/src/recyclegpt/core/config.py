@@ -53,9 +53,7 @@ class RecycleConfig:
         if self.module_layers < 1:
             raise ValueError(f"module_layers must be >= 1, got {self.module_layers}")
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "recyclegpt", **dataclasses.asdict(self)}

@@ -102,7 +102,9 @@ def generate(
     """
     validate_generation_args(model, input_ids, max_new_tokens, decoding, draft_length, temperature, top_k, top_p)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
     if decoding == "speculative" and input_ids.shape[0] > 1:
         raise ValueError("decoding='speculative' supports batch size 1; use standard or alternating for batches")
     device = model.lm_head.weight.device
@@ -145,7 +147,9 @@ class _DecodeState:
         self.base_cache = model.new_cache("base", self.batch, capacity)
         self.module_cache: KVCache | None = None
         self.capacity = capacity
-        self.tokens = torch.zeros(self.batch, self.prompt_length + max_new_tokens + lookahead + 1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(
+            self.batch, self.prompt_length + max_new_tokens + lookahead + 1, dtype=torch.long, device=device
+        )
         self.tokens[:, : self.prompt_length] = input_ids
         self.length = self.prompt_length  # tokens written so far (prompt + new)
         self.slot_positions: torch.Tensor | None = None
@@ -261,7 +265,9 @@ def _speculative(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     model = state.model
     out = state.out
     prompt_hidden = state.base_step(0, state.prompt_length)
-    hidden_log = torch.zeros(1, state.tokens.shape[1], model.config.hidden_size, dtype=prompt_hidden.dtype, device=prompt_hidden.device)
+    hidden_log = torch.zeros(
+        1, state.tokens.shape[1], model.config.hidden_size, dtype=prompt_hidden.dtype, device=prompt_hidden.device
+    )
     hidden_log[:, : state.prompt_length] = prompt_hidden
     state.append(sample(model.lm_head(prompt_hidden[:, -1]), params).unsqueeze(1), eos_token_id)
     module_done = 0  # the module cache holds slots 0..module_done-1, computed from true states

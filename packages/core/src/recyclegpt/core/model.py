@@ -260,7 +260,11 @@ class RecycleGPT(nn.Module):
             p.requires_grad_(False)
 
     def num_parameters(self, part: str = "all") -> int:
-        params = {"all": list(self.parameters()), "base": self.base_parameters(), "module": list(self.recycle.parameters())}[part]
+        params = {
+            "all": list(self.parameters()),
+            "base": self.base_parameters(),
+            "module": list(self.recycle.parameters()),
+        }[part]
         return sum(p.numel() for p in params)
 
     # ----------------------------------------------------------------------------- forward

@@ -1,4 +1,4 @@
-"""``recyclegpt-eval quality|speed``: see packages/eval/README.md."""
+"""``recyclegpt-eval quality|speed|samples``: see packages/eval/README.md."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ def build_parser() -> ArgumentParser:
     speed.add_argument("--repeats", type=int, default=3, help="timed repeats (median); one warm-up runs first")
     speed.add_argument("--reference", default=None, help="an earlier speed JSON whose standard outputs must match")
     commands.add_subcommand("speed", speed)
+
+    samples = ArgumentParser(description="A greedy continuation of a prompt by each decoding mode.")
+    samples.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
+    samples.add_argument("--prompt", default="def main(", help="text to continue")
+    samples.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per mode")
+    samples.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and compute dtype")
+    commands.add_subcommand("samples", samples)
     return parser
 
 
@@ -61,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentError as error:
         print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
-    from recyclegpt.eval.commands import run_quality, run_speed  # heavy imports after the arguments are valid
+    from recyclegpt.eval.commands import run_quality, run_samples, run_speed  # heavy imports after parsing
 
     try:
+        if args.command == "samples":
+            a = args.samples
+            run_samples(a.model, a.prompt, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
+            return 0
         if args.command == "quality":
             a = args.quality
             run_quality(

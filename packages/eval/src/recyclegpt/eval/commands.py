@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from recyclegpt.core.profiling import measure_step_cost, timed
 from recyclegpt.eval import data, quality, report, speed
 from recyclegpt.eval.errors import EvalError
 from recyclegpt.eval.tracking import log_to_mlflow
@@ -138,7 +139,7 @@ def run_speed(
 
     decoders = speed.Decoders(net, max_new_tokens)
     rates, outputs = speed.run_benchmark(decoders, speed.method_names(), prompts, repeats)
-    step_cost = speed.measure_step_cost(net, prompts[0])
+    step_cost = measure_step_cost(net, prompts[0])
     standard_outputs = [d.new_tokens[0].tolist() for d in outputs["standard"]]
     result: dict[str, Any] = {
         "command": "speed",
@@ -160,11 +161,22 @@ def run_speed(
             result["speculative"].setdefault("mismatches", []).append(
                 {"draft_length": draft_length, "prompt": i + 1, **where}
             )
+            if where["numerical_tie"] and dtype != "fp32":
+                continue  # a bf16 tie broken the other way; the fp32 check below decides
             tie = " (a numerical tie of the base's logits)" if where["numerical_tie"] else ""
             failures.append(
                 f"speculative (draft length {draft_length}) differs from standard on prompt {i + 1} at new token "
                 f"{where['new_token_index']}: tokens {where['tokens']}, base logit gap {where['logit_gap']:.3g}{tie}"
             )
+    if dtype != "fp32":
+        # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts.
+        exact = data.load_model(model, "fp32")
+        fp32_bad = speed.exact_equality_failures(exact, prompts, max_new_tokens)
+        result["speculative"]["identical_to_standard_fp32"] = not fp32_bad
+        failures += fp32_bad
+        del exact
+    result["speculative"]["identical_to_standard"] = not failures and result["speculative"]["identical_to_standard"]
+    result["speculative"]["identical_up_to_ties"] = not failures
     if expected is not None:
         failures += _check_reference(expected, result["outputs"], reference)
     params = {
@@ -198,3 +210,40 @@ def _check_reference(expected: dict[str, list[list[int]]], actual: dict[str, lis
     if bad:
         return [f"standard output differs from --reference {path} on prompt(s) {', '.join(str(i + 1) for i in bad)}"]
     return []
+
+
+SAMPLE_METHODS = (("standard", 1), ("alternating", 1), ("speculative", 4))
+
+
+def run_samples(model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "fp32") -> list[dict[str, Any]]:
+    """Greedy continuations of ``prompt`` by each decoder, printed with what each cost."""
+    _require_positive(max_new_tokens=max_new_tokens)
+    if not prompt.strip():
+        raise EvalError("--prompt is empty")
+    net = data.load_model(model, dtype)
+    ids = data.tokenize(net.tokenizer, prompt, net.config.vocab_size).unsqueeze(0)
+    data.check_fits([ids], max_new_tokens, net.config.max_seq_len)
+    samples = []
+    for decoding, draft_length in SAMPLE_METHODS:
+        net.generate(ids, 4, decoding=decoding, draft_length=draft_length)  # warm-up
+        out, seconds = timed(
+            lambda d=decoding, g=draft_length: net.generate(ids, max_new_tokens, decoding=d, draft_length=g)
+        )
+        text = net.tokenizer.decode(out.new_tokens[0].tolist())
+        samples.append(
+            {
+                "decoding": decoding,
+                "text": text,
+                "tokens_per_s": out.new_tokens.shape[1] / seconds,
+                "full_model_calls": out.full_model_calls,
+                "module_calls": out.module_calls,
+            }
+        )
+    print(f"## Samples ({dtype}, greedy, {max_new_tokens} new tokens) after: {prompt!r}\n")
+    for sample in samples:
+        print(
+            f"### {sample['decoding']}: {sample['tokens_per_s']:.0f} tokens/s, "
+            f"{sample['full_model_calls']} full-model calls, {sample['module_calls']} module calls"
+        )
+        print(f"```\n{prompt}{sample['text']}\n```\n")
+    return samples

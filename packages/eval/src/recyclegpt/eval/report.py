@@ -83,8 +83,17 @@ def speed_markdown(result: dict[str, Any]) -> str:
         f"c = module step / full step = {cost['module_step_ms']:.3f} ms / {cost['base_step_ms']:.3f} ms = "
         f"{cost['c']:.3f}; alternating bound 2/(1+c) = {cost['alternating_bound']:.2f}x. "
         f"Best draft length {spec['best_draft_length']} ({spec['speedup']:.2f}x); "
-        f"speculative output identical to standard: {_fmt(spec['identical_to_standard'])}.\n"
+        f"speculative output identical to standard: {_fmt(spec['identical_to_standard'])}"
+        f"{_equality_note(spec)}.\n"
     )
+
+
+def _equality_note(spec: dict[str, Any]) -> str:
+    """In bf16, say whether differences were only rounding ties and what the exact fp32 check found."""
+    if "identical_to_standard_fp32" not in spec:
+        return ""
+    ties = " (differences are bf16 logit ties only)" if spec.get("mismatches") and spec["identical_up_to_ties"] else ""
+    return f"{ties}; exact check in fp32: {_fmt(spec['identical_to_standard_fp32'])}"
 
 
 def speed_chart(result: dict[str, Any], path: Path) -> None:

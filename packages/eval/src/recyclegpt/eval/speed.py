@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from recyclegpt.core import RecycleGPT
-from recyclegpt.core.losses import shift_hidden
-from recyclegpt.eval.peer import CallCounter, peer_generate, transformers_peer
-from recyclegpt.eval.timing import timed
+from recyclegpt.core.peer import peer_generate, transformers_peer
+from recyclegpt.core.profiling import timed
+from recyclegpt.eval.peer import CallCounter
 
 DRAFT_LENGTHS = tuple(range(1, 7))
 
@@ -80,43 +80,6 @@ def run_benchmark(
             outputs.setdefault(method, decoded)
         print(f"speed: repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
     return rates, outputs
-
-
-@torch.inference_mode()
-def measure_step_cost(
-    model: RecycleGPT, prompt: torch.Tensor, iterations: int = 30, inner: int = 5
-) -> dict[str, float]:
-    """c = time of a 1-token module step / time of a 1-token full-model step, both with KV caches
-    filled by ``prompt`` and both including the LM head and the greedy pick, as in decoding.
-    """
-    device = model.lm_head.weight.device
-    prompt = prompt.to(device)
-    length = prompt.shape[1]
-    base_cache = model.new_cache("base", 1, length + 1)
-    module_cache = model.new_cache("module", 1, length + 1)
-    hidden = model.base_hidden(prompt, cache=base_cache)
-    model.module_hidden(shift_hidden(hidden), prompt, cache=module_cache)
-    token, last_hidden = prompt[:, -1:], hidden[:, -1:]
-
-    def base_step() -> None:
-        for _ in range(inner):
-            base_cache.rollback(length)
-            model.lm_head(model.base_hidden(token, cache=base_cache)).argmax(-1)
-
-    def module_step() -> None:
-        for _ in range(inner):
-            module_cache.rollback(length)
-            model.lm_head(model.module_hidden(last_hidden, token, cache=module_cache)).argmax(-1)
-
-    base_step()  # warm-up
-    module_step()
-    base_times, module_times = [], []
-    for _ in range(iterations):  # interleaved, like the methods
-        base_times.append(timed(base_step)[1] / inner)
-        module_times.append(timed(module_step)[1] / inner)
-    base_s, module_s = statistics.median(base_times), statistics.median(module_times)
-    c = module_s / base_s
-    return {"base_step_ms": 1e3 * base_s, "module_step_ms": 1e3 * module_s, "c": c, "alternating_bound": 2 / (1 + c)}
 
 
 def summarize(
@@ -195,3 +158,15 @@ def speculative_mismatches(outputs: dict[str, list[Decoded]]) -> dict[str, list[
             if bad:
                 found[method] = bad
     return found
+
+
+def exact_equality_failures(model: RecycleGPT, prompts: list[torch.Tensor], max_new_tokens: int) -> list[str]:
+    """Speculative greedy vs standard at every draft length, on ``model`` as loaded (run it in fp32)."""
+    failures = []
+    for i, prompt in enumerate(prompts):
+        reference = model.generate(prompt, max_new_tokens).new_tokens
+        for g in DRAFT_LENGTHS:
+            out = model.generate(prompt, max_new_tokens, decoding="speculative", draft_length=g).new_tokens
+            if not torch.equal(out, reference):
+                failures.append(f"speculative (draft length {g}) differs from standard in fp32 on prompt {i + 1}")
+    return failures

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Literal
 
 from jsonargparse import ArgumentParser
@@ -76,6 +79,19 @@ def resolve_api_key(flag: str | None, environ: dict[str, str]) -> str | None:
     return flag or environ.get(API_KEY_ENV) or None
 
 
+def _sigterm_handler(server_pid: int) -> Callable[[int, FrameType | None], None]:
+    """`kill PID` shuts the server down like Ctrl-C, so LitServer stops its API and inference
+    workers instead of leaving them orphaned; forked workers that inherit it just exit."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() == server_pid:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return handle
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if (problem := check(args)) is not None:
@@ -85,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     from recyclegpt.serve.server import ServeOptions, serve  # after the checks: imports torch
 
     model = Path(args.model).resolve()
+    signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
     serve(
         ServeOptions(
             model=str(model),

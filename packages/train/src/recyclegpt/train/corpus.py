@@ -77,3 +77,21 @@ def check_readable(paths: list[str], seed: int = 0) -> None:
             raise CorpusError(f"cannot read corpus file {path}: {error.strerror or error}") from None
     if all(p.stat().st_size == 0 for p in files):
         raise CorpusError(f"corpus is empty: {', '.join(paths)}")
+
+
+def stdlib_heldout_text(skip_bytes: int, max_bytes: int, seed: int = 0) -> str:
+    """Standard-library text that a run reading ``skip_bytes`` (its ``max_corpus_bytes``) never saw.
+
+    Files are taken in the same seeded order as training, starting after the last file it read.
+    """
+    read, texts, total = 0, [], 0
+    for path in stdlib_files(seed):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if read < skip_bytes:
+            read += len(text)
+            continue
+        texts.append(text[: max_bytes - total])
+        total += len(texts[-1])
+        if total >= max_bytes:
+            break
+    return "".join(texts)
