@@ -32,3 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        # A save killed mid-write (SIGKILL runs no cleanup) leaves its temporary file behind; saves
+        # are sequential (rank 0 only), so any other one here is such a leftover: remove it.
+        for stale in target.parent.glob(".*.ckpt.*.tmp"):
+            stale.unlink(missing_ok=True)
