@@ -39,7 +39,7 @@ def build_parser() -> ArgumentParser:
         "--cpu-threads",
         type=int | None,
         default=None,
-        help="torch CPU threads in the worker (default: torch's choice; 1 suits tiny models on busy hosts)",
+        help="torch CPU threads in the worker (default: all cores but one, left to the API process)",
     )
     parser.add_argument(
         "--api-key", type=str | None, default=None, help=f"require this bearer token (or set {API_KEY_ENV})"
