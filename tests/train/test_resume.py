@@ -56,3 +56,14 @@ def test_resume_without_checkpoint_starts_fresh(workdir, run_train):
     result = run_train(workdir, "--ckpt_path", "last", "--trainer.max_steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_checkpoint(workdir / "runs/checkpoints/last.ckpt")["global_step"] == 2
+
+
+def test_resumed_run_keeps_writing_last_ckpt(workdir, run_train):
+    """A second run in the same directory overwrites last.ckpt rather than starting last-v1.ckpt."""
+    first = run_train(workdir, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(workdir, "--ckpt_path", "last", "--trainer.max_steps", "10")
+    assert second.returncode == 0, second.stderr[-3000:]
+    last = workdir / "runs/checkpoints/last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 10
+    assert not list(last.parent.glob("last-v*.ckpt"))

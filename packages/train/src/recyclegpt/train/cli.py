@@ -34,6 +34,9 @@ class RecycleCLI(LightningCLI):
                 "checkpoint.dirpath": "runs/checkpoints",
                 "checkpoint.save_last": True,
                 "checkpoint.every_n_train_steps": 100,
+                # A resumed run overwrites last.ckpt (atomically) instead of starting last-v1.ckpt,
+                # so last.ckpt is always the latest state.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(ExportModel, "export")
