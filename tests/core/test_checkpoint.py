@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,10 @@ def test_save_and_load_roundtrip(tmp_path: Path, tiny_model: RecycleGPT) -> None
     tiny_model.save_pretrained(tmp_path / "export", tokenizer=tokenizer)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
     assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "recyclegpt"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp_path / "export", *(tmp_path / "export").iterdir()]:  # not private like a temp dir
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask
     loaded = RecycleGPT.from_pretrained(str(tmp_path / "export"))
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():

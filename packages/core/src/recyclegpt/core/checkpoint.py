@@ -39,6 +39,7 @@ def save_pretrained(model: RecycleGPT, path: str | Path, tokenizer: Any = None) 
         save_model(model, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, staging)
+        _apply_umask(staging)
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, retired)
@@ -50,6 +51,15 @@ def save_pretrained(model: RecycleGPT, path: str | Path, tokenizer: Any = None) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give the export the permissions a plain mkdir/open would (mkdtemp makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for file in directory.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
