@@ -9,7 +9,9 @@ from recyclegpt.core import RecycleConfig, RecycleGPT
 
 
 def tiny_config(**overrides) -> RecycleConfig:
-    values = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=96, rope_theta=5000.0)
+    values = dict(
+        vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=96, rope_theta=5000.0
+    )
     values.update(overrides)
     return RecycleConfig(**values)
 

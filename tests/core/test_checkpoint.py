@@ -19,7 +19,9 @@ from .conftest import tiny_config
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=97, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=97, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
 
@@ -112,12 +114,20 @@ def test_real_smollm2_gguf_loads_and_matches_transformers(smollm2_file: Path) ->
 
     model = RecycleGPT.from_pretrained(smollm2_file)
     config = model.config
-    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size) == (30, 576, 9, 3, 49152)
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
     assert config.rope_theta == 100000.0 and config.tie_embeddings
     tokenizer = model.tokenizer
     assert tokenizer.chat_template
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    reference = AutoModelForCausalLM.from_pretrained(str(smollm2_file.parent), gguf_file=smollm2_file.name, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_file.parent), gguf_file=smollm2_file.name, dtype=torch.float32
+    )
     with torch.no_grad():
         assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
     out = model.generate(ids, 8)

@@ -13,8 +13,10 @@ from .conftest import tiny_config
 
 VOCAB = 5
 
+
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * float((p - q).abs().sum())
+
 
 def test_verify_rule_reproduces_the_target_distribution() -> None:
     """One draft token from q, accept/resample against p: the emitted token is distributed as p."""
@@ -30,6 +32,7 @@ def test_verify_rule_reproduces_the_target_distribution() -> None:
         counts[int(draft) if accepted else int(token)] += 1
     assert total_variation(counts / draws, p) < 0.02
     assert total_variation(q, p) > 0.5  # the test has power: q alone would fail
+
 
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.5, 0), (1.0, 3)])
 def test_speculative_sampling_matches_full_model_joint_distribution(temperature: float, top_k: int) -> None:
@@ -49,12 +52,15 @@ def test_speculative_sampling_matches_full_model_joint_distribution(temperature:
     draws = 2500
     rejected = 0
     for seed in range(draws):
-        out = model.generate(prompt, 3, decoding="speculative", draft_length=2, temperature=temperature, top_k=top_k, seed=seed)
+        out = model.generate(
+            prompt, 3, decoding="speculative", draft_length=2, temperature=temperature, top_k=top_k, seed=seed
+        )
         a, b = out.new_tokens[0, :2].tolist()
         counts[a, b] += 1
         rejected += out.drafted_tokens - out.accepted_tokens
     assert rejected > draws * 0.2  # the rejection path really ran
     assert total_variation(counts.flatten() / draws, exact.flatten()) < 0.07
+
 
 def test_standard_sampling_matches_full_model_distribution() -> None:
     torch.manual_seed(0)
@@ -67,6 +73,7 @@ def test_standard_sampling_matches_full_model_distribution() -> None:
     for seed in range(2000):
         counts[int(model.generate(prompt, 1, temperature=0.7, top_p=0.8, seed=seed).new_tokens[0, 0])] += 1
     assert total_variation(counts / 2000, p) < 0.05
+
 
 def test_top_p_keeps_the_smallest_nucleus() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).log_softmax(-1)  # already probabilities in log space

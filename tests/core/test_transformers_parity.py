@@ -60,7 +60,12 @@ def test_standard_greedy_equals_transformers_generate(name: str) -> None:
     for length in (1, 5, 12):
         ids = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(length))
         expected = hf_model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=30,
+            min_new_tokens=30,
+            do_sample=False,
+            pad_token_id=0,
         )
         actual = ours.generate(ids, 30).sequences
         assert torch.equal(actual, expected)
