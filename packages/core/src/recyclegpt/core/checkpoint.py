@@ -22,7 +22,6 @@ from recyclegpt.core.model import RecycleGPT
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SUPPORTED_HF_TYPES = ("llama", "mistral")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_pretrained(model: RecycleGPT, path: str | Path, tokenizer: Any = None) -> Path:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
 from recyclegpt.core.sampling import SamplingParams, sample, token_probs
 
@@ -197,10 +198,10 @@ class _DecodeState:
 
     def prompt_prev_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """h[t-1] for every prompt slot: zeros at the first real token and on padding."""
-        prev = torch.cat((torch.zeros_like(hidden[:, :1]), hidden[:, :-1]), dim=1)
+        prev = shift_hidden(hidden)
         if self.padding_mask is not None:
-            has_prev = torch.cat((torch.zeros_like(self.padding_mask[:, :1]), self.padding_mask[:, :-1]), dim=1)
-            prev = prev * has_prev.unsqueeze(-1).to(prev.dtype)
+            has_prev = shift_hidden(self.padding_mask.unsqueeze(-1))  # was the slot before a real token?
+            prev = prev * has_prev.to(prev.dtype)
         return prev
 
     def append(self, new_tokens: torch.Tensor, eos_token_id: int | None) -> None:
