@@ -18,6 +18,7 @@ from safetensors.torch import load_file, load_model, save_model
 from recyclegpt.core.assets import resolve_model_path
 from recyclegpt.core.config import RecycleConfig
 from recyclegpt.core.model import RecycleGPT
+from recyclegpt.core.precision import resolve_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -107,19 +108,12 @@ def load_pretrained(
             model = _load_own(path, raw, module_layers)
         else:
             model = _load_hf(path, raw, module_layers or 1)
-    return model.to(device=device, dtype=_resolve_dtype(dtype)).eval()
+    return model.to(device=device, dtype=_resolve_dtype(dtype, device)).eval()
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None or dtype == "fp32" or dtype == "float32":
-        return torch.float32
-    if dtype in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if dtype in ("fp16", "float16"):
-        return torch.float16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    raise ValueError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str | None) -> torch.dtype:
+    """None keeps fp32 (the stored precision); ``auto`` asks :mod:`recyclegpt.core.precision`."""
+    return torch.float32 if dtype is None else resolve_dtype(dtype, device)
 
 
 def _load_own(path: Path, raw: dict[str, Any], module_layers: int | None) -> RecycleGPT:

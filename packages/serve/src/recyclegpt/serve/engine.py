@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from recyclegpt.core import GenerationOutput, RecycleGPT
+from recyclegpt.core.precision import dtype_name
+from recyclegpt.core.precision import resolve_dtype as core_resolve_dtype
 from recyclegpt.serve.prompts import encode_chat, encode_completion
 from recyclegpt.serve.protocol import ApiError
 from recyclegpt.serve.streaming import TokenStream
@@ -40,22 +41,8 @@ class Job:
 
 
 def resolve_dtype(choice: str, device: str) -> str:
-    """``auto``: bf16 on a CUDA GPU with bf16 support or a CPU with AVX512-BF16/AMX, else fp32."""
-    if choice != "auto":
-        return choice
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device == "cpu" and _cpu_has_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere auto means fp32 on CPU
-    if not cpuinfo.exists():
-        return False
-    flags = cpuinfo.read_text(errors="ignore")
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """``auto``: bf16 on a CUDA GPU with bf16 support or a CPU with native bf16, else fp32 (core decides)."""
+    return dtype_name(core_resolve_dtype(choice, device))
 
 
 class Engine:
