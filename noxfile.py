@@ -74,7 +74,7 @@ def evaluate_demo(session: nox.Session, speed_repeats: str) -> None:
     """Quality and speed of the demo model on standard-library code it never saw, tables printed."""
     heldout = f"{RESULTS}/heldout.txt"
     session.run("python", "-m", "recyclegpt.train.heldout", "--skip-bytes", DEMO_CORPUS_BYTES, "--out", heldout)
-    common = ["--model", DEMO_MODEL, "--dtype", "bf16", "--mlflow-experiment", "recyclegpt-eval"]
+    common = ["--model", DEMO_MODEL, "--dtype", "auto", "--mlflow-experiment", "recyclegpt-eval"]
     session.run("recyclegpt-eval", "quality", *common, "--data", heldout, "--json", f"{RESULTS}/quality.json")
     session.run(
         "recyclegpt-eval",
@@ -95,7 +95,7 @@ def demo(session: nox.Session) -> None:
     install_project(session)
     session.run("recyclegpt-train", "fit", "--config", DEMO_CONFIG, *session.posargs)
     evaluate_demo(session, speed_repeats="3")
-    session.run("recyclegpt-eval", "samples", "--model", DEMO_MODEL, "--dtype", "bf16")
+    session.run("recyclegpt-eval", "samples", "--model", DEMO_MODEL, "--dtype", "auto")
     run_url = session.run("python", "-c", LATEST_RUN, silent=True).strip()
     session.log("Next steps (from this directory):")
     print(

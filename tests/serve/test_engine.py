@@ -121,3 +121,10 @@ def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_serve_auto_dtype_follows_the_cpu_class(cpu_class):
+    cpu_class("avx2")
+    assert resolve_dtype("auto", "cpu") == "fp32"
+    cpu_class("avx512_bf16")
+    assert resolve_dtype("auto", "cpu") == "bf16"

@@ -46,7 +46,7 @@ def test_paper_config_is_1_3b_with_a_15_percent_module():
     assert config.num_layers == 24
     assert 0.13 <= module_parameter_ratio(config) <= 0.17
     printed = yaml.safe_load((CONFIGS[0].parent / "paper-1.3b.yaml").read_text())["trainer"]
-    assert printed["precision"] == "bf16-mixed"
+    assert printed["precision"] == "auto"  # bf16-mixed on the GPUs it is meant for
     assert printed["strategy"]["class_path"].endswith("FSDPStrategy")
 
 

@@ -7,15 +7,19 @@ import sys
 
 from jsonargparse import ArgumentParser
 
+from recyclegpt.core.precision import DTYPE_CHOICES
 from recyclegpt.eval.errors import EvalError
 
 PROG = "recyclegpt-eval"
-DTYPES = ("fp32", "bf16")
+DTYPES = DTYPE_CHOICES
+DTYPE_HELP = (
+    "weights and compute dtype; auto: bf16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX), else fp32"
+)
 
 
 def _common(parser: ArgumentParser, command: str) -> None:
     parser.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
-    parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and compute dtype")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     parser.add_argument(
         "--json", default=f"artifacts/eval/{command}.json", help="result JSON; .md (and .png) beside it"
     )
@@ -52,7 +56,7 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
     samples.add_argument("--prompt", default="def main(", help="text to continue")
     samples.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per mode")
-    samples.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and compute dtype")
+    samples.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     commands.add_subcommand("samples", samples)
     return parser
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from recyclegpt.core.precision import dtype_name, hardware_summary
 from recyclegpt.core.profiling import measure_step_cost, timed
 from recyclegpt.eval import data, quality, report, speed
 from recyclegpt.eval.errors import EvalError
@@ -61,7 +62,7 @@ def run_quality(
     num_prompts: int = 8,
     prompt_tokens: int = 32,
     max_new_tokens: int = 32,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     json_path: str = "artifacts/eval/quality.json",
     mlflow_experiment: str | None = None,
 ) -> dict[str, Any]:
@@ -76,6 +77,7 @@ def run_quality(
     )
     text = data.read_text(data_file)
     net = data.load_model(model, dtype)
+    dtype = dtype_name(net.lm_head.weight.dtype)  # what 'auto' resolved to
     ids = data.tokenize(net.tokenizer, text, net.config.vocab_size)
     blocks = data.token_blocks(ids, net.config.max_seq_len, max_tokens)
     prompts = data.prompts_from_ids(ids[:max_tokens], num_prompts, prompt_tokens)
@@ -86,6 +88,7 @@ def run_quality(
         "data": data_file,
         "dtype": dtype,
         "device": _device_name(net),
+        "hardware": hardware_summary(net.lm_head.weight.device),
         "tokens": blocks.numel(),
         "blocks": blocks.shape[0],
         "block_length": blocks.shape[1],
@@ -103,6 +106,7 @@ def run_quality(
         "max_new_tokens": max_new_tokens,
         "dtype": dtype,
         "device": result["device"],
+        "hardware": result["hardware"],
     }
     _save(result, report.quality_markdown(result), json_path, mlflow_experiment, params)
     return result
@@ -116,7 +120,7 @@ def run_speed(
     prompt_tokens: int = 32,
     max_new_tokens: int = 64,
     repeats: int = 3,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     json_path: str = "artifacts/eval/speed.json",
     reference: str | None = None,
     mlflow_experiment: str | None = None,
@@ -130,6 +134,7 @@ def run_speed(
     text = data.read_text(data_file) if data_file else None  # read before the (slow) model load
     expected = _read_reference(reference) if reference else None
     net = data.load_model(model, dtype)
+    dtype = dtype_name(net.lm_head.weight.dtype)  # what 'auto' resolved to
     if prompts_file:
         prompts = data.prompts_from_file(prompts_file, net.tokenizer, net.config.vocab_size)
     else:
@@ -146,6 +151,7 @@ def run_speed(
         "model": model,
         "source": prompts_file or data_file,
         "device": _device_name(net),
+        "hardware": hardware_summary(net.lm_head.weight.device),
         "dtype": dtype,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
@@ -187,6 +193,7 @@ def run_speed(
         "repeats": repeats,
         "dtype": dtype,
         "device": result["device"],
+        "hardware": result["hardware"],
     }
     _save(result, report.speed_markdown(result), json_path, mlflow_experiment, params, chart=True)
     return result, failures
@@ -215,12 +222,13 @@ def _check_reference(expected: dict[str, list[list[int]]], actual: dict[str, lis
 SAMPLE_METHODS = (("standard", 1), ("alternating", 1), ("speculative", 4))
 
 
-def run_samples(model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "fp32") -> list[dict[str, Any]]:
+def run_samples(model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "auto") -> list[dict[str, Any]]:
     """Greedy continuations of ``prompt`` by each decoder, printed with what each cost."""
     _require_positive(max_new_tokens=max_new_tokens)
     if not prompt.strip():
         raise EvalError("--prompt is empty")
     net = data.load_model(model, dtype)
+    dtype = dtype_name(net.lm_head.weight.dtype)  # what 'auto' resolved to
     ids = data.tokenize(net.tokenizer, prompt, net.config.vocab_size).unsqueeze(0)
     data.check_fits([ids], max_new_tokens, net.config.max_seq_len)
     samples = []
@@ -239,7 +247,9 @@ def run_samples(model: str, prompt: str, max_new_tokens: int = 48, dtype: str = 
                 "module_calls": out.module_calls,
             }
         )
-    print(f"## Samples ({dtype}, greedy, {max_new_tokens} new tokens) after: {prompt!r}\n")
+    print(
+        f"## Samples ({dtype}; {hardware_summary(net.lm_head.weight.device)}; greedy, {max_new_tokens} new tokens) after: {prompt!r}\n"
+    )
     for sample in samples:
         print(
             f"### {sample['decoding']}: {sample['tokens_per_s']:.0f} tokens/s, "

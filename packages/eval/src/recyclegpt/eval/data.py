@@ -11,7 +11,7 @@ from recyclegpt.core import RecycleGPT
 from recyclegpt.eval.errors import EvalError
 
 
-def load_model(path: str, dtype: str = "fp32") -> RecycleGPT:
+def load_model(path: str, dtype: str = "auto") -> RecycleGPT:
     """A saved RecycleGPT with its tokenizer, on CUDA when available, else CPU."""
     if not Path(path).exists():
         raise EvalError(f"model directory {path} does not exist")

@@ -48,7 +48,7 @@ def quality_markdown(result: dict[str, Any]) -> str:
     )
     return (
         f"## Quality: {result['model']} on {result['data']} ({result['dtype']}, {result['device']}, {result['tokens']} tokens, "
-        f"{result['blocks']} blocks of {result['block_length']})\n\n{summary}\n\n{depths}\n"
+        f"{result['blocks']} blocks of {result['block_length']}; {result.get('hardware', 'hardware not recorded')})\n\n{summary}\n\n{depths}\n"
     )
 
 
@@ -79,7 +79,7 @@ def speed_markdown(result: dict[str, Any]) -> str:
     spec = result["speculative"]
     return (
         f"## Speed: {result['model']} ({result['dtype']}, {result['device']}, {result['prompts']} prompts, "
-        f"{result['max_new_tokens']} new tokens, median of {result['repeats']} repeats)\n\n{table}\n\n"
+        f"{result['max_new_tokens']} new tokens, median of {result['repeats']} repeats; {result.get('hardware', 'hardware not recorded')})\n\n{table}\n\n"
         f"c = module step / full step = {cost['module_step_ms']:.3f} ms / {cost['base_step_ms']:.3f} ms = "
         f"{cost['c']:.3f}; alternating bound 2/(1+c) = {cost['alternating_bound']:.2f}x. "
         f"Best draft length {spec['best_draft_length']} ({spec['speedup']:.2f}x); "

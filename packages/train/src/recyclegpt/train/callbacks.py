@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from recyclegpt.core import RecycleGPT
+from recyclegpt.train.trainer import ConfigError
 
 
 class LearningRates(LearningRateMonitor):
@@ -35,8 +37,21 @@ class LearningRates(LearningRateMonitor):
 
 
 class Checkpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes ``last.ckpt`` when training ends between two saves,
-    so ``--ckpt_path last`` continues from the final step."""
+    """ModelCheckpoint that saves every ``every_n_train_steps`` steps *and* every ``train_time_interval``
+    of training, whichever comes first, so a killed run loses at most that much time on any machine
+    (Lightning's own accepts only one of the two; its save logic already handles both).
+
+    It also writes ``last.ckpt`` when training ends between two saves, so ``--ckpt_path last``
+    continues from the final step.
+    """
+
+    def __init__(self, *args: Any, train_time_interval: timedelta | str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(train_time_interval, str):
+            train_time_interval = parse_interval(train_time_interval)
+        if train_time_interval is not None and train_time_interval.total_seconds() <= 0:
+            raise ConfigError(f"checkpoint.train_time_interval must be positive, got {train_time_interval}")
+        self._train_time_interval = train_time_interval
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -44,6 +59,21 @@ class Checkpoint(ModelCheckpoint):
             last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
             trainer.save_checkpoint(last)
             self.last_model_path = str(last)
+
+
+def parse_interval(text: str) -> timedelta:
+    """``HH:MM:SS`` (or ``DD:HH:MM:SS``, as ``trainer.max_time``) or a number of seconds."""
+    parts = text.strip().split(":")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if not numbers or len(numbers) > 4:
+        raise ConfigError(f"time interval {text!r}: use HH:MM:SS, DD:HH:MM:SS or seconds")
+    seconds = 0.0
+    for unit, value in zip((1, 60, 3600, 86400), reversed(numbers), strict=False):
+        seconds += unit * value
+    return timedelta(seconds=seconds)
 
 
 class TokensPerSecond(Callback):

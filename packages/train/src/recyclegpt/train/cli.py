@@ -15,6 +15,7 @@ from recyclegpt.train.corpus import CorpusError
 from recyclegpt.train.data import TextDataModule
 from recyclegpt.train.module import RecycleLM
 from recyclegpt.train.tracking import MLflowSaveConfig
+from recyclegpt.train.trainer import ConfigError, RecycleTrainer
 
 
 def trainer_defaults() -> dict:
@@ -34,6 +35,8 @@ class RecycleCLI(LightningCLI):
                 "checkpoint.dirpath": "runs/checkpoints",
                 "checkpoint.save_last": True,
                 "checkpoint.every_n_train_steps": 100,
+                # ...and every minute of training, so a killed run loses at most a minute on any CPU.
+                "checkpoint.train_time_interval": "00:01:00",
                 # A resumed run overwrites last.ckpt (atomically) instead of starting last-v1.ckpt,
                 # so last.ckpt is always the latest state.
                 "checkpoint.enable_version_counter": False,
@@ -53,13 +56,14 @@ def main(args: list[str] | None = None) -> None:
         RecycleCLI(
             RecycleLM,
             TextDataModule,
+            trainer_class=RecycleTrainer,
             save_config_callback=MLflowSaveConfig,
             save_config_kwargs={"save_to_log_dir": False},
             trainer_defaults=trainer_defaults(),
             auto_configure_optimizers=False,
             args=args,
         )
-    except (CorpusError, FileNotFoundError) as error:
+    except (CorpusError, ConfigError, FileNotFoundError) as error:
         sys.exit(f"recyclegpt-train: error: {error}")  # one line, exit status 1
 
 

@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from recyclegpt.core import RecycleConfig, RecycleGPT, RecycleLosses, recycle_losses
+from recyclegpt.core.precision import cpu_capability, cpu_has_native_bf16
 
 Regime = Literal["joint", "frozen_base"]
 
@@ -28,6 +30,9 @@ class RecycleLM(LightningModule):
         rec_weight: weight of the recycle loss L_rec.
         feature_weight: weight of the EAGLE-style smooth L1 between module state and base h[t] (0 = off).
         compile: run the loss computation through ``torch.compile`` (works on CPU and GPU).
+        schedule_by_time: with ``trainer.max_time`` set, the cosine decay follows whichever of the step
+            count and the time budget is further along, so a run cut short by time on a slow machine
+            still ends at the low learning rate instead of mid-schedule.
     """
 
     def __init__(
@@ -44,6 +49,7 @@ class RecycleLM(LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        schedule_by_time: bool = True,
     ) -> None:
         super().__init__()
         if regime == "frozen_base" and pretrained is None:
@@ -154,15 +160,35 @@ class RecycleLM(LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         total = max(1, self.trainer.estimated_stepping_batches)
         warmup = min(hp.warmup_steps, total // 2)
+        timer = self._time_budget() if hp.schedule_by_time else None
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            progress = (step - warmup) / max(1, total - warmup)
+            if timer is not None:  # a slow machine reaches the end of its time budget at the low lr too
+                progress = max(progress, timer.time_elapsed("train") / timer._duration)
+            progress = min(1.0, progress)
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _time_budget(self) -> Timer | None:
+        """Lightning's Timer when ``trainer.max_time`` is set (it counts time trained before a resume)."""
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration is not None]
+        return timers[0] if timers else None
+
+    def on_fit_start(self) -> None:
+        """Log the precision actually used and the hardware it was decided from (``auto`` resolved)."""
+        hardware = {
+            "precision_used": str(self.trainer.precision),
+            "cpu_capability": cpu_capability(),
+            "cpu_native_bf16": cpu_has_native_bf16(),
+            "device": str(self.device),
+        }
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(hardware)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["recycle_config"] = self.model.config.to_dict()

@@ -1,0 +1,26 @@
+"""Fixtures shared by every package's tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recyclegpt.core import precision
+
+
+@pytest.fixture
+def cpu_class(monkeypatch):
+    """``cpu_class("avx2")`` / ``cpu_class("avx512_bf16")``: make this CPU report that class to torch and core."""
+
+    def set_class(name: str) -> None:
+        capability, flags = {
+            "avx2": ("AVX2", {"avx2", "fma"}),
+            "avx512": ("AVX512", {"avx2", "avx512f"}),
+            "avx512_bf16": ("AVX512", {"avx2", "avx512f", "avx512_bf16"}),
+        }[name]
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+        precision.cpu_has_native_bf16.cache_clear()
+
+    yield set_class
+    precision.cpu_has_native_bf16.cache_clear()
