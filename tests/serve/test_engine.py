@@ -30,7 +30,14 @@ def _parse(kind, body, limit=64):
     [
         (CompletionRequest, {}, "prompt"),
         (CompletionRequest, {"prompt": ""}, "prompt"),
-        (CompletionRequest, {"prompt": ["a", "b"]}, "prompt"),
+        (CompletionRequest, {"prompt": ["a", ""]}, "prompt"),
+        (CompletionRequest, {"prompt": [[1, 2], []]}, "prompt"),
+        (CompletionRequest, {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {"prompt": "a", "logprobs": 6}, "logprobs"),
+        (CompletionRequest, {"prompt": ["a"] * 9, "n": 2}, "n"),
+        (CompletionRequest, {"prompt": "a", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        (ChatRequest, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        (ChatRequest, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (CompletionRequest, {"prompt": "a", "max_tokens": 0}, "max_tokens"),
         (CompletionRequest, {"prompt": "a", "max_tokens": 65}, "max_tokens"),
         (CompletionRequest, {"prompt": "a", "max_tokens": True}, "max_tokens"),
@@ -59,7 +66,9 @@ def test_parse_request_names_the_bad_field(kind, body, param):
 
 def test_parse_request_accepts_openai_shapes():
     request = _parse(CompletionRequest, {"prompt": ["hello"], "stop": "x", "user": "someone", "logit_bias": {}})
-    assert request.prompt == "hello" and request.stop == ["x"]
+    assert request.prompts == ["hello"] and request.stop == ["x"]
+    assert _parse(CompletionRequest, {"prompt": [[1, 2], [3]], "n": 2}).prompts == [[1, 2], [3]]
+    assert _parse(CompletionRequest, {"prompt": [5, 6], "echo": True, "max_tokens": 0}).prompts == [[5, 6]]
     chat = _parse(
         ChatRequest,
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},

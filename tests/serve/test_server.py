@@ -180,7 +180,11 @@ BAD_COMPLETIONS = [
     ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "stop": 5}, "stop"),
     ({"prompt": "a", "seed": 1.5}, "seed"),
-    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": 17}, "n"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": ["a", ""]}, "prompt"),
 ]
 BAD_CHATS = [
     ({}, "messages"),

@@ -49,7 +49,11 @@ class RecycleGPTAPI(ls.LitAPI):
 
     def predict(self, job: Job) -> Iterator[dict[str, Any]]:
         try:
-            yield from self.engine.run(job)
+            messages = self.engine.run(job)
+            first = next(messages)  # a job the engine refuses fails here, before the started note
+            yield {"started": True}  # for the API process's metrics: the job left the queue
+            yield first
+            yield from messages
         except ApiError as err:  # LitServe ships HTTPException back to the client process
             raise HTTPException(err.status, detail=err.body()["error"]) from None
 

@@ -37,6 +37,7 @@ def build_server(options: ServeOptions) -> ls.LitServer:
         draft_length=options.draft_length,
         max_tokens_limit=options.max_tokens_limit,
         max_queue=options.max_queue,
+        model_path=options.model,
     )
     api = RecycleGPTAPI(options.model, options.dtype, spec, options.cpu_threads)
     middlewares = [(BearerAuthMiddleware, {"api_key": options.api_key})] if options.api_key else []
