@@ -132,6 +132,8 @@ class Engine:
                 except ValueError as err:  # core names the bad argument
                     raise ApiError(400, str(err)) from None
             completion.cost = decoder_cost(tokens.output)
+            if job.decoding == "speculative":
+                completion.drafts = draft_counts(tokens.output, tokens.group_sizes)
         yield completion.close()
 
 
@@ -261,4 +263,23 @@ def decoder_cost(out: GenerationOutput | None) -> dict[str, Any]:
         "full_model_calls": out.full_model_calls,
         "module_calls": out.module_calls,
         "acceptance_rate": round(out.acceptance_rate, 4),
+    }
+
+
+def draft_counts(out: GenerationOutput | None, group_sizes: list[int]) -> dict[str, Any]:
+    """Speculative counters as vLLM names them, from generate's totals and its token groups: after the
+    first token (the prompt's), each group is one verified draft, ``size - 1`` of its tokens accepted."""
+    if out is None or not out.drafted_tokens:
+        return {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
+    per_position: list[int] = []
+    for size in group_sizes[1:]:
+        for position in range(size - 1):
+            if position == len(per_position):
+                per_position.append(0)
+            per_position[position] += 1
+    return {
+        "drafts": len(group_sizes) - 1,
+        "draft_tokens": out.drafted_tokens,
+        "accepted_tokens": out.accepted_tokens,
+        "accepted_per_position": per_position,
     }
