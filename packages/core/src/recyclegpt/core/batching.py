@@ -140,9 +140,13 @@ class Sequence:
 
 @dataclass
 class StepOutput:
+    """A row's tokens from one step (or from ``add``), whether it has finished, and its cost so far."""
+
     key: Hashable
     new_tokens: list[int]
     finished: bool
+    full_model_calls: int = 0
+    module_calls: int = 0
 
 
 class BatchedDecoder:
@@ -286,7 +290,7 @@ class BatchedDecoder:
             row.accept(token)
 
     def _report(self, row: Sequence) -> StepOutput:
-        out = StepOutput(row.key, row.new_since_report, row.finished)
+        out = StepOutput(row.key, row.new_since_report, row.finished, row.full_model_calls, row.module_calls)
         row.new_since_report = []
         return out
 
