@@ -18,7 +18,18 @@ def server(tmp_path_factory):
     # Slow enough (d=256) that requests sent together overlap in the worker.
     model = build_model_dir(tmp_path_factory.mktemp("batch") / "batchy", max_seq_len=256, hidden_size=256, num_layers=4)
     process = ServerProcess(
-        ["--model", str(model), "--dtype", "fp32", "--cpu-threads", "1", "--max-batch-size", "4", "--decoding", "standard"]
+        [
+            "--model",
+            str(model),
+            "--dtype",
+            "fp32",
+            "--cpu-threads",
+            "1",
+            "--max-batch-size",
+            "4",
+            "--decoding",
+            "standard",
+        ]
     )
     try:
         process.wait_ready()

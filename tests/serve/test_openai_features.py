@@ -176,7 +176,11 @@ def _metric(text: str, name: str) -> float:
 def test_metrics_move_with_traffic(server, client):
     before = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=10).text
     client.completions.create(
-        model="tiny-recyclegpt", prompt="The robot", max_tokens=10, temperature=0, extra_body={"decoding": "speculative"}
+        model="tiny-recyclegpt",
+        prompt="The robot",
+        max_tokens=10,
+        temperature=0,
+        extra_body={"decoding": "speculative"},
     )
     httpx.post(f"{server.url}/v1/completions", json={"prompt": ""}, headers=server.headers, timeout=10)
     after = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=10)

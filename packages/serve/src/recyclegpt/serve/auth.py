@@ -7,7 +7,6 @@ import hmac
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-
 OPEN_PATHS = frozenset({"/health"})  # load balancers and Kubernetes probes carry no key (as in vLLM, llama.cpp)
 
 

@@ -53,7 +53,10 @@ class LockstepGenerate:
         self.finished = False
         input_ids = torch.tensor([prompt], device=model.lm_head.weight.device)
         self._thread = threading.Thread(
-            target=self._run, args=(model, input_ids, max_new_tokens, kwargs), name="recyclegpt-speculative", daemon=True
+            target=self._run,
+            args=(model, input_ids, max_new_tokens, kwargs),
+            name="recyclegpt-speculative",
+            daemon=True,
         )
         self._started = False
 
@@ -248,7 +251,9 @@ class BatchingLoop(LitLoop):
     ) -> None:
         scheduler: Scheduler = lit_api.scheduler
         while True:
-            if not self._intake(request_queue, block=not len(scheduler) and not self.waiting, lit_api=lit_api, transport=transport):
+            if not self._intake(
+                request_queue, block=not len(scheduler) and not self.waiting, lit_api=lit_api, transport=transport
+            ):
                 return
             while self.waiting and scheduler.has_capacity():
                 response_queue_id, uid, _, job = self.waiting.popleft()

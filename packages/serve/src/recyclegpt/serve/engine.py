@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from recyclegpt.core import GenerationOutput, RecycleGPT
 from recyclegpt.core.logprobs import FullModelScorer, TokenLogprob
 from recyclegpt.core.precision import dtype_name

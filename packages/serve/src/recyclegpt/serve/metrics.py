@@ -32,7 +32,9 @@ class ServerMetrics:
         self.success = Counter(
             PREFIX + "request_success", "Finished choices, by finish reason", ["finished_reason"], registry=r
         )
-        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Choices queued, not yet in the worker's batch", registry=r)
+        self.waiting = Gauge(
+            PREFIX + "num_requests_waiting", "Choices queued, not yet in the worker's batch", registry=r
+        )
         self.running = Gauge(PREFIX + "num_requests_running", "Choices in the worker's running batch", registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
