@@ -79,3 +79,44 @@ def test_a_short_request_joins_a_running_batch_and_ends_first(server):
     assert short["recyclegpt"]["peak_batch"] == 2
     reader.join(120)
     assert long_done.is_set()
+
+
+def test_the_scheduler_in_process_equals_lone_runs(tmp_path):
+    """Choices admitted at different steps into one scheduler end as each does alone (greedy, fp32)."""
+    import torch
+
+    from recyclegpt.core import RecycleGPT
+    from recyclegpt.serve.batching import Scheduler
+    from recyclegpt.serve.engine import Engine, Job
+
+    model_dir = build_model_dir(tmp_path / "inproc")
+    model = RecycleGPT.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    engine = Engine(model, model.tokenizer)
+    jobs = [
+        Job(prompt=f"Lily {i} painted", max_tokens=5 + 3 * i, temperature=0.0, decoding=MODES[i % 3], stream=i % 2 == 1)
+        for i in range(7)
+    ]
+    jobs.append(Job(prompt="Tom", max_tokens=9, temperature=0.0, stop=["e"], decoding="alternating"))
+    alone = []
+    for job in jobs:
+        *deltas, final = engine.run(job)
+        alone.append({**final, "text": "".join(m["text"] for m in (*deltas, final))})
+    scheduler = Scheduler(engine, max_batch_size=3)
+    finals: dict[str, dict] = {}
+    texts: dict[str, str] = {}
+    waiting = list(enumerate(jobs))
+    while waiting or len(scheduler):
+        messages = []
+        if waiting and scheduler.has_capacity():
+            i, job = waiting.pop(0)
+            messages += scheduler.admit(str(i), job, alone=not len(scheduler))
+        messages += scheduler.step()
+        for uid, message in messages:
+            if message and "text" in message:
+                texts[uid] = texts.get(uid, "") + message["text"]
+                if "finish_reason" in message:
+                    finals[uid] = message
+    for i, reference in enumerate(alone):
+        assert texts[str(i)] == reference["text"], i
+        assert finals[str(i)]["usage"] == reference["usage"]
+        assert finals[str(i)]["finish_reason"] == reference["finish_reason"]

@@ -256,8 +256,11 @@ class BatchingLoop(LitLoop):
             ):
                 return
             while self.waiting and scheduler.has_capacity():
-                response_queue_id, uid, _, job = self.waiting.popleft()
+                response_queue_id, uid, timestamp, job = self.waiting.popleft()
                 self.routes[uid] = response_queue_id
+                if self._timed_out(lit_api, timestamp):
+                    self._error(transport, uid, HTTPException(504, "Request timed out"))
+                    continue
                 alone = not len(scheduler) and not self.waiting
                 try:
                     self._send(transport, scheduler.admit(uid, job, alone))
@@ -283,13 +286,18 @@ class BatchingLoop(LitLoop):
             if item == _SENTINEL_VALUE:
                 return False
             response_queue_id, uid, timestamp, job = item
-            timeout = lit_api.request_timeout
-            if timeout and timeout != -1 and time.monotonic() - timestamp > timeout:
+            if self._timed_out(lit_api, timestamp):
                 self.routes[uid] = response_queue_id
                 self._error(transport, uid, HTTPException(504, "Request timed out"))
                 continue
             self.waiting.append(item)
             block = False
+
+    @staticmethod
+    def _timed_out(lit_api: Any, timestamp: float) -> bool:
+        """Waited in the queue longer than --timeout (LitServe's request_timeout)."""
+        timeout = lit_api.request_timeout
+        return bool(timeout and timeout != -1 and time.monotonic() - timestamp > timeout)
 
     def _send(self, transport: Any, messages: list[Message]) -> None:
         for uid, message in messages:
