@@ -123,6 +123,7 @@ class Scheduler:
         self.running: dict[str, Running] = {}
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows per step, recent
+        self.failed: list[tuple[str, ApiError]] = []  # choices that failed in a step, for the loop to report
 
     def __len__(self) -> int:
         return len(self.running)
@@ -177,7 +178,12 @@ class Scheduler:
                     messages += self._deliver(out.key, out.new_tokens, out.finished, batched_cost(out))
         for uid, running in list(self.running.items()):
             if isinstance(running.route, LockstepGenerate):
-                tokens = running.route.advance()
+                try:
+                    tokens = running.route.advance()
+                except ValueError as err:  # core refused an argument: this choice fails, the others go on
+                    del self.running[uid]
+                    self.failed.append((uid, ApiError(400, str(err))))
+                    continue
                 messages += self._deliver(uid, tokens, running.route.finished)
         if rows:
             self.steps += 1
@@ -272,6 +278,9 @@ class BatchingLoop(LitLoop):
             if len(scheduler):
                 try:
                     self._send(transport, scheduler.step())
+                    while scheduler.failed:
+                        uid, error = scheduler.failed.pop()
+                        self._error(transport, uid, HTTPException(error.status, detail=error.body()["error"]))
                 except Exception as err:
                     logger.exception("a decoding step failed")
                     for uid in scheduler.cancel_all(err):
