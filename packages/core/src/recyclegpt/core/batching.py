@@ -10,7 +10,9 @@ The batch's KV cache is model.py's ``KVCache`` with one shared column timeline: 
 end at the same column, a row's earlier columns that are not its own are masked out through
 ``key_valid``, and rotary positions are per row, so each row decodes as if it were alone. Rows
 stay packed at the front (a leaving row's slot takes the last row), and the timeline is shifted
-left when it would run past the end, so memory is ``max_batch_size x capacity`` columns per stack.
+left when a leaving row leaves leading columns nobody owns (every step attends over ``end``
+columns, so they are kept close to the longest live row) or when it would run past the end;
+memory is ``max_batch_size x capacity`` columns per stack.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from recyclegpt.core.model import KVCache, RecycleGPT
 from recyclegpt.core.sampling import SamplingParams, sample
 
 BATCHED_MODES = ("standard", "alternating")
+COMPACT_AFTER = 16  # shift the timeline left once this many leading columns belong to no live row
 
 
 class BatchKV:
@@ -82,6 +85,8 @@ class BatchKV:
         self.starts.pop()
         if not self.starts:
             self.end = 0
+        elif min(self.starts) >= COMPACT_AFTER:  # columns nobody owns: stop attending over them
+            self._shift(-min(self.starts))
 
     def _make_room(self, new_columns: int) -> None:
         if self.end + new_columns <= self.capacity:
