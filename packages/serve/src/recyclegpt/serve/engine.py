@@ -193,7 +193,8 @@ class Completion:
         new_ids = new_ids[:room]
         self.generated += new_ids
         self.pending += self.text.push(new_ids)
-        self._score(self.text.released_tokens())
+        if self.scorer is not None:
+            self._score(self.text.released_tokens())
         if self.job.stream and (self.pending or self.pending_logprobs) and not self.finished:
             return self._delta()
         return None
