@@ -138,3 +138,18 @@ def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_kv_bound_sets_the_batch_rows(tokenizer):
+    from recyclegpt.core.batching import BatchedDecoder
+    from recyclegpt.serve.api import batch_rows
+
+    config = RecycleConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128
+    )
+    model = RecycleGPT(config)
+    per_row = BatchedDecoder.kv_bytes(model, "standard", 1) + BatchedDecoder.kv_bytes(model, "alternating", 1)
+    assert batch_rows(model, 8, 1e6) == 8
+    assert batch_rows(model, 8, 3.5 * per_row / 2**20) == 3
+    with pytest.raises(ValueError, match="--max-kv-mb"):
+        batch_rows(model, 8, 0.5 * per_row / 2**20)
