@@ -130,6 +130,8 @@ def test_dtype_and_api_key_resolution():
         (["--model", "{tmp}", "--host", "10.1.2.3"], "--host 10.1.2.3"),
         (["--model", "{tmp}", "--draft-length", "0"], "--draft-length 0"),
         (["--model", "{tmp}", "--max-tokens-limit", "0"], "--max-tokens-limit 0"),
+        (["--model", "{tmp}", "--max-batch-size", "0"], "--max-batch-size 0"),
+        (["--model", "{tmp}", "--max-kv-mb", "0.0001"], "--max-kv-mb 0.0001"),
     ],
 )
 def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):

@@ -82,6 +82,26 @@ def check(args) -> str | None:  # noqa: ANN001 - a jsonargparse Namespace
     return None
 
 
+def kv_problem(model: Path, dtype: str, max_batch_size: int, max_kv_mb: float) -> str | None:
+    """Why not even one batch row fits in --max-kv-mb (checked from config.json, before any worker starts)."""
+    if not (model / "config.json").is_file():
+        return None  # a .gguf file: the worker checks it once the model is loaded
+    import torch
+
+    from recyclegpt.core import RecycleConfig, RecycleGPT
+    from recyclegpt.core.precision import resolve_dtype
+    from recyclegpt.serve.api import batch_rows
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        meta = RecycleGPT(RecycleConfig.load(model / "config.json")).to(resolve_dtype(dtype, device))
+    try:
+        batch_rows(meta, max_batch_size, max_kv_mb)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def resolve_api_key(flag: str | None, environ: dict[str, str]) -> str | None:
     """--api-key wins over RECYCLEGPT_API_KEY; an empty value means no key."""
     return flag or environ.get(API_KEY_ENV) or None
@@ -109,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     from recyclegpt.serve.server import ServeOptions, serve  # after the checks: imports torch
 
     model = Path(args.model).resolve()
+    if (problem := kv_problem(model, args.dtype, args.max_batch_size, args.max_kv_mb)) is not None:
+        print(f"recyclegpt-serve: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
     serve(
         ServeOptions(
