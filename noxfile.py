@@ -1,4 +1,5 @@
-"""Developer entry points: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench-core`, `nox -s bench`.
+"""Developer entry points: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench-core`, `nox -s bench`,
+`nox -s compat` (lm-evaluation-harness against the server).
 
 Every session builds its environment from nothing. torch is pinned and installed first so that
 no package pulls a different (multi-GB CUDA) build: on a machine without a GPU set
@@ -53,6 +54,19 @@ def tests(session: nox.Session) -> None:
     """The whole test suite (tiny models; seconds per test)."""
     install_project(session, *TEST_DEPS)
     session.run("pytest", *(session.posargs or ["tests"]), env={"TOKENIZERS_PARALLELISM": "false"})
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """lm-evaluation-harness 0.4.13 (local-completions, its defaults) against the server, offline:
+    a local generate task and a local loglikelihood_rolling task must finish with scores."""
+    install_project(session, *TEST_DEPS, "lm-eval[api]==0.4.13")
+    session.run(
+        "pytest",
+        "-s",
+        *(session.posargs or ["tests/serve/test_lm_eval_compat.py"]),
+        env={"TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @nox.session

@@ -30,7 +30,22 @@ def _parse(kind, body, limit=64):
     [
         (CompletionRequest, {}, "prompt"),
         (CompletionRequest, {"prompt": ""}, "prompt"),
-        (CompletionRequest, {"prompt": ["a", "b"]}, "prompt"),
+        (CompletionRequest, {"prompt": ["a", ""]}, "prompt"),
+        (CompletionRequest, {"prompt": [[1, 2], []]}, "prompt"),
+        (CompletionRequest, {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        (CompletionRequest, {"prompt": "a", "logprobs": 6}, "logprobs"),
+        (CompletionRequest, {"prompt": ["a"] * 9, "n": 2}, "n"),
+        (
+            CompletionRequest,
+            {"prompt": "a", "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
+        (ChatRequest, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            ChatRequest,
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
         (CompletionRequest, {"prompt": "a", "max_tokens": 0}, "max_tokens"),
         (CompletionRequest, {"prompt": "a", "max_tokens": 65}, "max_tokens"),
         (CompletionRequest, {"prompt": "a", "max_tokens": True}, "max_tokens"),
@@ -59,7 +74,9 @@ def test_parse_request_names_the_bad_field(kind, body, param):
 
 def test_parse_request_accepts_openai_shapes():
     request = _parse(CompletionRequest, {"prompt": ["hello"], "stop": "x", "user": "someone", "logit_bias": {}})
-    assert request.prompt == "hello" and request.stop == ["x"]
+    assert request.prompts == ["hello"] and request.stop == ["x"]
+    assert _parse(CompletionRequest, {"prompt": [[1, 2], [3]], "n": 2}).prompts == [[1, 2], [3]]
+    assert _parse(CompletionRequest, {"prompt": [5, 6], "echo": True, "max_tokens": 0}).prompts == [[5, 6]]
     chat = _parse(
         ChatRequest,
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
@@ -113,6 +130,8 @@ def test_dtype_and_api_key_resolution():
         (["--model", "{tmp}", "--host", "10.1.2.3"], "--host 10.1.2.3"),
         (["--model", "{tmp}", "--draft-length", "0"], "--draft-length 0"),
         (["--model", "{tmp}", "--max-tokens-limit", "0"], "--max-tokens-limit 0"),
+        (["--model", "{tmp}", "--max-batch-size", "0"], "--max-batch-size 0"),
+        (["--model", "{tmp}", "--max-kv-mb", "0.0001"], "--max-kv-mb 0.0001"),
     ],
 )
 def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
@@ -128,3 +147,18 @@ def test_serve_auto_dtype_follows_the_cpu_class(cpu_class):
     assert resolve_dtype("auto", "cpu") == "fp32"
     cpu_class("avx512_bf16")
     assert resolve_dtype("auto", "cpu") == "bf16"
+
+
+def test_the_kv_bound_sets_the_batch_rows(tokenizer):
+    from recyclegpt.core.batching import BatchedDecoder
+    from recyclegpt.serve.api import batch_rows
+
+    config = RecycleConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128
+    )
+    model = RecycleGPT(config)
+    per_row = BatchedDecoder.kv_bytes(model, "standard", 1) + BatchedDecoder.kv_bytes(model, "alternating", 1)
+    assert batch_rows(model, 8, 1e6) == 8
+    assert batch_rows(model, 8, 3.5 * per_row / 2**20) == 3
+    with pytest.raises(ValueError, match="--max-kv-mb"):
+        batch_rows(model, 8, 0.5 * per_row / 2**20)

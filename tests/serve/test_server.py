@@ -180,7 +180,11 @@ BAD_COMPLETIONS = [
     ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "stop": 5}, "stop"),
     ({"prompt": "a", "seed": 1.5}, "seed"),
-    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": 17}, "n"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": ["a", ""]}, "prompt"),
 ]
 BAD_CHATS = [
     ({}, "messages"),
@@ -229,7 +233,6 @@ def test_the_server_survives_bad_requests(server, client):
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/health"),
         ("GET", "/v1/models"),
         ("POST", "/v1/completions"),
         ("POST", "/v1/chat/completions"),
@@ -240,6 +243,12 @@ def test_requests_without_the_key_get_401(server, headers, method, path):
     response = httpx.request(method, f"{server.url}{path}", headers=headers, content=b"{bad", timeout=10)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_is_open_without_the_key(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.get(f"{server.url}/health", headers=headers, timeout=10)
+        assert response.status_code == 200 and response.text == "ok"
 
 
 def test_wrong_key_with_openai_client(server):

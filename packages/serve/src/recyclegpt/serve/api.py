@@ -1,4 +1,4 @@
-"""The LitAPI: loads the model in the inference worker and runs each job through the engine."""
+"""The LitAPI: loads the model in the inference worker; its BatchingLoop batches the jobs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from fastapi import HTTPException
 
 from recyclegpt.core import RecycleGPT
+from recyclegpt.core.batching import BATCHED_MODES, BatchedDecoder
+from recyclegpt.serve.batching import BatchingLoop, Scheduler
 from recyclegpt.serve.engine import Engine, Job, resolve_dtype
 from recyclegpt.serve.protocol import ApiError
 from recyclegpt.serve.spec import OpenAIEndpoints
@@ -25,14 +27,36 @@ def default_cpu_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-class RecycleGPTAPI(ls.LitAPI):
-    """One request at a time per worker (LitServe queues the rest); output streams back through the spec."""
+def batch_rows(model: RecycleGPT, max_batch_size: int, max_kv_mb: float) -> int:
+    """Rows the batch may hold: ``max_batch_size``, fewer if its KV caches (both batched modes) would
+    pass ``max_kv_mb``; ValueError when not even one row fits."""
+    per_row = sum(BatchedDecoder.kv_bytes(model, mode, 1) for mode in BATCHED_MODES)
+    fits = int(max_kv_mb * 2**20 // per_row)
+    if fits < 1:
+        raise ValueError(
+            f"--max-kv-mb {max_kv_mb}: one batch row of this model needs {per_row / 2**20:.1f} MiB of KV cache"
+        )
+    return min(max_batch_size, fits)
 
-    def __init__(self, model_dir: str, dtype: str, spec: OpenAIEndpoints, cpu_threads: int | None = None) -> None:
-        super().__init__(spec=spec, stream=True, max_batch_size=1)
+
+class RecycleGPTAPI(ls.LitAPI):
+    """Continuous batching in the worker (``BatchingLoop``); output streams back through the spec."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        spec: OpenAIEndpoints,
+        cpu_threads: int | None = None,
+        max_batch_size: int = 8,
+        max_kv_mb: float = 4096.0,
+    ) -> None:
+        super().__init__(spec=spec, stream=True, max_batch_size=1, loop=BatchingLoop())
         self.model_dir = model_dir
         self.dtype = dtype
         self.cpu_threads = cpu_threads
+        self.batch_limit = max_batch_size
+        self.max_kv_mb = max_kv_mb
 
     def setup(self, device: str) -> None:
         if device == "cpu":
@@ -40,16 +64,29 @@ class RecycleGPTAPI(ls.LitAPI):
         dtype = resolve_dtype(self.dtype, device)
         model = RecycleGPT.from_pretrained(self.model_dir, dtype=dtype, device=device)
         self.engine = Engine(model, model.tokenizer)
+        rows = batch_rows(model, self.batch_limit, self.max_kv_mb)
+        self.scheduler = Scheduler(self.engine, rows)
         # Warm up, so the first client does not pay for lazy initialisation (and /health means ready).
         model.generate(torch.tensor([[0]], device=device), 1)
-        print(f"recyclegpt-serve: {self.model_dir} loaded on {device} in {dtype}", flush=True)
+        for mode in BATCHED_MODES:
+            self.scheduler.decoder(mode).add("warm-up", [0], 2)
+            self.scheduler.decoder(mode).step()
+        print(
+            f"recyclegpt-serve: {self.model_dir} loaded on {device} in {dtype}; batches of up to {rows} rows",
+            flush=True,
+        )
 
     def decode_request(self, request: Job) -> Job:
         return request  # validated by the spec before it was queued
 
     def predict(self, job: Job) -> Iterator[dict[str, Any]]:
+        """One job alone (LitServe's own loops; the server runs BatchingLoop instead)."""
         try:
-            yield from self.engine.run(job)
+            messages = self.engine.run(job)
+            first = next(messages)  # a job the engine refuses fails here, before the started note
+            yield {"started": True}  # for the API process's metrics: the job left the queue
+            yield first
+            yield from messages
         except ApiError as err:  # LitServe ships HTTPException back to the client process
             raise HTTPException(err.status, detail=err.body()["error"]) from None
 

@@ -36,6 +36,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=128, help="requests in flight before new ones get 503")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait in the queue")
     parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="choices decoded together (continuous batching); more wait"
+    )
+    parser.add_argument(
+        "--max-kv-mb", type=float, default=4096.0, help="KV cache the batch may take (MiB); fewer rows if needed"
+    )
+    parser.add_argument(
         "--cpu-threads",
         type=int | None,
         default=None,
@@ -66,11 +72,33 @@ def check(args) -> str | None:  # noqa: ANN001 - a jsonargparse Namespace
         return f"--port {args.port}: must be in 1024..65535"
     if not 1 <= args.draft_length <= MAX_DRAFT_LENGTH:
         return f"--draft-length {args.draft_length}: must be in 1..{MAX_DRAFT_LENGTH}"
-    for name in ("max_tokens_limit", "max_queue", "cpu_threads"):
+    for name in ("max_tokens_limit", "max_queue", "cpu_threads", "max_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1"
+    if args.max_kv_mb <= 0:
+        return f"--max-kv-mb {args.max_kv_mb}: must be > 0"
     if args.timeout <= 0:
         return f"--timeout {args.timeout}: must be > 0"
+    return None
+
+
+def kv_problem(model: Path, dtype: str, max_batch_size: int, max_kv_mb: float) -> str | None:
+    """Why not even one batch row fits in --max-kv-mb (checked from config.json, before any worker starts)."""
+    if not (model / "config.json").is_file():
+        return None  # a .gguf file: the worker checks it once the model is loaded
+    import torch
+
+    from recyclegpt.core import RecycleConfig, RecycleGPT
+    from recyclegpt.core.precision import resolve_dtype
+    from recyclegpt.serve.api import batch_rows
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        meta = RecycleGPT(RecycleConfig.load(model / "config.json")).to(resolve_dtype(dtype, device))
+    try:
+        batch_rows(meta, max_batch_size, max_kv_mb)
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -101,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     from recyclegpt.serve.server import ServeOptions, serve  # after the checks: imports torch
 
     model = Path(args.model).resolve()
+    if (problem := kv_problem(model, args.dtype, args.max_batch_size, args.max_kv_mb)) is not None:
+        print(f"recyclegpt-serve: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
     serve(
         ServeOptions(
@@ -116,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             timeout=args.timeout,
             api_key=resolve_api_key(args.api_key, dict(os.environ)),
             cpu_threads=args.cpu_threads,
+            max_batch_size=args.max_batch_size,
+            max_kv_mb=args.max_kv_mb,
             log_level=args.log_level,
         )
     )

@@ -1,4 +1,4 @@
-"""What the inference worker does with one request: tokens in, model.generate, text out as it comes."""
+"""What the inference worker does with one choice: tokens in, decoding, text (and logprobs) out as it comes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recyclegpt.core import GenerationOutput, RecycleGPT
+from recyclegpt.core.logprobs import FullModelScorer, TokenLogprob
 from recyclegpt.core.precision import dtype_name
 from recyclegpt.core.precision import resolve_dtype as core_resolve_dtype
 from recyclegpt.serve.prompts import encode_chat, encode_completion
@@ -18,11 +19,11 @@ from recyclegpt.serve.text import TextStream
 
 @dataclass
 class Job:
-    """A validated request with the server's defaults filled in, as the worker receives it."""
+    """One choice of a validated request with the server's defaults filled in, as the worker receives it."""
 
     prompt: str | list[int] | None = None  # completions
     messages: list[dict[str, str]] | None = None  # chat
-    max_tokens: int | None = None  # None: up to max_tokens_limit or the end of the context
+    max_tokens: int | None = None  # None: up to max_tokens_limit or the end of the context; 0: echo only
     max_tokens_param: str = "max_tokens"
     max_tokens_limit: int = 512
     temperature: float = 1.0
@@ -32,6 +33,10 @@ class Job:
     decoding: str = "standard"
     draft_length: int = 4
     stream: bool = False  # send the text as it is generated
+    echo: bool = False  # the answer starts with the prompt (and its logprobs)
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely there
+    index: int = 0  # the choice's index in the answer
+    arrival: float = 0.0  # time.time() when the API process received the request
 
     @property
     def prompt_param(self) -> str:
@@ -53,6 +58,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_id = eos if eos is not None else model.config.eos_token_id
+        self._token_texts: dict[int, str] = {}
 
     def encode(self, job: Job) -> list[int]:
         """Prompt token ids; ApiError(400) when the prompt is empty, off-vocabulary or too long."""
@@ -88,49 +94,164 @@ class Engine:
             )
         return job.max_tokens
 
-    def run(self, job: Job) -> Iterator[dict[str, Any]]:
-        """Yield {"text"} deltas while generating (streamed jobs only), then {"text", "finish_reason", "usage", "stats"}.
+    def token_text(self, token: int) -> str:
+        """A token's own text (as logprobs show it)."""
+        if (text := self._token_texts.get(token)) is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+        return text
 
-        Generation stops as soon as the text is complete (EOS, a stop sequence or max tokens).
-        """
-        prompt = self.encode(job)
-        max_new = self.budget(job, len(prompt))
-        text = TextStream(self.tokenizer, self.eos_id, job.stop)
-        pending = ""  # text not yet sent
-        start = time.perf_counter()
-        with TokenStream(
-            self.model,
-            prompt,
-            max_new,
-            decoding=job.decoding,
-            draft_length=job.draft_length,
-            temperature=job.temperature,
-            top_p=job.top_p,
-            eos_token_id=self.eos_id,
-            seed=job.seed,
-        ) as tokens:
-            try:
-                for new_ids in tokens:
-                    pending += text.push(new_ids)
-                    if text.finished:
-                        break
-                    if job.stream and pending:
-                        yield {"text": pending}
-                        pending = ""
-            except ValueError as err:  # core names the bad argument
-                raise ApiError(400, str(err)) from None
-        seconds = time.perf_counter() - start
-        pending += text.close()
-        yield {
-            "text": pending,
-            "finish_reason": text.finish_reason,
+    def start(self, job: Job) -> Completion:
+        """Admit a job: tokenise and check it (ApiError(400) when it does not fit)."""
+        return Completion(self, job)
+
+    def run(self, job: Job) -> Iterator[dict[str, Any]]:
+        """One job alone through ``model.generate``: its messages (see Completion), the final one last."""
+        completion = self.start(job)
+        if opening := completion.opening():
+            yield opening
+        if completion.max_new > 0:
+            with TokenStream(
+                self.model,
+                completion.prompt,
+                completion.max_new,
+                decoding=job.decoding,
+                draft_length=job.draft_length,
+                temperature=job.temperature,
+                top_p=job.top_p,
+                eos_token_id=self.eos_id,
+                seed=job.seed,
+            ) as tokens:
+                try:
+                    for new_ids in tokens:
+                        if (delta := completion.push(new_ids)) is not None:
+                            yield delta
+                        if completion.finished:
+                            break
+                except ValueError as err:  # core names the bad argument
+                    raise ApiError(400, str(err)) from None
+            completion.cost = decoder_cost(tokens.output)
+            if job.decoding == "speculative":
+                completion.drafts = draft_counts(tokens.output, tokens.group_sizes)
+        yield completion.close()
+
+
+class Completion:
+    """One choice as it is generated: token ids in, the messages for the API process out.
+
+    Messages: ``{"text", "logprobs"?}`` deltas (streamed jobs only; the first carries the echoed
+    prompt), then a final ``{"text", "finish_reason", "usage", "stats", "logprobs"?}`` (for a plain
+    job the whole text). Logprob entries are ``[token text, logprob or None, [[text, logprob], ...],
+    text offset]``: the full model's own log-probabilities, whatever the decoder (core's logprobs).
+    """
+
+    def __init__(self, engine: Engine, job: Job) -> None:
+        self.engine = engine
+        self.job = job
+        self.prompt = engine.encode(job)
+        self.max_new = engine.budget(job, len(self.prompt))
+        self.text = TextStream(engine.tokenizer, engine.eos_id, job.stop)
+        self.generated: list[int] = []  # every new token id, EOS included
+        self.scorer: FullModelScorer | None = None
+        if job.logprobs is not None:
+            self.scorer = FullModelScorer(engine.model, len(self.prompt) + self.max_new, job.logprobs)
+        self.reported = 0  # generated tokens whose logprobs were sent
+        self.offset = 0  # characters of the choice's text so far (for text_offset)
+        self.pending = ""  # text not yet sent
+        self.pending_logprobs: list[list[Any]] = []
+        self.admitted = time.time()
+        self.first_token_at: float | None = None
+        self.cost: dict[str, Any] = {"full_model_calls": 0, "module_calls": 0, "acceptance_rate": 0.0}
+        self.drafts = {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
+
+    @property
+    def finished(self) -> bool:
+        return self.text.finished or len(self.generated) >= self.max_new
+
+    def opening(self) -> dict[str, Any] | None:
+        """The echoed prompt and its logprobs (also scores the prompt as the context of later logprobs)."""
+        echo = ""
+        if self.job.echo:
+            prompt = self.job.prompt
+            echo = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
+        if self.scorer is not None:
+            scores = self.scorer.score(self.prompt)
+            if self.job.echo:
+                self.pending_logprobs += self._entries(scores)
+        self.pending += echo
+        self.offset = len(echo)
+        if self.job.stream and (self.pending or self.pending_logprobs):
+            return self._delta()
+        return None
+
+    def push(self, new_ids: list[int]) -> dict[str, Any] | None:
+        """Take new token ids; for a streamed job return the delta they release, if any."""
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        room = self.max_new - len(self.generated)
+        if self.text.finished or room <= 0:
+            return None
+        new_ids = new_ids[:room]
+        self.generated += new_ids
+        self.pending += self.text.push(new_ids)
+        if self.scorer is not None:
+            self._score(self.text.released_tokens())
+        if self.job.stream and (self.pending or self.pending_logprobs) and not self.finished:
+            return self._delta()
+        return None
+
+    def close(self) -> dict[str, Any]:
+        """The final message (the budget ran out, EOS or a stop sequence ended the text)."""
+        self.pending += self.text.close()
+        self._score(self.text.completion_tokens)
+        done = time.time()
+        completion_tokens = self.text.completion_tokens
+        message = {
+            "text": self.pending,
+            "finish_reason": self.text.finish_reason,
             "usage": {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": text.completion_tokens,
-                "total_tokens": len(prompt) + text.completion_tokens,
+                "prompt_tokens": len(self.prompt),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(self.prompt) + completion_tokens,
             },
-            "stats": {"decoding": job.decoding, "generate_seconds": round(seconds, 6), **decoder_cost(tokens.output)},
+            "stats": {
+                "decoding": self.job.decoding,
+                "generate_seconds": round(done - self.admitted, 6),
+                **self.cost,
+            },
+            "timing": {  # wall-clock times, for the API process's metrics
+                "admitted": self.admitted,
+                "first_token": self.first_token_at or done,
+                "done": done,
+            },
+            "drafts": self.drafts,
         }
+        if self.scorer is not None:
+            message["logprobs"] = self.pending_logprobs
+        return message
+
+    def _delta(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"text": self.pending}
+        if self.scorer is not None:
+            message["logprobs"] = self.pending_logprobs
+        self.pending, self.pending_logprobs = "", []
+        return message
+
+    def _score(self, upto: int) -> None:
+        """Score generated tokens up to ``upto`` (those whose text is out) and queue their entries."""
+        if self.scorer is None or upto <= self.reported:
+            return
+        scores = self.scorer.score(self.generated[self.reported : upto])
+        self.reported = upto
+        self.pending_logprobs += self._entries(scores)
+
+    def _entries(self, scores: list[TokenLogprob]) -> list[list[Any]]:
+        entries = []
+        for score in scores:
+            text = self.engine.token_text(score.token)
+            top = [[self.engine.token_text(token), value] for token, value in score.top]
+            entries.append([text, score.logprob, top if score.logprob is not None else None, self.offset])
+            self.offset += len(text)
+        return entries
 
 
 def decoder_cost(out: GenerationOutput | None) -> dict[str, Any]:
@@ -141,4 +262,23 @@ def decoder_cost(out: GenerationOutput | None) -> dict[str, Any]:
         "full_model_calls": out.full_model_calls,
         "module_calls": out.module_calls,
         "acceptance_rate": round(out.acceptance_rate, 4),
+    }
+
+
+def draft_counts(out: GenerationOutput | None, group_sizes: list[int]) -> dict[str, Any]:
+    """Speculative counters as vLLM names them, from generate's totals and its token groups: after the
+    first token (the prompt's), each group is one verified draft, ``size - 1`` of its tokens accepted."""
+    if out is None or not out.drafted_tokens:
+        return {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "accepted_per_position": []}
+    per_position: list[int] = []
+    for size in group_sizes[1:]:
+        for position in range(size - 1):
+            if position == len(per_position):
+                per_position.append(0)
+            per_position[position] += 1
+    return {
+        "drafts": len(group_sizes) - 1,
+        "draft_tokens": out.drafted_tokens,
+        "accepted_tokens": out.accepted_tokens,
+        "accepted_per_position": per_position,
     }

@@ -45,13 +45,18 @@ class Run:
     generate_seconds: list[float]  # the worker's own model.generate time per request
     completion_tokens: int
     wall: float
+    texts: dict[int, str]  # request index -> its answer
+
+    @property
+    def requests_per_second(self) -> float:
+        return len(self.latencies) / self.wall
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def _one(client: httpx.AsyncClient, i: int, decoding: str, max_tokens: int) -> tuple[float, float, int]:
+async def _one(client: httpx.AsyncClient, i: int, decoding: str, max_tokens: int) -> tuple[float, float, int, str]:
     body = {"prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "decoding": decoding}
     start = time.perf_counter()
     response = await client.post("/v1/completions", json=body)
@@ -59,7 +64,12 @@ async def _one(client: httpx.AsyncClient, i: int, decoding: str, max_tokens: int
     if response.status_code != 200:
         raise RuntimeError(f"request {i} failed with {response.status_code}: {response.text}")
     data = response.json()
-    return latency, data["recyclegpt"]["generate_seconds"], data["usage"]["completion_tokens"]
+    return (
+        latency,
+        data["recyclegpt"]["generate_seconds"],
+        data["usage"]["completion_tokens"],
+        data["choices"][0]["text"],
+    )
 
 
 async def bench(url: str, headers: dict, decoding: str, concurrency: int, requests: int, max_tokens: int) -> Run:
@@ -68,17 +78,19 @@ async def bench(url: str, headers: dict, decoding: str, concurrency: int, reques
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
         await _one(client, 0, decoding, max_tokens)  # warm-up
         todo = iter(range(requests))
-        results: list[tuple[float, float, int]] = []
+        results: list[tuple[float, float, int, str]] = []
+        texts: dict[int, str] = {}
 
         async def worker() -> None:
             for i in todo:
                 results.append(await _one(client, i, decoding, max_tokens))
+                texts[i] = results[-1][3]
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return Run(
-        decoding, concurrency, [r[0] for r in results], [r[1] for r in results], sum(r[2] for r in results), wall
+        decoding, concurrency, [r[0] for r in results], [r[1] for r in results], sum(r[2] for r in results), wall, texts
     )
 
 
@@ -128,19 +140,32 @@ def main(argv: list[str] | None = None) -> None:
         print(f"loadtest: error: the server at {args.url} is not healthy: {err}", file=sys.stderr)
         sys.exit(1)
 
+    from recyclegpt.core.precision import hardware_summary
+
+    print(hardware_summary())
     print(f"{args.requests} requests per row, max_tokens={args.max_tokens}, greedy, /v1/completions")
-    print("| decoding | clients | req/s | tokens/s | p50 latency ms | p95 latency ms | p50 worker generate ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| decoding | clients | req/s | vs 1 client | tokens/s | p50 latency ms | vs 1 client | p95 latency ms "
+        "| p50 worker ms (admitted to done) | answers = 1-client answers |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     single: dict[str, Run] = {}
     for decoding in args.decoding:
         for concurrency in args.concurrency:
             run = asyncio.run(bench(args.url, headers, decoding, concurrency, args.requests, args.max_tokens))
             if concurrency == 1:
                 single[decoding] = run
+            alone = single.get(decoding)
+            same, speed, slower = "", "", ""
+            if alone is not None:
+                differ = sum(run.texts[i] != alone.texts[i] for i in run.texts)
+                same = "yes" if differ == 0 else f"NO: {differ} of {len(run.texts)} differ"
+                speed = f"{run.requests_per_second / alone.requests_per_second:.2f}x"
+                slower = f"{run.percentile(0.5) / alone.percentile(0.5):.2f}x"
             print(
-                f"| {decoding} | {concurrency} | {args.requests / run.wall:.2f} | {run.completion_tokens / run.wall:.1f} "
-                f"| {1000 * run.percentile(0.5):.1f} | {1000 * run.percentile(0.95):.1f} "
-                f"| {1000 * statistics.median(run.generate_seconds):.1f} |",
+                f"| {decoding} | {concurrency} | {run.requests_per_second:.2f} | {speed} "
+                f"| {run.completion_tokens / run.wall:.1f} | {1000 * run.percentile(0.5):.1f} | {slower} "
+                f"| {1000 * run.percentile(0.95):.1f} | {1000 * statistics.median(run.generate_seconds):.1f} | {same} |",
                 flush=True,
             )
     if not single:

@@ -27,6 +27,8 @@ class ServeOptions:
     timeout: float = 120.0
     api_key: str | None = None
     cpu_threads: int | None = None
+    max_batch_size: int = 8
+    max_kv_mb: float = 4096.0
     log_level: str = "warning"
 
 
@@ -37,8 +39,11 @@ def build_server(options: ServeOptions) -> ls.LitServer:
         draft_length=options.draft_length,
         max_tokens_limit=options.max_tokens_limit,
         max_queue=options.max_queue,
+        model_path=options.model,
     )
-    api = RecycleGPTAPI(options.model, options.dtype, spec, options.cpu_threads)
+    api = RecycleGPTAPI(
+        options.model, options.dtype, spec, options.cpu_threads, options.max_batch_size, options.max_kv_mb
+    )
     middlewares = [(BearerAuthMiddleware, {"api_key": options.api_key})] if options.api_key else []
     return ls.LitServer(
         api,

@@ -22,6 +22,7 @@ class TokenStream:
 
     def __init__(self, model: RecycleGPT, prompt: list[int], max_new_tokens: int, **generate_kwargs: Any) -> None:
         self.output: GenerationOutput | None = None  # set when generate returns
+        self.group_sizes: list[int] = []  # tokens per on_tokens call (speculative: accepted drafts + 1)
         self._queue: queue.Queue[list[int] | Exception | None] = queue.Queue()  # None: generate has ended
         self._stop = threading.Event()
         input_ids = torch.tensor([prompt], device=model.lm_head.weight.device)
@@ -70,5 +71,6 @@ class TokenStream:
         """Hand tokens to the reader; returning True tells generate to stop."""
         if self._stop.is_set():
             return True
+        self.group_sizes.append(tokens.shape[1])
         self._queue.put(tokens[0].tolist())
         return False

@@ -45,6 +45,18 @@ class TextStream:
             return self._release(cut, "stop")
         return self._release(hold)
 
+    def released_tokens(self) -> int:
+        """Tokens whose text has been handed out in full (all of them, EOS included, once finished)."""
+        if self.finished:
+            return self.completion_tokens
+        length, count = 0, 0
+        for piece in self.pieces:
+            if length + len(piece) > self.sent:
+                break
+            length += len(piece)
+            count += 1
+        return count
+
     def close(self) -> str:
         """Generation ended without EOS (the token budget ran out): return the rest of the text."""
         return "" if self.finished else self._end(eos=False)
