@@ -11,11 +11,15 @@ from recyclegpt.eval.errors import EvalError
 
 PROG = "recyclegpt-eval"
 DTYPES = ("fp32", "bf16")
+QUANTIZE_CHOICES = ("none", "int8")  # recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast)
 
 
 def _common(parser: ArgumentParser, command: str) -> None:
     parser.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and compute dtype")
+    parser.add_argument(
+        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 linears (fast path)"
+    )
     parser.add_argument(
         "--json", default=f"artifacts/eval/{command}.json", help="result JSON; .md (and .png) beside it"
     )
@@ -53,6 +57,7 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--prompt", default="def main(", help="text to continue")
     samples.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per mode")
     samples.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and compute dtype")
+    samples.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 linears")
     commands.add_subcommand("samples", samples)
     return parser
 
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "samples":
             a = args.samples
-            run_samples(a.model, a.prompt, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
+            run_samples(a.model, a.prompt, max_new_tokens=a.max_new_tokens, dtype=a.dtype, quantize=a.quantize)
             return 0
         if args.command == "quality":
             a = args.quality
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt_tokens=a.prompt_tokens,
                 max_new_tokens=a.max_new_tokens,
                 dtype=a.dtype,
+                quantize=a.quantize,
                 json_path=a.json,
                 mlflow_experiment=a.mlflow_experiment,
             )
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=a.max_new_tokens,
             repeats=a.repeats,
             dtype=a.dtype,
+            quantize=a.quantize,
             json_path=a.json,
             reference=a.reference,
             mlflow_experiment=a.mlflow_experiment,

@@ -62,6 +62,7 @@ def run_quality(
     prompt_tokens: int = 32,
     max_new_tokens: int = 32,
     dtype: str = "fp32",
+    quantize: str = "none",
     json_path: str = "artifacts/eval/quality.json",
     mlflow_experiment: str | None = None,
 ) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def run_quality(
         max_new_tokens=max_new_tokens,
     )
     text = data.read_text(data_file)
-    net = data.load_model(model, dtype)
+    net = data.load_model(model, dtype, quantize)
     ids = data.tokenize(net.tokenizer, text, net.config.vocab_size)
     blocks = data.token_blocks(ids, net.config.max_seq_len, max_tokens)
     prompts = data.prompts_from_ids(ids[:max_tokens], num_prompts, prompt_tokens)
@@ -85,6 +86,7 @@ def run_quality(
         "model": model,
         "data": data_file,
         "dtype": dtype,
+        "quantize": quantize,
         "device": _device_name(net),
         "tokens": blocks.numel(),
         "blocks": blocks.shape[0],
@@ -102,6 +104,7 @@ def run_quality(
         "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens,
         "dtype": dtype,
+        "quantize": quantize,
         "device": result["device"],
     }
     _save(result, report.quality_markdown(result), json_path, mlflow_experiment, params)
@@ -117,6 +120,7 @@ def run_speed(
     max_new_tokens: int = 64,
     repeats: int = 3,
     dtype: str = "fp32",
+    quantize: str = "none",
     json_path: str = "artifacts/eval/speed.json",
     reference: str | None = None,
     mlflow_experiment: str | None = None,
@@ -129,7 +133,7 @@ def run_speed(
     )
     text = data.read_text(data_file) if data_file else None  # read before the (slow) model load
     expected = _read_reference(reference) if reference else None
-    net = data.load_model(model, dtype)
+    net = data.load_model(model, dtype, quantize)
     if prompts_file:
         prompts = data.prompts_from_file(prompts_file, net.tokenizer, net.config.vocab_size)
     else:
@@ -137,7 +141,9 @@ def run_speed(
         prompts = data.prompts_from_ids(ids, num_prompts, prompt_tokens)
     data.check_fits(prompts, max_new_tokens, net.config.max_seq_len)
 
-    decoders = speed.Decoders(net, max_new_tokens)
+    unquantized = data.load_model(model, dtype) if quantize != "none" else None  # transformers' weights
+    decoders = speed.Decoders(net, max_new_tokens, peer_model=unquantized)
+    del unquantized
     rates, outputs = speed.run_benchmark(decoders, speed.method_names(), prompts, repeats)
     step_cost = measure_step_cost(net, prompts[0])
     standard_outputs = [d.new_tokens[0].tolist() for d in outputs["standard"]]
@@ -147,6 +153,7 @@ def run_speed(
         "source": prompts_file or data_file,
         "device": _device_name(net),
         "dtype": dtype,
+        "quantize": quantize,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
@@ -155,7 +162,8 @@ def run_speed(
     }
     failures = []
     for method, bad in speed.speculative_mismatches(outputs).items():
-        draft_length = int(method.split("@")[1])
+        draft = method.split("@")[1]
+        draft_length = int(draft) if draft.isdigit() else draft
         for i in bad:
             where = speed.divergence(net, prompts[i], outputs["standard"][i].new_tokens, outputs[method][i].new_tokens)
             result["speculative"].setdefault("mismatches", []).append(
@@ -170,7 +178,7 @@ def run_speed(
             )
     if dtype != "fp32":
         # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts.
-        exact = data.load_model(model, "fp32")
+        exact = data.load_model(model, "fp32", quantize)
         fp32_bad = speed.exact_equality_failures(exact, prompts, max_new_tokens)
         result["speculative"]["identical_to_standard_fp32"] = not fp32_bad
         failures += fp32_bad
@@ -186,6 +194,7 @@ def run_speed(
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
         "dtype": dtype,
+        "quantize": quantize,
         "device": result["device"],
     }
     _save(result, report.speed_markdown(result), json_path, mlflow_experiment, params, chart=True)
@@ -215,12 +224,14 @@ def _check_reference(expected: dict[str, list[list[int]]], actual: dict[str, lis
 SAMPLE_METHODS = (("standard", 1), ("alternating", 1), ("speculative", 4))
 
 
-def run_samples(model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "fp32") -> list[dict[str, Any]]:
+def run_samples(
+    model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "fp32", quantize: str = "none"
+) -> list[dict[str, Any]]:
     """Greedy continuations of ``prompt`` by each decoder, printed with what each cost."""
     _require_positive(max_new_tokens=max_new_tokens)
     if not prompt.strip():
         raise EvalError("--prompt is empty")
-    net = data.load_model(model, dtype)
+    net = data.load_model(model, dtype, quantize)
     ids = data.tokenize(net.tokenizer, prompt, net.config.vocab_size).unsqueeze(0)
     data.check_fits([ids], max_new_tokens, net.config.max_seq_len)
     samples = []

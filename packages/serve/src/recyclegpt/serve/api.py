@@ -28,17 +28,25 @@ def default_cpu_threads() -> int:
 class RecycleGPTAPI(ls.LitAPI):
     """One request at a time per worker (LitServe queues the rest); output streams back through the spec."""
 
-    def __init__(self, model_dir: str, dtype: str, spec: OpenAIEndpoints, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        spec: OpenAIEndpoints,
+        cpu_threads: int | None = None,
+        quantize: str = "none",
+    ) -> None:
         super().__init__(spec=spec, stream=True, max_batch_size=1)
         self.model_dir = model_dir
         self.dtype = dtype
         self.cpu_threads = cpu_threads
+        self.quantize = quantize
 
     def setup(self, device: str) -> None:
         if device == "cpu":
             torch.set_num_threads(self.cpu_threads or default_cpu_threads())
         dtype = resolve_dtype(self.dtype, device)
-        model = RecycleGPT.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        model = RecycleGPT.from_pretrained(self.model_dir, dtype=dtype, device=device, quantize=self.quantize)
         self.engine = Engine(model, model.tokenizer)
         # Warm up, so the first client does not pay for lazy initialisation (and /health means ready).
         model.generate(torch.tensor([[0]], device=device), 1)
