@@ -50,6 +50,7 @@ class DraftPlanner:
     prior: float = 0.5  # acceptance assumed before anything was seen
     smoothing: float = 0.25  # weight of the newest observation in the moving averages
     acceptance: list[float] = field(default_factory=list)  # acceptance[j-1] = a_j
+    observed: list[int] = field(default_factory=list)  # how often depth j was verified
     probe_interval: int = 1
     cycles_since_probe: int = 0
 
@@ -58,9 +59,17 @@ class DraftPlanner:
         return self.costs.max_tokens - 1
 
     def _a(self, depth: int) -> float:
+        """a_depth; a depth never verified yet borrows the estimate of the depth before it."""
         while len(self.acceptance) < depth:
             self.acceptance.append(self.prior)
+            self.observed.append(0)
+        if self.observed[depth - 1] == 0 and depth > 1:
+            return self._a(depth - 1)
         return self.acceptance[depth - 1]
+
+    def _update(self, depth: int, hit: float) -> None:
+        self.acceptance[depth - 1] = (1 - self.smoothing) * self._a(depth) + self.smoothing * hit
+        self.observed[depth - 1] += 1
 
     def rate(self, depth: int) -> float:
         """Expected tokens per millisecond of a cycle that drafts ``depth`` tokens."""
@@ -104,12 +113,9 @@ class DraftPlanner:
         """Update the averages after a verification of ``proposed`` drafts, ``accepted`` of them
         taken; ``dropped``: a further draft was made but judged too unlikely to verify."""
         for j in range(1, min(accepted + 1, proposed) + 1):
-            hit = 1.0 if j <= accepted else 0.0
-            self.acceptance[j - 1] = (1 - self.smoothing) * self._a(j) + self.smoothing * hit
-        if dropped and accepted == proposed:  # the module itself expected a rejection here
-            j = proposed + 1
-            if j <= self.max_depth:
-                self.acceptance[j - 1] = (1 - self.smoothing) * self._a(j)
+            self._update(j, 1.0 if j <= accepted else 0.0)
+        if dropped and accepted == proposed and proposed < self.max_depth:
+            self._update(proposed + 1, 0.0)  # the module itself expected a rejection here
         if proposed == 0 or accepted == 0:
             self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
         else:
