@@ -34,8 +34,12 @@ def test_verify_rule_reproduces_the_target_distribution() -> None:
     assert total_variation(q, p) > 0.5  # the test has power: q alone would fail
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "draft_policy"), [(1.5, 0, "fixed"), (1.0, 3, "fixed"), (1.0, 3, "adaptive")])
-def test_speculative_sampling_matches_full_model_joint_distribution(temperature: float, top_k: int, draft_policy: str) -> None:
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "draft_policy"), [(1.5, 0, "fixed"), (1.0, 3, "fixed"), (1.0, 3, "adaptive")]
+)
+def test_speculative_sampling_matches_full_model_joint_distribution(
+    temperature: float, top_k: int, draft_policy: str
+) -> None:
     torch.manual_seed(0)
     model = RecycleGPT(tiny_config(vocab_size=VOCAB, hidden_size=16, num_heads=2, num_kv_heads=1)).eval()
     with torch.no_grad():  # sharpen the base so p differs from the untrained module's q

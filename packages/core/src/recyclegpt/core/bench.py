@@ -35,11 +35,15 @@ SMOLLM2_PROMPT = (
 Run = Callable[[], int]  # decodes once; returns the number of new tokens
 
 
-def decoder_runs(model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str) -> dict[str, Run]:
+def decoder_runs(
+    model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str
+) -> dict[str, Run]:
     """``standard``, ``alternating`` and ``speculative`` on ``model``, named ``<mode> [label]``."""
 
     def ours(decoding: str) -> Run:
-        return lambda: model.generate(prompt, new_tokens, decoding=decoding, draft_length=draft_length).new_tokens.shape[1]
+        return lambda: model.generate(
+            prompt, new_tokens, decoding=decoding, draft_length=draft_length
+        ).new_tokens.shape[1]
 
     return {
         f"standard [{label}]": ours("standard"),
@@ -140,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     model = model.to(device=device, dtype=dtype)
     prompt = prompt.to(device)
     hardware = hardware_summary(device)
-    print(f"{what}; batch 1, prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, greedy, medians of {args.repeats}")
+    print(
+        f"{what}; batch 1, prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, greedy, medians of {args.repeats}"
+    )
     print(f"measured on: {hardware}")
 
     variants: dict[str, RecycleGPT] = {}

@@ -142,7 +142,10 @@ def summarize(
         "by_draft_length": by_length,
     }
     if adaptive is not None:
-        speculative["adaptive"] = {**adaptive, "vs_best_fixed": adaptive["tokens_per_s"] / by_length[best]["tokens_per_s"]}
+        speculative["adaptive"] = {
+            **adaptive,
+            "vs_best_fixed": adaptive["tokens_per_s"] / by_length[best]["tokens_per_s"],
+        }
         speculative["identical_to_standard"] &= adaptive["identical_to_standard"]
     return {
         "transformers": per_method["transformers"],
