@@ -1,5 +1,5 @@
 """Developer entry points: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench-core`, `nox -s bench`,
-`nox -s compat` (lm-evaluation-harness against the server).
+`nox -s compat` (lm-evaluation-harness against the server), `nox -s bench-smollm2`.
 
 Every session builds its environment from nothing. torch is pinned and installed first so that
 no package pulls a different (multi-GB CUDA) build: on a machine without a GPU set
@@ -79,9 +79,32 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(name="bench-core")
 def bench_core(session: nox.Session) -> None:
-    """Step costs and tokens/s of each decoder vs transformers generate (random 12-layer model)."""
+    """Step costs and tokens/s of each decoder vs transformers generate (random 12-layer model, fp32/bf16 by
+    the hardware, unquantized and int8)."""
     install_project(session)
     session.run("recyclegpt-bench-core", *session.posargs)
+
+
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+WHEEL_DIR = Path(os.environ.get("RECYCLEGPT_CACHE", Path.home() / ".cache" / "recyclegpt")) / "wheels"
+
+
+@nox.session(name="bench-smollm2")
+def bench_smollm2(session: nox.Session) -> None:
+    """SmolLM2-135M from its GGUF: step costs and tokens/s of transformers, llama.cpp (same file), standard,
+    alternating and speculative, unquantized and int8, one interleaved run on 2 threads.
+
+    llama-cpp-python is installed here only (never a package dependency). It builds from source (~8 minutes on
+    2 cores) the first time; the wheel is kept in ~/.cache/recyclegpt/wheels and reused afterwards.
+    """
+    install_project(session)
+    wheels = sorted(WHEEL_DIR.glob("llama_cpp_python-0.3.36-*.whl"))
+    if not wheels:
+        session.run("pip", "wheel", "--no-deps", "-w", str(WHEEL_DIR), LLAMA_CPP)
+        wheels = sorted(WHEEL_DIR.glob("llama_cpp_python-0.3.36-*.whl"))
+    session.install(str(wheels[-1]))
+    session.run("recyclegpt-fetch-smollm2")
+    session.run("recyclegpt-bench-core", "--model", "smollm2", "--threads", "2", *session.posargs)
 
 
 def evaluate_demo(session: nox.Session, speed_repeats: str) -> None:

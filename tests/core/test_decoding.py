@@ -34,12 +34,24 @@ def pattern_prompts() -> list[torch.Tensor]:
     return [torch.tensor([PATTERN[:n]]) for n in (1, 3, 6)] + [torch.tensor([[7, 3] + PATTERN[2:6]])]
 
 
+@pytest.mark.parametrize("draft_policy", ["fixed", "adaptive"])
 @pytest.mark.parametrize("draft_length", [1, 2, 3, 4, 5])
-def test_speculative_greedy_equals_standard_low_acceptance(tiny_model, prompts, draft_length) -> None:
+def test_speculative_greedy_equals_standard_low_acceptance(tiny_model, prompts, draft_length, draft_policy) -> None:
     for prompt in prompts:
         standard = tiny_model.generate(prompt, 25)
-        speculative = tiny_model.generate(prompt, 25, decoding="speculative", draft_length=draft_length)
+        speculative = tiny_model.generate(
+            prompt, 25, decoding="speculative", draft_length=draft_length, draft_policy=draft_policy
+        )
         assert torch.equal(speculative.sequences, standard.sequences)
+
+
+@pytest.mark.parametrize("draft_length", [1, 3, 5])
+def test_adaptive_speculative_greedy_equals_standard_high_acceptance(trained_model, draft_length) -> None:
+    for prompt in pattern_prompts():
+        standard = trained_model.generate(prompt, 30)
+        speculative = trained_model.generate(prompt, 30, decoding="speculative", draft_length=draft_length)
+        assert torch.equal(speculative.sequences, standard.sequences)
+        assert speculative.accepted_tokens <= speculative.drafted_tokens <= draft_length * 30
 
 
 @pytest.mark.parametrize("draft_length", [1, 2, 3, 4, 5])
@@ -47,7 +59,9 @@ def test_speculative_greedy_equals_standard_high_acceptance(trained_model, draft
     accepted = drafted = 0
     for prompt in pattern_prompts():
         standard = trained_model.generate(prompt, 30)
-        speculative = trained_model.generate(prompt, 30, decoding="speculative", draft_length=draft_length)
+        speculative = trained_model.generate(
+            prompt, 30, decoding="speculative", draft_length=draft_length, draft_policy="fixed"
+        )
         assert torch.equal(speculative.sequences, standard.sequences)
         accepted += speculative.accepted_tokens
         drafted += speculative.drafted_tokens

@@ -1,75 +1,83 @@
-"""`recyclegpt-bench-core`: step costs and decoding speed of a random model, side by side.
+"""`recyclegpt-bench-core`: step costs and decoding speed, side by side, in one interleaved run.
 
-Prints, per dtype, ms per full-model step (1 and 2 tokens), ms per module step, and tokens/s of
-transformers ``generate`` on the same weights, ``standard``, ``alternating`` and ``speculative``.
-Runs are interleaved and reported as medians, since shared machines are noisy.
+Default: a random 12-layer model. ``--model smollm2`` (or any path ``from_pretrained`` takes)
+benchmarks a real model; when it is a GGUF file and ``llama_cpp`` is importable, llama.cpp runs on
+the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no dependency). Every
+variant (``--quantize none int8``) reports ms per 1, 2 and 5-token full-model steps and per module
+step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
+runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from recyclegpt.core.config import RecycleConfig
+from recyclegpt.core.fastpath import prepare_for_decoding
 from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.peer import peer_generate, transformers_peer
-from recyclegpt.core.profiling import measure_step_cost, timed
+from recyclegpt.core.precision import DTYPE_CHOICES, dtype_name, hardware_summary, resolve_dtype
+from recyclegpt.core.profiling import interleaved, measure_step_costs
+from recyclegpt.core.quantize import QUANTIZE_CHOICES
+
+STEP_TOKENS = (1, 2, 5)
+SMOLLM2_PROMPT = (
+    "<|im_start|>user\nExplain in a few sentences why the sky is blue, and what changes at sunset.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+Run = Callable[[], int]  # decodes once; returns the number of new tokens
 
 
-def decoder_runs(model: RecycleGPT, draft_length: int) -> dict[str, Callable[[torch.Tensor, int], int]]:
-    """Name -> run(prompt, n) returning the number of new tokens, for each decoder and the peer."""
-    peer = transformers_peer(model)
+def decoder_runs(
+    model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str
+) -> dict[str, Run]:
+    """``standard``, ``alternating`` and ``speculative`` on ``model``, named ``<mode> [label]``."""
 
-    def hf(prompt: torch.Tensor, n: int) -> int:
-        return peer_generate(peer, prompt, n).shape[1] - prompt.shape[1]
-
-    def ours(decoding: str) -> Callable[[torch.Tensor, int], int]:
-        return lambda prompt, n: model.generate(
-            prompt, n, decoding=decoding, draft_length=draft_length
+    def ours(decoding: str) -> Run:
+        return lambda: model.generate(
+            prompt, new_tokens, decoding=decoding, draft_length=draft_length
         ).new_tokens.shape[1]
 
     return {
-        "transformers": hf,
-        "standard": ours("standard"),
-        "alternating": ours("alternating"),
-        f"speculative(g={draft_length})": ours("speculative"),
+        f"standard [{label}]": ours("standard"),
+        f"alternating [{label}]": ours("alternating"),
+        f"speculative<={draft_length} [{label}]": ours("speculative"),
     }
 
 
-def tokens_per_second(
-    runs: dict[str, Callable[[torch.Tensor, int], int]], prompt: torch.Tensor, new_tokens: int, repeats: int
-) -> dict[str, float]:
-    """Median tokens/s of each run, interleaved round-robin so that noise hits all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run(prompt, 4)  # warm-up
-    for _ in range(repeats):
-        for name, run in runs.items():
-            produced, seconds = timed(lambda run=run: run(prompt, new_tokens))
-            samples[name].append(produced / seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+def transformers_run(model: RecycleGPT, prompt: torch.Tensor, new_tokens: int) -> Run:
+    peer = transformers_peer(model)
+    return lambda: peer_generate(peer, prompt, new_tokens).shape[1] - prompt.shape[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--module-layers", type=int, default=1)
-    parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--draft-length", type=int, default=4)
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
-    args = parser.parse_args(argv)
-    if min(args.layers, args.hidden, args.vocab, args.module_layers, args.new_tokens, args.repeats) < 1:
-        sys.exit("error: sizes, --new-tokens and --repeats must be >= 1")
+def llama_cpp_run(gguf: Path, prompt: torch.Tensor, new_tokens: int, threads: int) -> Run | str:
+    """Greedy llama.cpp on the same GGUF file and prompt tokens, or why it cannot run."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return "llama.cpp skipped: llama_cpp is not importable (nox -s bench-smollm2 installs llama-cpp-python)"
+    llm = Llama(str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    tokens = prompt[0].tolist()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    def run() -> int:
+        produced = 0
+        for _ in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            produced += 1
+            if produced >= new_tokens:
+                break
+        return produced
+
+    return run
+
+
+def random_model(args: argparse.Namespace) -> RecycleGPT:
     config = RecycleConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -79,48 +87,111 @@ def main(argv: list[str] | None = None) -> None:
         max_seq_len=args.prompt_length + args.new_tokens + args.draft_length + 8,
     )
     torch.manual_seed(0)
-    model = RecycleGPT(config).eval()
-    prompt = torch.randint(0, args.vocab, (1, args.prompt_length), device=device)
-    print(
-        f"random model: {args.layers} layers, d={args.hidden}, vocab {args.vocab}, {args.module_layers}-layer module "
-        f"({model.num_parameters('base') / 1e6:.1f}M base + {model.num_parameters('module') / 1e6:.1f}M module), "
-        f"batch 1, prompt {args.prompt_length}, {args.new_tokens} new tokens, device {device}, "
-        f"{torch.get_num_threads()} threads, medians of {args.repeats}"
-    )
-    print("(random weights: the module agrees with the base by chance only, so speculative drafts are mostly rejected)")
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-        model = model.to(device=device, dtype=dtype)
-        costs = measure_step_cost(model, prompt)
-        speeds = tokens_per_second(decoder_runs(model, args.draft_length), prompt, args.new_tokens, args.repeats)
-        rows.append((dtype_name, costs, speeds))
+    return RecycleGPT(config).eval()
 
-    print()
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a model path, .gguf file or 'smollm2' (default: random)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--module-layers", type=int, default=1)
+    parser.add_argument("--prompt-length", type=int, default=64, help="random model: prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--draft-length", type=int, default=4, help="speculative: the most tokens drafted per cycle")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    parser.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=QUANTIZE_CHOICES)
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
+    args = parser.parse_args(argv)
+    if min(args.layers, args.hidden, args.vocab, args.module_layers, args.new_tokens, args.repeats) < 1:
+        parser.error("sizes, --new-tokens and --repeats must be >= 1")
+    if args.draft_length < 1 or args.prompt_length < 2:
+        parser.error("--draft-length must be >= 1 and --prompt-length >= 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(args.dtype, device)
+    gguf: Path | None = None
+    if args.model is None:
+        model = random_model(args)
+        prompt = torch.randint(0, args.vocab, (1, args.prompt_length))
+        what = (
+            f"random model: {args.layers} layers, d={args.hidden}, vocab {args.vocab}, {args.module_layers}-layer "
+            "module (random weights: speculative drafts are rejected)"
+        )
+    else:
+        from recyclegpt.core.assets import resolve_model_path
+
+        try:
+            path = resolve_model_path(args.model)
+            model = RecycleGPT.from_pretrained(str(path))
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: cannot load {args.model}: {error}")
+        gguf = path if path.suffix == ".gguf" else None
+        if model.tokenizer is not None:
+            prompt = torch.tensor([model.tokenizer(SMOLLM2_PROMPT)["input_ids"]])
+        else:
+            prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length))
+        what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M untrained module)"
+    model = model.to(device=device, dtype=dtype)
+    prompt = prompt.to(device)
+    hardware = hardware_summary(device)
     print(
-        "| dtype | full step, 1 token (ms) | full step, 2 tokens (ms) | 2-token / 1-token | module step (ms) | c = module / full | bound 2/(1+c) |"
+        f"{what}; batch 1, prompt {prompt.shape[1]} tokens, {args.new_tokens} new tokens, greedy, medians of {args.repeats}"
     )
+    print(f"measured on: {hardware}")
+
+    variants: dict[str, RecycleGPT] = {}
+    for quantize in args.quantize:
+        label = f"{dtype_name(dtype)}" + ("" if quantize == "none" else f"+{quantize}")
+        variants[label] = model if quantize == "none" else prepare_for_decoding(copy.deepcopy(model), quantize=quantize)
+
+    runs: dict[str, Run] = {}
+    skipped: list[str] = []
+    if not args.no_transformers:
+        runs[f"transformers generate [{dtype_name(dtype)}]"] = transformers_run(model, prompt, args.new_tokens)
+    if gguf is not None:
+        llama = llama_cpp_run(gguf, prompt, args.new_tokens, torch.get_num_threads())
+        if isinstance(llama, str):
+            skipped.append(llama)
+        else:
+            runs[f"llama.cpp [{gguf.name}]"] = llama
+    for label, variant in variants.items():
+        runs.update(decoder_runs(variant, prompt, args.new_tokens, args.draft_length, label))
+
+    print("step costs (ms, KV cache filled by the prompt, LM head included) ...", file=sys.stderr, flush=True)
+    steps = {label: measure_step_costs(v, prompt, STEP_TOKENS, iterations=15, inner=2) for label, v in variants.items()}
+    print("decoding (interleaved) ...", file=sys.stderr, flush=True)
+    samples = interleaved(runs, args.repeats)
+    rates = {name: statistics.median(n / s for n, s in values) for name, values in samples.items()}
+
+    cpu = hardware.split(";")[0]
+    print()
+    print("| variant | 1-token step (ms) | 2 tokens | 5 tokens | module step (ms) | c | measured on |")
     print("|---|---|---|---|---|---|---|")
-    for dtype_name, costs, _ in rows:
-        one, two, c = costs["base_step_ms"], costs["base_2_tokens_ms"], costs["c"]
+    for label, ms in steps.items():
+        one = ms["base_1"]
         print(
-            f"| {dtype_name} | {one:.2f} | {two:.2f} | {two / one:.2f}x | {costs['module_step_ms']:.2f} | "
-            f"{c:.3f} | {costs['alternating_bound']:.2f}x |"
+            f"| {label} | {one:.1f} | {ms['base_2']:.1f} ({ms['base_2'] / one:.2f}x) | {ms['base_5']:.1f} "
+            f"({ms['base_5'] / one:.2f}x) | {ms['module']:.1f} | {ms['module'] / one:.2f} | {cpu} |"
         )
     print()
-    names = list(rows[0][2])
-    print(
-        "| dtype | "
-        + " | ".join(f"{n} (tok/s)" for n in names)
-        + " | alternating / standard | standard / transformers |"
-    )
-    print("|---|" + "---|" * (len(names) + 2))
-    for dtype_name, _, speeds in rows:
-        cells = " | ".join(f"{speeds[n]:.1f}" for n in names)
-        print(
-            f"| {dtype_name} | {cells} | {speeds['alternating'] / speeds['standard']:.2f}x | "
-            f"{speeds['standard'] / speeds['transformers']:.2f}x |"
-        )
+    reference = next((rates[n] for n in rates if n.startswith("standard [")), None)
+    print("| method | tokens/s | vs first standard | measured on |")
+    print("|---|---|---|---|")
+    for name, rate in rates.items():
+        ratio = f"{rate / reference:.2f}x" if reference else ""
+        print(f"| {name} | {rate:.1f} | {ratio} | {cpu} |")
+    for line in skipped:
+        print(f"\n{line}")
 
 
 if __name__ == "__main__":

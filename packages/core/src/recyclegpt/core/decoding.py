@@ -15,6 +15,7 @@ import torch
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
 from recyclegpt.core.sampling import SamplingParams, sample, token_probs
+from recyclegpt.core.speculation import DRAFT_POLICIES, DraftPlanner, draft_planner
 
 DECODING_MODES = ("standard", "alternating", "speculative")
 
@@ -89,6 +90,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     on_tokens: Callable[[torch.Tensor], bool | None] | None = None,
+    draft_policy: str = "adaptive",
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P].
 
@@ -100,7 +102,12 @@ def generate(
     ``eos_token_id`` are padded with ``pad_token_id`` (default: the EOS id) afterwards.
     ``on_tokens`` is called with each group of tokens [B, k] as soon as it is accepted (streaming);
     when it returns True, decoding stops there and the output so far is returned.
+    ``draft_policy``: ``adaptive`` drafts as far as pays on this machine (measured step costs,
+    acceptance seen so far, the module's confidence; at most ``draft_length``); ``fixed`` always
+    drafts ``draft_length`` tokens.
     """
+    if draft_policy not in DRAFT_POLICIES:
+        raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
     validate_generation_args(model, input_ids, max_new_tokens, decoding, draft_length, temperature, top_k, top_p)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -121,7 +128,8 @@ def generate(
     elif decoding == "alternating":
         _alternating(state, params, eos_token_id)
     else:
-        _speculative(state, params, eos_token_id, draft_length)
+        planner = draft_planner(model, draft_length) if draft_policy == "adaptive" else None
+        _speculative(state, params, eos_token_id, draft_length, planner)
     return state.finish(pad_token_id if pad_token_id is not None else eos_token_id)
 
 
@@ -261,8 +269,18 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
         module_state = state.module_step(hidden, state.length - 2, 2)
 
 
-def _speculative(state: _DecodeState, params: SamplingParams, eos_token_id: int | None, draft_length: int) -> None:
-    """Draft with the module, verify with the base in one forward, roll back the rejected tail."""
+def _speculative(
+    state: _DecodeState,
+    params: SamplingParams,
+    eos_token_id: int | None,
+    draft_length: int,
+    planner: DraftPlanner | None = None,
+) -> None:
+    """Draft with the module, verify with the base in one forward, roll back the rejected tail.
+
+    Without a ``planner`` every cycle drafts ``draft_length`` tokens; with one, each cycle drafts
+    as far as the planner expects to pay (possibly none: a plain standard step).
+    """
     model = state.model
     out = state.out
     prompt_hidden = state.base_step(0, state.prompt_length)
@@ -275,9 +293,11 @@ def _speculative(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     greedy = params.greedy
     while not state.done:
         pending = state.length - 1  # slot of the token the base has not yet seen
-        depth = min(draft_length, state.max_new_tokens - state.num_new - 1)  # +1 comes from the base
+        limit = min(draft_length, state.max_new_tokens - state.num_new - 1)  # +1 comes from the base
+        depth = planner.plan(limit) if planner is not None else limit
         draft_tokens: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []
+        dropped = False  # the planner judged the last draft not worth verifying
         if depth > 0:
             # Catch the module up on true states h[module_done-1 .. pending-1], then chain its own.
             prev = hidden_log[:, max(module_done - 1, 0) : pending]
@@ -285,22 +305,32 @@ def _speculative(state: _DecodeState, params: SamplingParams, eos_token_id: int 
                 prev = torch.cat((torch.zeros_like(prev[:, :1]), prev), dim=1)
             module_state = state.module_step(prev, module_done, pending + 1 - module_done)[:, -1:]
             module_done = pending + 1
+            chain_prob = 1.0  # the module's probability of its whole draft so far
             for step in range(depth):
                 logits = model.lm_head(module_state[:, -1])
                 probs = None if greedy else token_probs(logits, params)
                 token = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
+                if planner is not None:
+                    confidence = probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1)
+                    chain_prob *= float(confidence)
+                    if not planner.worth_verifying(step + 1, chain_prob):
+                        dropped = True
+                        break
                 draft_tokens.append(token)
                 if probs is not None:
                     draft_probs.append(probs)
                 state.tokens[:, pending + 1 + step] = token
-                if step + 1 < depth:
-                    module_state = state.module_step(module_state, pending + 1 + step, 1)
-            out.drafted_tokens += depth
+                if step + 1 >= depth or (planner is not None and not planner.keep_drafting(step + 1, chain_prob)):
+                    break
+                module_state = state.module_step(module_state, pending + 1 + step, 1)
+            out.drafted_tokens += len(draft_tokens)
         # Verify: the base reads the pending token and every draft in one forward.
-        verify_hidden = state.base_step(pending, depth + 1)
-        base_logits = model.lm_head(verify_hidden[0])  # [depth+1, V]
+        verify_hidden = state.base_step(pending, len(draft_tokens) + 1)
+        base_logits = model.lm_head(verify_hidden[0])  # [drafts+1, V]
         accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
         out.accepted_tokens += accepted
+        if planner is not None and depth > 0:
+            planner.observe(len(draft_tokens), accepted, dropped)
         hidden_log[:, pending : pending + accepted + 1] = verify_hidden[:, : accepted + 1]
         state.base_cache.rollback(pending + accepted + 1)
         if state.module_cache is not None:

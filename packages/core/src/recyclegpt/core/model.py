@@ -123,6 +123,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, T, heads * head_dim] (one fused matmul in core.fastpath)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -133,9 +137,10 @@ class Attention(nn.Module):
         layer_index: int,
     ) -> torch.Tensor:
         batch, num_new, _ = x.shape
-        q = self.q_proj(x).view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             start, end = cache.length, cache.length + num_new
@@ -291,7 +296,7 @@ class RecycleGPT(nn.Module):
     def new_cache(self, part: str, batch_size: int, max_len: int) -> KVCache:
         """A preallocated KV cache for the ``base`` or the ``module``."""
         num_layers = self.config.num_layers if part == "base" else self.config.module_layers
-        weight = self.lm_head.weight
+        weight = self.model.norm.weight  # the compute dtype, also when the linears hold int8 weights
         return KVCache(
             num_layers, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim, weight.dtype, weight.device
         )

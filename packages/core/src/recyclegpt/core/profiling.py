@@ -1,15 +1,24 @@
-"""Timing decoder steps: how much a module step costs next to a full-model step (c)."""
+"""Timing: the one interleaved timing loop every benchmark uses, and decoder step costs.
+
+``interleaved`` runs every contender once per round (round robin) after a warm-up, so the slow
+phases of a shared, noisy machine hit all of them alike; figures are medians over rounds.
+``measure_step_costs`` times k-token full-model steps and the module step with filled KV caches;
+the speculative decoder uses it to decide how far to draft on this machine.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import RecycleGPT
+
+T = TypeVar("T")
 
 
 def synchronize() -> None:
@@ -18,7 +27,7 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
     """Run ``fn`` once; its result and the seconds it took (after the device finished)."""
     synchronize()
     start = time.perf_counter()
@@ -27,44 +36,89 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
-@torch.inference_mode()
-def measure_step_cost(
-    model: RecycleGPT, prompt: torch.Tensor, iterations: int = 30, inner: int = 5
-) -> dict[str, float]:
-    """c = time of a 1-token module step / time of a 1-token full-model step, both with KV caches
-    filled by ``prompt`` and both including the LM head and the greedy pick, as in decoding.
-    Also the time of a 2-token full-model step (what alternating decoding's full calls cost).
+def interleaved(
+    runs: dict[str, Callable[[], T]],
+    rounds: int,
+    warmup: Callable[[str, Callable[[], T]], object] | None = None,
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, list[tuple[T, float]]]:
+    """(result, seconds) of every run in every round, the runs interleaved round robin.
+
+    Each run is called once untimed first (or ``warmup(name, run)`` when given).
     """
-    device = model.lm_head.weight.device
+    for name, run in runs.items():
+        warmup(name, run) if warmup is not None else run()
+    samples: dict[str, list[tuple[T, float]]] = {name: [] for name in runs}
+    for index in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(timed(run))
+        if on_round is not None:
+            on_round(index)
+    return samples
+
+
+def median_seconds(samples: Iterable[tuple[object, float]]) -> float:
+    return statistics.median(seconds for _, seconds in samples)
+
+
+def _device(model: RecycleGPT) -> torch.device:
+    return model.model.norm.weight.device
+
+
+@torch.inference_mode()
+def measure_step_costs(
+    model: RecycleGPT,
+    prompt: torch.Tensor,
+    token_counts: Iterable[int] = (1, 2),
+    iterations: int = 30,
+    inner: int = 5,
+) -> dict[str, float]:
+    """Milliseconds of a full-model step over k tokens (``base_<k>``) for each k in
+    ``token_counts`` and of a 1-token module step (``module``), all with KV caches filled by
+    ``prompt`` and all including the LM head and the greedy pick of the last token, as in decoding.
+    """
+    token_counts = sorted(set(token_counts))
+    device = _device(model)
     prompt = prompt.to(device)
     length = prompt.shape[1]
-    base_cache = model.new_cache("base", 1, length + 2)
+    widest = max(token_counts)
+    base_cache = model.new_cache("base", 1, length + widest)
     module_cache = model.new_cache("module", 1, length + 1)
     hidden = model.base_hidden(prompt, cache=base_cache)
     model.module_hidden(shift_hidden(hidden), prompt, cache=module_cache)
     token, last_hidden = prompt[:, -1:], hidden[:, -1:]
-    two_tokens = prompt[:, -2:]
+    step_tokens = {k: prompt[:, -1:].repeat(1, k) for k in token_counts}
 
-    def base_step(tokens: torch.Tensor = token) -> None:
-        for _ in range(inner):
-            base_cache.rollback(length)
-            model.lm_head(model.base_hidden(tokens, cache=base_cache)[:, -1]).argmax(-1)
+    def base_step(k: int) -> Callable[[], None]:
+        def step() -> None:
+            for _ in range(inner):
+                base_cache.rollback(length)
+                model.lm_head(model.base_hidden(step_tokens[k], cache=base_cache)[:, -1]).argmax(-1)
 
-    def base_step_2() -> None:
-        base_step(two_tokens)
+        return step
 
     def module_step() -> None:
         for _ in range(inner):
             module_cache.rollback(length)
             model.lm_head(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1]).argmax(-1)
 
-    steps = {"base_step_ms": base_step, "base_2_tokens_ms": base_step_2, "module_step_ms": module_step}
-    for step in steps.values():  # warm-up
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(iterations):  # interleaved, so machine noise hits all alike
-        for name, step in steps.items():
-            times[name].append(timed(step)[1] / inner)
-    ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    c = ms["module_step_ms"] / ms["base_step_ms"]
-    return {**ms, "c": c, "alternating_bound": 2 / (1 + c)}
+    runs = {f"base_{k}": base_step(k) for k in token_counts}
+    runs["module"] = module_step
+    samples = interleaved(runs, iterations)
+    return {name: 1e3 * median_seconds(values) / inner for name, values in samples.items()}
+
+
+def measure_step_cost(
+    model: RecycleGPT, prompt: torch.Tensor, iterations: int = 30, inner: int = 5
+) -> dict[str, float]:
+    """c = time of a 1-token module step / time of a 1-token full-model step, and the 2-token step
+    (what alternating decoding's full calls cost), in the keys the eval reports use."""
+    ms = measure_step_costs(model, prompt, (1, 2), iterations, inner)
+    c = ms["module"] / ms["base_1"]
+    return {
+        "base_step_ms": ms["base_1"],
+        "base_2_tokens_ms": ms["base_2"],
+        "module_step_ms": ms["module"],
+        "c": c,
+        "alternating_bound": 2 / (1 + c),
+    }

@@ -15,11 +15,15 @@ DTYPES = DTYPE_CHOICES
 DTYPE_HELP = (
     "weights and compute dtype; auto: bf16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX), else fp32"
 )
+QUANTIZE_CHOICES = ("none", "int8")  # recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast)
 
 
 def _common(parser: ArgumentParser, command: str) -> None:
     parser.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    parser.add_argument(
+        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 linears (fast path)"
+    )
     parser.add_argument(
         "--json", default=f"artifacts/eval/{command}.json", help="result JSON; .md (and .png) beside it"
     )
@@ -57,6 +61,7 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--prompt", default="def main(", help="text to continue")
     samples.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per mode")
     samples.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    samples.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 linears")
     commands.add_subcommand("samples", samples)
     return parser
 
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "samples":
             a = args.samples
-            run_samples(a.model, a.prompt, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
+            run_samples(a.model, a.prompt, max_new_tokens=a.max_new_tokens, dtype=a.dtype, quantize=a.quantize)
             return 0
         if args.command == "quality":
             a = args.quality
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt_tokens=a.prompt_tokens,
                 max_new_tokens=a.max_new_tokens,
                 dtype=a.dtype,
+                quantize=a.quantize,
                 json_path=a.json,
                 mlflow_experiment=a.mlflow_experiment,
             )
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=a.max_new_tokens,
             repeats=a.repeats,
             dtype=a.dtype,
+            quantize=a.quantize,
             json_path=a.json,
             reference=a.reference,
             mlflow_experiment=a.mlflow_experiment,

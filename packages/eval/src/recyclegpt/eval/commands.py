@@ -63,6 +63,7 @@ def run_quality(
     prompt_tokens: int = 32,
     max_new_tokens: int = 32,
     dtype: str = "auto",
+    quantize: str = "none",
     json_path: str = "artifacts/eval/quality.json",
     mlflow_experiment: str | None = None,
 ) -> dict[str, Any]:
@@ -76,8 +77,8 @@ def run_quality(
         max_new_tokens=max_new_tokens,
     )
     text = data.read_text(data_file)
-    net = data.load_model(model, dtype)
-    dtype = dtype_name(net.lm_head.weight.dtype)  # what 'auto' resolved to
+    net = data.load_model(model, dtype, quantize)
+    dtype = dtype_name(net.model.norm.weight.dtype)  # what 'auto' resolved to
     ids = data.tokenize(net.tokenizer, text, net.config.vocab_size)
     blocks = data.token_blocks(ids, net.config.max_seq_len, max_tokens)
     prompts = data.prompts_from_ids(ids[:max_tokens], num_prompts, prompt_tokens)
@@ -87,6 +88,7 @@ def run_quality(
         "model": model,
         "data": data_file,
         "dtype": dtype,
+        "quantize": quantize,
         "device": _device_name(net),
         "hardware": hardware_summary(net.lm_head.weight.device),
         "tokens": blocks.numel(),
@@ -105,6 +107,7 @@ def run_quality(
         "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens,
         "dtype": dtype,
+        "quantize": quantize,
         "device": result["device"],
         "hardware": result["hardware"],
     }
@@ -121,6 +124,7 @@ def run_speed(
     max_new_tokens: int = 64,
     repeats: int = 3,
     dtype: str = "auto",
+    quantize: str = "none",
     json_path: str = "artifacts/eval/speed.json",
     reference: str | None = None,
     mlflow_experiment: str | None = None,
@@ -133,8 +137,8 @@ def run_speed(
     )
     text = data.read_text(data_file) if data_file else None  # read before the (slow) model load
     expected = _read_reference(reference) if reference else None
-    net = data.load_model(model, dtype)
-    dtype = dtype_name(net.lm_head.weight.dtype)  # what 'auto' resolved to
+    net = data.load_model(model, dtype, quantize)
+    dtype = dtype_name(net.model.norm.weight.dtype)  # what 'auto' resolved to
     if prompts_file:
         prompts = data.prompts_from_file(prompts_file, net.tokenizer, net.config.vocab_size)
     else:
@@ -142,7 +146,9 @@ def run_speed(
         prompts = data.prompts_from_ids(ids, num_prompts, prompt_tokens)
     data.check_fits(prompts, max_new_tokens, net.config.max_seq_len)
 
-    decoders = speed.Decoders(net, max_new_tokens)
+    unquantized = data.load_model(model, dtype) if quantize != "none" else None  # transformers' weights
+    decoders = speed.Decoders(net, max_new_tokens, peer_model=unquantized)
+    del unquantized
     rates, outputs = speed.run_benchmark(decoders, speed.method_names(), prompts, repeats)
     step_cost = measure_step_cost(net, prompts[0])
     standard_outputs = [d.new_tokens[0].tolist() for d in outputs["standard"]]
@@ -153,6 +159,7 @@ def run_speed(
         "device": _device_name(net),
         "hardware": hardware_summary(net.lm_head.weight.device),
         "dtype": dtype,
+        "quantize": quantize,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
@@ -161,7 +168,8 @@ def run_speed(
     }
     failures = []
     for method, bad in speed.speculative_mismatches(outputs).items():
-        draft_length = int(method.split("@")[1])
+        draft = method.split("@")[1]
+        draft_length = int(draft) if draft.isdigit() else draft
         for i in bad:
             where = speed.divergence(net, prompts[i], outputs["standard"][i].new_tokens, outputs[method][i].new_tokens)
             result["speculative"].setdefault("mismatches", []).append(
@@ -176,7 +184,7 @@ def run_speed(
             )
     if dtype != "fp32":
         # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts.
-        exact = data.load_model(model, "fp32")
+        exact = data.load_model(model, "fp32", quantize)
         fp32_bad = speed.exact_equality_failures(exact, prompts, max_new_tokens)
         result["speculative"]["identical_to_standard_fp32"] = not fp32_bad
         failures += fp32_bad
@@ -192,6 +200,7 @@ def run_speed(
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,
         "dtype": dtype,
+        "quantize": quantize,
         "device": result["device"],
         "hardware": result["hardware"],
     }
@@ -222,13 +231,15 @@ def _check_reference(expected: dict[str, list[list[int]]], actual: dict[str, lis
 SAMPLE_METHODS = (("standard", 1), ("alternating", 1), ("speculative", 4))
 
 
-def run_samples(model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "auto") -> list[dict[str, Any]]:
+def run_samples(
+    model: str, prompt: str, max_new_tokens: int = 48, dtype: str = "auto", quantize: str = "none"
+) -> list[dict[str, Any]]:
     """Greedy continuations of ``prompt`` by each decoder, printed with what each cost."""
     _require_positive(max_new_tokens=max_new_tokens)
     if not prompt.strip():
         raise EvalError("--prompt is empty")
-    net = data.load_model(model, dtype)
-    dtype = dtype_name(net.lm_head.weight.dtype)  # what 'auto' resolved to
+    net = data.load_model(model, dtype, quantize)
+    dtype = dtype_name(net.model.norm.weight.dtype)  # what 'auto' resolved to
     ids = data.tokenize(net.tokenizer, prompt, net.config.vocab_size).unsqueeze(0)
     data.check_fits([ids], max_new_tokens, net.config.max_seq_len)
     samples = []

@@ -56,7 +56,13 @@ def speed_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, figures) for every method and draft length, in table order."""
     rows = [(name, result[name]) for name in ("transformers", "standard", "alternating")]
     rows += [(f"speculative g={g}", e) for g, e in result["speculative"]["by_draft_length"].items()]
+    if "adaptive" in result["speculative"]:
+        rows.append(("speculative adaptive (g<=6)", result["speculative"]["adaptive"]))
     return rows
+
+
+def _quantized(result: dict[str, Any]) -> str:
+    return f", {result['quantize']}" if result.get("quantize", "none") != "none" else ""
 
 
 def speed_markdown(result: dict[str, Any]) -> str:
@@ -78,11 +84,13 @@ def speed_markdown(result: dict[str, Any]) -> str:
     cost = result["step_cost"]
     spec = result["speculative"]
     return (
-        f"## Speed: {result['model']} ({result['dtype']}, {result['device']}, {result['prompts']} prompts, "
+        f"## Speed: {result['model']} ({result['dtype']}{_quantized(result)}, {result['device']}, {result['prompts']} prompts, "
         f"{result['max_new_tokens']} new tokens, median of {result['repeats']} repeats; {result.get('hardware', 'hardware not recorded')})\n\n{table}\n\n"
         f"c = module step / full step = {cost['module_step_ms']:.3f} ms / {cost['base_step_ms']:.3f} ms = "
         f"{cost['c']:.3f}; alternating bound 2/(1+c) = {cost['alternating_bound']:.2f}x. "
-        f"Best draft length {spec['best_draft_length']} ({spec['speedup']:.2f}x); "
+        f"Best draft length {spec['best_draft_length']} ({spec['speedup']:.2f}x)"
+        + (f", adaptive {spec['adaptive']['vs_best_fixed']:.2f}x of it" if "adaptive" in spec else "")
+        + "; "
         f"speculative output identical to standard: {_fmt(spec['identical_to_standard'])}"
         f"{_equality_note(spec)}.\n"
     )

@@ -15,7 +15,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.peer import peer_generate, transformers_peer
-from recyclegpt.core.profiling import timed
+from recyclegpt.core.profiling import interleaved
 from recyclegpt.eval.peer import CallCounter
 
 DRAFT_LENGTHS = tuple(range(1, 7))
@@ -31,17 +31,27 @@ class Decoded:
     drafted_tokens: int = 0
 
 
+ADAPTIVE = "auto"  # speculative@auto: step-cost-aware drafting, up to max(DRAFT_LENGTHS) tokens
+
+
 def method_names(draft_lengths: tuple[int, ...] = DRAFT_LENGTHS) -> list[str]:
-    return ["transformers", "standard", "alternating", *(f"speculative@{g}" for g in draft_lengths)]
+    return [
+        "transformers",
+        "standard",
+        "alternating",
+        *(f"speculative@{g}" for g in draft_lengths),
+        f"speculative@{ADAPTIVE}",
+    ]
 
 
 class Decoders:
     """Runs one method on one prompt: the transformers peer or one of the core decoders."""
 
-    def __init__(self, model: RecycleGPT, max_new_tokens: int) -> None:
+    def __init__(self, model: RecycleGPT, max_new_tokens: int, peer_model: RecycleGPT | None = None) -> None:
+        """``peer_model``: the unquantized weights for transformers (default: ``model`` itself)."""
         self.model = model
         self.max_new_tokens = max_new_tokens
-        self.peer = transformers_peer(model)
+        self.peer = transformers_peer(peer_model if peer_model is not None else model)
         self.peer_calls = CallCounter(self.peer)
 
     def __call__(self, method: str, prompt: torch.Tensor) -> Decoded:
@@ -50,7 +60,12 @@ class Decoders:
             sequences = peer_generate(self.peer, prompt, self.max_new_tokens)
             return Decoded(sequences[:, prompt.shape[1] :], self.peer_calls.calls - before)
         decoding, _, draft = method.partition("@")
-        out = self.model.generate(prompt, self.max_new_tokens, decoding=decoding, draft_length=int(draft or 4))
+        if draft == ADAPTIVE:
+            out = self.model.generate(prompt, self.max_new_tokens, decoding=decoding, draft_length=max(DRAFT_LENGTHS))
+        else:
+            out = self.model.generate(
+                prompt, self.max_new_tokens, decoding=decoding, draft_length=int(draft or 4), draft_policy="fixed"
+            )
         return Decoded(out.new_tokens, out.full_model_calls, out.accepted_tokens, out.drafted_tokens)
 
 
@@ -67,18 +82,18 @@ def run_benchmark(
 ) -> tuple[dict[str, list[float]], dict[str, list[Decoded]]]:
     """Tokens/s of every method in every repeat, and each method's outputs (from the first repeat).
 
-    One warm-up pass (first prompt, every method) runs before anything is timed.
+    One warm-up pass (first prompt, every method) runs before anything is timed; the loop is
+    core's :func:`recyclegpt.core.profiling.interleaved`, as in ``recyclegpt-bench-core``.
     """
-    for method in methods:
-        decoders(method, prompts[0])
-    rates: dict[str, list[float]] = {m: [] for m in methods}
-    outputs: dict[str, list[Decoded]] = {}
-    for repeat in range(repeats):
-        for method in methods:
-            decoded, seconds = timed(lambda method=method: [decoders(method, p) for p in prompts])
-            rates[method].append(sum(d.new_tokens.numel() for d in decoded) / seconds)
-            outputs.setdefault(method, decoded)
-        print(f"speed: repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
+    runs = {method: (lambda method=method: [decoders(method, p) for p in prompts]) for method in methods}
+    samples = interleaved(
+        runs,
+        repeats,
+        warmup=lambda method, _run: decoders(method, prompts[0]),
+        on_round=lambda i: print(f"speed: repeat {i + 1}/{repeats} done", file=sys.stderr, flush=True),
+    )
+    rates = {m: [sum(d.new_tokens.numel() for d in decoded) / s for decoded, s in samples[m]] for m in methods}
+    outputs = {m: samples[m][0][0] for m in methods}
     return rates, outputs
 
 
@@ -104,7 +119,8 @@ def summarize(
             "identical_to_standard": not compare_outputs(reference, [d.new_tokens for d in decoded]),
         }
         if method.startswith("speculative@"):
-            draft_length = int(method.split("@")[1])
+            draft = method.split("@")[1]
+            draft_length = max(DRAFT_LENGTHS) if draft == ADAPTIVE else int(draft)
             verifications = calls - len(decoded)  # every prompt's first call is the prefill
             drafted = sum(d.drafted_tokens for d in decoded)
             accepted = sum(d.accepted_tokens for d in decoded)
@@ -114,14 +130,23 @@ def summarize(
             entry["predicted_speedup"] = (tokens / calls) / (1 + draft_length * c)
         per_method[method] = entry
     per_method["alternating"]["predicted_speedup"] = step_cost["alternating_bound"]
-    by_length = {m.split("@")[1]: e for m, e in per_method.items() if m.startswith("speculative@")}
+    by_length = {
+        m.split("@")[1]: e for m, e in per_method.items() if m.startswith("speculative@") and not m.endswith(ADAPTIVE)
+    }
     best = max(by_length, key=lambda g: by_length[g]["tokens_per_s"])
+    adaptive = per_method.get(f"speculative@{ADAPTIVE}")
     speculative = {
         **by_length[best],
         "best_draft_length": int(best),
         "identical_to_standard": all(e["identical_to_standard"] for e in by_length.values()),
         "by_draft_length": by_length,
     }
+    if adaptive is not None:
+        speculative["adaptive"] = {
+            **adaptive,
+            "vs_best_fixed": adaptive["tokens_per_s"] / by_length[best]["tokens_per_s"],
+        }
+        speculative["identical_to_standard"] &= adaptive["identical_to_standard"]
     return {
         "transformers": per_method["transformers"],
         "standard": per_method["standard"],
@@ -139,12 +164,12 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     computation order broke the other way, not a decoding bug.
     """
     index = int((expected.cpu() != actual.cpu())[0].nonzero()[0])
-    device = model.lm_head.weight.device
+    device = model.model.norm.weight.device
     prefix = torch.cat((prompt.to(device), expected[:, :index].to(device)), dim=1)
     logits = model(prefix)[0, -1].float()
     want, got = int(expected[0, index]), int(actual[0, index])
     gap = float(logits[want] - logits[got])
-    tolerance = 4 * torch.finfo(model.lm_head.weight.dtype).eps * float(logits.abs().max())
+    tolerance = 4 * torch.finfo(model.model.norm.weight.dtype).eps * float(logits.abs().max())
     return {"new_token_index": index, "tokens": [want, got], "logit_gap": gap, "numerical_tie": abs(gap) <= tolerance}
 
 
@@ -165,8 +190,12 @@ def exact_equality_failures(model: RecycleGPT, prompts: list[torch.Tensor], max_
     failures = []
     for i, prompt in enumerate(prompts):
         reference = model.generate(prompt, max_new_tokens).new_tokens
-        for g in DRAFT_LENGTHS:
-            out = model.generate(prompt, max_new_tokens, decoding="speculative", draft_length=g).new_tokens
+        for g in (*DRAFT_LENGTHS, ADAPTIVE):
+            policy = "adaptive" if g == ADAPTIVE else "fixed"
+            length = max(DRAFT_LENGTHS) if g == ADAPTIVE else g
+            out = model.generate(
+                prompt, max_new_tokens, decoding="speculative", draft_length=length, draft_policy=policy
+            ).new_tokens
             if not torch.equal(out, reference):
                 failures.append(f"speculative (draft length {g}) differs from standard in fp32 on prompt {i + 1}")
     return failures

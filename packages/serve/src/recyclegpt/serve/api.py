@@ -50,6 +50,7 @@ class RecycleGPTAPI(ls.LitAPI):
         cpu_threads: int | None = None,
         max_batch_size: int = 8,
         max_kv_mb: float = 4096.0,
+        quantize: str = "none",
     ) -> None:
         super().__init__(spec=spec, stream=True, max_batch_size=1, loop=BatchingLoop())
         self.model_dir = model_dir
@@ -57,12 +58,13 @@ class RecycleGPTAPI(ls.LitAPI):
         self.cpu_threads = cpu_threads
         self.batch_limit = max_batch_size
         self.max_kv_mb = max_kv_mb
+        self.quantize = quantize
 
     def setup(self, device: str) -> None:
         if device == "cpu":
             torch.set_num_threads(self.cpu_threads or default_cpu_threads())
         dtype = resolve_dtype(self.dtype, device)
-        model = RecycleGPT.from_pretrained(self.model_dir, dtype=dtype, device=device)
+        model = RecycleGPT.from_pretrained(self.model_dir, dtype=dtype, device=device, quantize=self.quantize)
         self.engine = Engine(model, model.tokenizer)
         rows = batch_rows(model, self.batch_limit, self.max_kv_mb)
         self.scheduler = Scheduler(self.engine, rows)

@@ -32,6 +32,9 @@ def build_parser() -> ArgumentParser:
         default="auto",
         help="auto: bf16 on a GPU or a CPU with AVX512-BF16/AMX, else fp32",
     )
+    parser.add_argument(
+        "--quantize", type=Literal["none", "int8"], default="none", help="int8: weight-only int8 linears (fast path)"
+    )
     parser.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-queue", type=int, default=128, help="requests in flight before new ones get 503")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait in the queue")
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             decoding=args.decoding,
             draft_length=args.draft_length,
             dtype=args.dtype,
+            quantize=args.quantize,
             max_tokens_limit=args.max_tokens_limit,
             max_queue=args.max_queue,
             timeout=args.timeout,

@@ -22,6 +22,7 @@ class ServeOptions:
     decoding: str = "alternating"
     draft_length: int = 4
     dtype: str = "auto"
+    quantize: str = "none"
     max_tokens_limit: int = 512
     max_queue: int = 128
     timeout: float = 120.0
@@ -42,7 +43,7 @@ def build_server(options: ServeOptions) -> ls.LitServer:
         model_path=options.model,
     )
     api = RecycleGPTAPI(
-        options.model, options.dtype, spec, options.cpu_threads, options.max_batch_size, options.max_kv_mb
+        options.model, options.dtype, spec, options.cpu_threads, options.max_batch_size, options.max_kv_mb, options.quantize
     )
     middlewares = [(BearerAuthMiddleware, {"api_key": options.api_key})] if options.api_key else []
     return ls.LitServer(

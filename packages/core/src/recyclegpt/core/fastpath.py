@@ -1,0 +1,129 @@
+"""The fast decode path: transform a loaded model in place for decoding speed.
+
+``prepare_for_decoding(model, quantize="int8", fuse=True)`` fuses each layer's q/k/v projections
+into one matmul and its gate/up projections into another (fewer, bigger operators: a decode step
+on a small model is dominated by per-operator overhead), then swaps every linear of the base, the
+module and the LM head for a weight-only int8 one (:mod:`recyclegpt.core.quantize`). The result
+is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and
+``from_pretrained`` rebuilds the same structure before loading the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recyclegpt.core.model import MLP, Attention, RecycleGPT
+from recyclegpt.core.quantize import QUANTIZE_CHOICES, Int8Linear, quantize_linears
+from recyclegpt.core.speculation import forget_measurements
+
+SETUP_KEY = "decoding_setup"
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear whose output is the concatenation of ``parts``' outputs (exact: same rows)."""
+    first = parts[0]
+    has_bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=has_bias)
+    fused = fused.to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.requires_grad_(False)
+    return fused
+
+
+class FusedAttention(Attention):
+    """Attention whose q, k and v come out of one ``qkv_proj`` matmul."""
+
+    @classmethod
+    def from_attention(cls, attention: Attention) -> FusedAttention:
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.num_heads, fused.num_kv_heads = attention.num_heads, attention.num_kv_heads
+        fused.head_dim = attention.head_dim
+        fused.qkv_proj = _fused_linear([attention.q_proj, attention.k_proj, attention.v_proj])
+        fused.o_proj = attention.o_proj
+        return fused
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        return q, k, v
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU MLP whose gate and up projections are one ``gate_up_proj`` matmul."""
+
+    def __init__(self, mlp: MLP) -> None:
+        super().__init__()
+        self.width = mlp.gate_proj.out_features
+        self.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.width, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _stacks(model: RecycleGPT) -> list[nn.Module]:
+    return [model.model, model.recycle]
+
+
+def fuse_projections(model: RecycleGPT) -> None:
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj in every layer of the base and the module."""
+    for stack in _stacks(model):
+        for layer in stack.layers:
+            if not isinstance(layer.self_attn, FusedAttention):
+                layer.self_attn = FusedAttention.from_attention(layer.self_attn)
+            if not isinstance(layer.mlp, FusedMLP):
+                layer.mlp = FusedMLP(layer.mlp)
+
+
+def quantize_model(model: RecycleGPT) -> int:
+    """Weight-only int8 for every linear of the base, the module and the LM head; how many."""
+    count = sum(quantize_linears(stack) for stack in _stacks(model))
+    if not isinstance(model.lm_head, Int8Linear):
+        model.lm_head = Int8Linear.from_linear(model.lm_head)
+        count += 1
+    return count
+
+
+def decoding_setup(model: RecycleGPT) -> dict[str, Any]:
+    """What :func:`prepare_for_decoding` did to ``model`` (``{}``: nothing)."""
+    return dict(model.config.extra.get(SETUP_KEY, {}))
+
+
+@torch.no_grad()
+def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: bool = True) -> RecycleGPT:
+    """Transform ``model`` in place for fast decoding and return it.
+
+    ``quantize``: ``None``/``"none"`` keeps the weights, ``"int8"`` makes every linear weight-only
+    int8. ``fuse``: one matmul for q/k/v and one for gate/up. Both are idempotent; neither undoes.
+    Greedy outputs of the three decoders keep their relations (speculative equals standard) on the
+    transformed model; quantization changes the model itself (see the README for its perplexity cost).
+    """
+    quantize = quantize or "none"
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    setup = decoding_setup(model)
+    if fuse:
+        fuse_projections(model)
+        setup["fuse"] = True
+    if quantize == "int8":
+        quantize_model(model)
+        setup["quantize"] = "int8"
+    model.requires_grad_(False)
+    if setup:
+        model.config.extra[SETUP_KEY] = setup
+    forget_measurements(model)  # measured step costs no longer hold
+    return model.eval()
+
+
+def rebuild_structure(model: RecycleGPT, setup: dict[str, Any]) -> None:
+    """Give a freshly built model the layout ``setup`` describes, so a saved state dict loads."""
+    prepare_for_decoding(model, quantize=setup.get("quantize"), fuse=bool(setup.get("fuse")))

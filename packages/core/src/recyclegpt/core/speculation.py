@@ -1,0 +1,153 @@
+"""How far the speculative decoder drafts: from measured step costs and the acceptance it sees.
+
+A cycle that drafts d tokens costs one (d+1)-token full-model step plus d module steps and yields
+1 + a1 + a1*a2 + ... + a1*...*ad tokens on average, where a_j is the chance that draft j is
+accepted once drafts 1..j-1 were. :class:`DraftPlanner` keeps an exponential moving average of
+each a_j, measures the step costs once per model, dtype, device and thread count, and picks the
+d (0 = a plain standard step) with the most tokens per millisecond. While drafting it stops as soon
+as the module's own confidence says the next draft is not worth its cost. When drafting does not
+pay it probes with one draft at exponentially growing intervals, so a module that starts agreeing
+is noticed again. ``draft_length`` stays the upper bound. Costs are cached on the model;
+acceptance is learned afresh in each generate call, so a seeded call always repeats itself. None of this changes the output: greedy
+speculative equals standard whatever the depth, and sampling follows the full model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from recyclegpt.core.model import RecycleGPT
+from recyclegpt.core.profiling import measure_step_costs
+
+DRAFT_POLICIES = ("adaptive", "fixed")
+MAX_PROBE_INTERVAL = 64
+COST_PROMPT_LENGTH = 32
+
+
+@dataclass
+class StepCosts:
+    """Milliseconds of a k-token full-model step (index k, k >= 1) and of a module step."""
+
+    base_ms: list[float]  # base_ms[k] for k = 1..max; base_ms[0] unused
+    module_ms: float
+
+    def __post_init__(self) -> None:
+        for k in range(2, len(self.base_ms)):  # timing noise must not make more tokens look cheaper
+            self.base_ms[k] = max(self.base_ms[k], self.base_ms[k - 1])
+
+    @property
+    def max_tokens(self) -> int:
+        return len(self.base_ms) - 1
+
+
+@dataclass
+class DraftPlanner:
+    """Chooses each cycle's draft depth; learns acceptance by depth as decoding goes."""
+
+    costs: StepCosts
+    prior: float = 0.5  # acceptance assumed before anything was seen
+    smoothing: float = 0.25  # weight of the newest observation in the moving averages
+    acceptance: list[float] = field(default_factory=list)  # acceptance[j-1] = a_j
+    observed: list[int] = field(default_factory=list)  # how often depth j was verified
+    probe_interval: int = 1
+    cycles_since_probe: int = 0
+
+    @property
+    def max_depth(self) -> int:
+        return self.costs.max_tokens - 1
+
+    def _a(self, depth: int) -> float:
+        """a_depth; a depth never verified yet borrows the estimate of the depth before it."""
+        while len(self.acceptance) < depth:
+            self.acceptance.append(self.prior)
+            self.observed.append(0)
+        if self.observed[depth - 1] == 0 and depth > 1:
+            return self._a(depth - 1)
+        return self.acceptance[depth - 1]
+
+    def _update(self, depth: int, hit: float) -> None:
+        self.acceptance[depth - 1] = (1 - self.smoothing) * self._a(depth) + self.smoothing * hit
+        self.observed[depth - 1] += 1
+
+    def rate(self, depth: int) -> float:
+        """Expected tokens per millisecond of a cycle that drafts ``depth`` tokens."""
+        tokens, chain = 1.0, 1.0
+        for j in range(1, depth + 1):
+            chain *= self._a(j)
+            tokens += chain
+        return tokens / (self.costs.base_ms[depth + 1] + depth * self.costs.module_ms)
+
+    def plan(self, limit: int) -> int:
+        """Draft depth for the next cycle, at most ``limit``."""
+        limit = min(limit, self.max_depth)
+        if limit < 1:
+            return 0
+        best = max(range(limit + 1), key=self.rate)
+        if best > 0:
+            self.cycles_since_probe = 0
+            return best
+        self.cycles_since_probe += 1
+        if self.cycles_since_probe >= self.probe_interval:
+            self.cycles_since_probe = 0
+            return 1  # a probe: has the module started agreeing?
+        return 0
+
+    def keep_drafting(self, depth: int, chain_prob: float) -> bool:
+        """After ``depth`` drafts whose module probabilities multiply to ``chain_prob``: is draft
+        ``depth + 1`` worth a module step and a wider verification?"""
+        if depth >= self.max_depth:
+            return False
+        expected_gain = chain_prob * self._a(depth + 1) * self.costs.base_ms[1]
+        extra_cost = self.costs.module_ms + self.costs.base_ms[depth + 2] - self.costs.base_ms[depth + 1]
+        return expected_gain > extra_cost
+
+    def worth_verifying(self, depth: int, chain_prob: float) -> bool:
+        """Is draft ``depth`` (already drafted, module probabilities multiplying to ``chain_prob``)
+        worth widening the verification step by one token?"""
+        extra_cost = self.costs.base_ms[depth + 1] - self.costs.base_ms[depth]
+        return chain_prob * self.costs.base_ms[1] > extra_cost
+
+    def observe(self, proposed: int, accepted: int, dropped: bool) -> None:
+        """Update the averages after a verification of ``proposed`` drafts, ``accepted`` of them
+        taken; ``dropped``: a further draft was made but judged too unlikely to verify."""
+        for j in range(1, min(accepted + 1, proposed) + 1):
+            self._update(j, 1.0 if j <= accepted else 0.0)
+        if dropped and accepted == proposed and proposed < self.max_depth:
+            self._update(proposed + 1, 0.0)  # the module itself expected a rejection here
+        if proposed == 0 or accepted == 0:
+            self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
+        else:
+            self.probe_interval = 1
+
+
+def _cost_key(model: RecycleGPT) -> tuple:
+    weight = model.model.norm.weight
+    return (str(weight.device), weight.dtype, torch.get_num_threads())
+
+
+def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
+    """k-token step costs for k = 1..max_tokens on this machine, measured once and cached on the model."""
+    cache: dict = model.__dict__.setdefault("_speculation_costs", {})
+    key = _cost_key(model)
+    known = cache.get(key)
+    if known is not None and known.max_tokens >= max_tokens:
+        return known
+    length = min(COST_PROMPT_LENGTH, model.config.max_seq_len - max_tokens)
+    prompt = (torch.arange(max(length, 1)) * 7919 % model.config.vocab_size).unsqueeze(0)
+    ms = measure_step_costs(model, prompt, range(1, max_tokens + 1), iterations=7, inner=1)
+    costs = StepCosts([0.0, *(ms[f"base_{k}"] for k in range(1, max_tokens + 1))], ms["module"])
+    cache[key] = costs
+    return costs
+
+
+def draft_planner(model: RecycleGPT, draft_length: int) -> DraftPlanner:
+    """A fresh planner for one generate call, drafts up to ``draft_length``, over the model's
+    cached step costs (acceptance starts from the prior every call, so a seeded call repeats)."""
+    return DraftPlanner(step_costs(model, draft_length + 1))
+
+
+def forget_measurements(model: RecycleGPT) -> None:
+    """Drop the cached step costs (after the model was transformed)."""
+    model.__dict__.pop("_speculation_costs", None)

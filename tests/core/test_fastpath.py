@@ -1,0 +1,141 @@
+"""The fast decode path: fused projections, weight-only int8, quantized save/reload, draft planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from recyclegpt.core import RecycleGPT
+from recyclegpt.core.bench import main as bench_main
+from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
+from recyclegpt.core.quantize import Int8Linear, quantize_weight
+from recyclegpt.core.speculation import DraftPlanner, StepCosts
+
+from .conftest import tiny_config
+
+
+def test_quantize_weight_reconstructs_within_half_a_step() -> None:
+    weight = torch.randn(64, 48)
+    quantized, scales = quantize_weight(weight)
+    assert quantized.dtype == torch.int8 and scales.shape == (64,)
+    error = (quantized.float() * scales[:, None] - weight).abs()
+    assert bool((error <= scales[:, None] / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_linear_matches_its_dequantized_weight(rows: int) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(1, rows, 64)
+    dequantized = layer.weight.float() * layer.scales[:, None]
+    expected = torch.nn.functional.linear(x, dequantized, linear.bias)
+    out = layer(x)
+    assert out.shape == (1, rows, 96) and out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations inside
+
+
+def test_fusing_is_exact(tiny_model: RecycleGPT, prompts) -> None:
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        before = tiny_model(ids)
+    expected = [tiny_model.generate(p, 20, decoding="alternating").sequences for p in prompts]
+    prepare_for_decoding(tiny_model, fuse=True)
+    assert isinstance(tiny_model.model.layers[0].self_attn, FusedAttention)
+    assert isinstance(tiny_model.recycle.layers[0].mlp, FusedMLP)
+    with torch.no_grad():
+        assert torch.allclose(tiny_model(ids), before, atol=1e-6)
+    for prompt, sequences in zip(prompts, expected, strict=True):
+        assert torch.equal(tiny_model.generate(prompt, 20, decoding="alternating").sequences, sequences)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_model_speculative_equals_standard(tiny_model: RecycleGPT, prompts, dtype: torch.dtype) -> None:
+    model = prepare_for_decoding(tiny_model.to(dtype), quantize="int8")
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 3 * 4 + 2  # qkv, o, gate_up, down in 2 base + 1 module layers; module fc; LM head
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.recycle.fc, Int8Linear)
+    for prompt in prompts:
+        standard = model.generate(prompt, 20)
+        for policy in ("fixed", "adaptive"):
+            for g in (1, 3):
+                out = model.generate(prompt, 20, decoding="speculative", draft_length=g, draft_policy=policy)
+                assert torch.equal(out.sequences, standard.sequences)
+
+
+def test_int8_changes_logits_only_slightly(tiny_model: RecycleGPT) -> None:
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        reference = tiny_model(ids)
+        quantized = prepare_for_decoding(tiny_model, quantize="int8")(ids)
+    assert (quantized - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_quantized_save_reloads_identically(tmp_path: Path, tiny_model: RecycleGPT) -> None:
+    model = prepare_for_decoding(tiny_model, quantize="int8")
+    model.save_pretrained(tmp_path / "int8")
+    loaded = RecycleGPT.from_pretrained(tmp_path / "int8")
+    assert isinstance(loaded.lm_head, Int8Linear)
+    assert loaded.config.extra["decoding_setup"] == {"fuse": True, "quantize": "int8"}
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    assert torch.equal(loaded.generate(ids, 10).sequences, model.generate(ids, 10).sequences)
+    size = (tmp_path / "int8" / "model.safetensors").stat().st_size
+    tiny_model_size = sum(p.numel() * 4 for p in RecycleGPT(tiny_config()).parameters())
+    assert size < tiny_model_size  # int8 weights (plus the fp32 embeddings) take less room
+
+
+def test_from_pretrained_quantizes(tmp_path: Path, tiny_model: RecycleGPT) -> None:
+    tiny_model.save_pretrained(tmp_path / "fp32")
+    loaded = RecycleGPT.from_pretrained(tmp_path / "fp32", quantize="int8")
+    assert isinstance(loaded.model.layers[1].mlp.gate_up_proj, Int8Linear)
+    assert loaded.new_cache("base", 1, 8).keys.dtype == torch.float32  # caches keep the compute dtype
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        RecycleGPT.from_pretrained(tmp_path / "fp32", quantize="int3")
+
+
+def costs(two: float = 1.05, module: float = 0.2, depth: int = 5) -> StepCosts:
+    """A 1-token step costs 1; a k-token step 1 + (two - 1) * (k - 1)."""
+    return StepCosts([0.0, *(1 + (two - 1) * (k - 1) for k in range(1, depth + 2))], module)
+
+
+def test_planner_stops_drafting_when_drafts_are_rejected_and_probes_rarely() -> None:
+    planner = DraftPlanner(costs())
+    assert planner.plan(5) >= 1  # the prior makes drafting worth a try
+    for _ in range(20):
+        planner.observe(planner.plan(5), accepted=0, dropped=False)
+    depths = [planner.plan(5) for _ in range(64)]
+    assert depths.count(0) >= 60 and max(depths) == 1  # standard steps, with rare one-token probes
+
+
+def test_planner_drafts_deeper_when_drafts_are_accepted_and_respects_the_limit() -> None:
+    planner = DraftPlanner(costs())
+    for _ in range(30):
+        depth = planner.plan(5)
+        planner.observe(depth, accepted=depth, dropped=False)
+    assert planner.plan(5) == 5 and planner.plan(2) == 2 and planner.plan(0) == 0
+
+
+def test_planner_follows_step_costs() -> None:
+    cheap, dear = DraftPlanner(costs(two=1.02, module=0.05)), DraftPlanner(costs(two=1.9, module=0.5))
+    for planner in (cheap, dear):
+        planner.acceptance, planner.observed, planner.probe_interval = [0.6] * 5, [1] * 5, 64
+    assert cheap.plan(5) > dear.plan(5)
+    assert dear.plan(5) == 0  # 1.6 tokens for 2.4 steps' time does not pay
+    assert cheap.keep_drafting(1, chain_prob=0.9) and not cheap.keep_drafting(1, chain_prob=0.01)
+    assert dear.worth_verifying(1, chain_prob=0.95) and not dear.worth_verifying(1, chain_prob=0.5)
+
+
+def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:
+    bench_main(
+        ["--layers", "2", "--hidden", "64", "--vocab", "128", "--prompt-length", "8", "--new-tokens", "6"]
+        + ["--repeats", "1", "--dtype", "fp32", "--draft-length", "2"]
+    )
+    out = capsys.readouterr().out
+    assert "measured on: CPU" in out
+    for row in ("| fp32 |", "| fp32+int8 |", "transformers generate [fp32]", "standard [fp32+int8]"):
+        assert row in out
+    assert "speculative<=2 [fp32+int8]" in out and "5 tokens" in out
