@@ -56,7 +56,7 @@ def measure_step_cost(
     def module_step() -> None:
         for _ in range(inner):
             module_cache.rollback(length)
-            model.lm_head(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1]).argmax(-1)
+            model.draft_logits(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1]).argmax(-1)
 
     steps = {"base_step_ms": base_step, "base_2_tokens_ms": base_step_2, "module_step_ms": module_step}
     for step in steps.values():  # warm-up
