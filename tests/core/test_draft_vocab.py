@@ -6,6 +6,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import shift_hidden, unrolled_losses, unrolled_module_states
+
 from .conftest import tiny_config
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -11,8 +12,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from recyclegpt.train.features import CacheReport, FeatureCache, FeatureDataset
+from recyclegpt.core.precision import dtype_name, resolve_dtype
 from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, read_texts, resolve
+from recyclegpt.train.features import CacheReport, FeatureCache, FeatureDataset
 from recyclegpt.train.tokenizer import TOKENIZER_FILE, load_any_tokenizer, train_bpe_tokenizer, wrap
 
 
@@ -29,6 +31,8 @@ class TextDataModule(LightningDataModule):
         feature_cache: a directory for the frozen base's hidden states (frozen_base only): the base
             runs once per token, then batches are ``{"input_ids", "hidden"}``; None runs the base every step.
         feature_dtype: storage dtype of the cached states, ``bf16`` or ``fp32``.
+        feature_precision: compute precision of the base while it fills the cache: ``auto`` (bf16
+            autocast where the hardware has native bf16, else fp32; see recyclegpt.core.precision), ``fp32``, ``bf16``.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class TextDataModule(LightningDataModule):
         seed: int = 0,
         feature_cache: str | None = None,
         feature_dtype: str = "bf16",
+        feature_precision: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -143,8 +148,16 @@ class TextDataModule(LightningDataModule):
             raise ValueError("data.feature_cache needs model.regime frozen_base (the cached base must not train)")
         model = trainer.lightning_module.model
         cache = FeatureCache(Path(self.hparams.feature_cache) / split, self.hparams.feature_dtype)
+        device = model.lm_head.weight.device
+        compute = resolve_dtype(self.hparams.feature_precision, device)
+
+        def forward_context() -> AbstractContextManager:
+            if compute == torch.float32:
+                return nullcontext()
+            return torch.autocast(device.type, dtype=compute)
+
         hidden, report = cache.build_or_load(
-            model, blocks, str(trainer.precision), trainer.precision_plugin.forward_context, self.hparams.batch_size
+            model, blocks, dtype_name(compute), forward_context, self.hparams.batch_size
         )
         self.cache_reports[split] = report
         return FeatureDataset(blocks, hidden)

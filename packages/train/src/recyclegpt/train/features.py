@@ -113,8 +113,7 @@ class FeatureCache:
             return self.load(blocks), CacheReport(False, "reused", 0.0, 0)
         log(f"feature cache {self.directory}: building ({reason}); {blocks.numel()} tokens through the base")
         start = time.perf_counter()
-        self._build(model, blocks, key, forward_context, batch_size, log)
-        seconds = time.perf_counter() - start
+        seconds = self._build(model, blocks, key, forward_context, batch_size, log)
         log(f"feature cache {self.directory}: {blocks.numel()} tokens in {seconds:.0f} s")
         return self.load(blocks), CacheReport(True, reason, seconds, blocks.numel())
 
@@ -127,7 +126,9 @@ class FeatureCache:
         forward_context: Callable[[], AbstractContextManager],
         batch_size: int,
         log: Callable[[str], None],
-    ) -> None:
+    ) -> float:
+        """Run the base over every block into shards; the manifest (written last) marks it complete."""
+        start = time.perf_counter()
         if self.directory.exists():
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True)
@@ -149,10 +150,18 @@ class FeatureCache:
                 log(f"feature cache: {first + ids.shape[0]}/{blocks.shape[0]} blocks")
         finally:
             model.train(was_training)
-        manifest = {"key": key, "shards": shards, "dtype": dtype_name(dtype)}
+        seconds = time.perf_counter() - start
+        manifest = {
+            "key": key,
+            "shards": shards,
+            "dtype": dtype_name(dtype),
+            "tokens": blocks.numel(),
+            "build_seconds": round(seconds, 1),
+        }
         tmp = self.directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(self.directory / MANIFEST)  # the manifest is written last: its presence means complete
+        return seconds
 
     def load(self, blocks: torch.Tensor) -> torch.Tensor:
         manifest = self._manifest()

@@ -172,7 +172,9 @@ class RecycleLM(LightningModule):
         self.log(f"{stage}/loss", out.loss, **log)
         self.log(f"{stage}/rec_loss", out.depth_losses[0], prog_bar=True, **log)
         self.log(f"{stage}/agreement", out.depth_agreement[0], prog_bar=True, **log)
-        for k, (loss, agree, acc) in enumerate(zip(out.depth_losses, out.depth_agreement, out.depth_accuracy), 1):
+        for k, (loss, agree, acc) in enumerate(
+            zip(out.depth_losses, out.depth_agreement, out.depth_accuracy, strict=True), 1
+        ):
             self.log(f"{stage}/loss_d{k}", loss, **log)
             self.log(f"{stage}/agreement_d{k}", agree, **log)
             self.log(f"{stage}/accuracy_d{k}", acc, **log)
