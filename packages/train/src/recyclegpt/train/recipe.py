@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
     export_dir = Path(config.get("export", {}).get("dirpath", "runs/model"))
     out = Path(args.out) if args.out else export_dir.parent / "recipe"
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(torch.get_num_threads())
     cache_dtype = auto_dtype("cpu")
     _log(f"hardware: {hardware_summary()}; feature cache computes in {dtype_name(cache_dtype)}, module trains in fp32")
 
@@ -212,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "--trainer.precision=32-true",
         f"--trainer.max_steps={plan['max_steps']}",
         f"--trainer.val_check_interval={plan['val_check_interval']}",
+        "--trainer.check_val_every_n_epoch=null",  # validation counted in steps across the many epochs
         f"--data.max_corpus_bytes={plan['max_corpus_bytes']}",
         *overrides,
         *args.fit_args,
