@@ -112,7 +112,6 @@ class FeatureCache:
         if reason is None:
             return self.load(blocks), CacheReport(False, "reused", 0.0, 0)
         log(f"feature cache {self.directory}: building ({reason}); {blocks.numel()} tokens through the base")
-        start = time.perf_counter()
         seconds = self._build(model, blocks, key, forward_context, batch_size, log)
         log(f"feature cache {self.directory}: {blocks.numel()} tokens in {seconds:.0f} s")
         return self.load(blocks), CacheReport(True, reason, seconds, blocks.numel())
