@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import shift_hidden, unrolled_losses, unrolled_module_states
+from recyclegpt.core.sampling import SamplingParams, token_probs
 
 from .conftest import tiny_config
 
@@ -60,6 +62,30 @@ def test_sampled_drafts_never_leave_the_draft_vocab() -> None:
     assert model.recycle.t2d[out.new_tokens[0, 1::2]].all()
     spec = model.generate(prompt, 30, decoding="speculative", temperature=1.0, seed=3, draft_length=3)
     assert spec.new_tokens.shape == (1, 30)
+
+
+@pytest.mark.slow
+def test_speculative_sampling_with_a_draft_vocab_follows_the_full_model() -> None:
+    """q is zero outside the draft vocabulary, yet the output keeps the full model's joint distribution."""
+    vocab = 5
+    torch.manual_seed(0)
+    model = RecycleGPT(tiny_config(vocab_size=vocab, hidden_size=16, num_heads=2, num_kv_heads=1)).eval()
+    model.set_draft_vocab(torch.tensor([1, 3]))
+    prompt = torch.tensor([[1, 3, 0]])
+    params = SamplingParams(temperature=1.0)
+    exact = torch.zeros(vocab, vocab)
+    with torch.no_grad():
+        p1 = token_probs(model(prompt)[0, -1], params)
+        for a in range(vocab):
+            exact[a] = p1[a] * token_probs(model(torch.cat((prompt, torch.tensor([[a]])), 1))[0, -1], params)
+    assert float(exact[[0, 2, 4]].sum()) > 0.3  # tokens the module can never draft carry real mass
+    counts = torch.zeros(vocab, vocab)
+    draws = 2500
+    for seed in range(draws):
+        out = model.generate(prompt, 3, decoding="speculative", draft_length=2, temperature=1.0, seed=seed)
+        a, b = out.new_tokens[0, :2].tolist()
+        counts[a, b] += 1
+    assert 0.5 * float((counts.flatten() / draws - exact.flatten()).abs().sum()) < 0.07
 
 
 def test_draft_vocab_survives_save_and_load(tmp_path) -> None:
