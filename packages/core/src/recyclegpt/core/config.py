@@ -15,7 +15,8 @@ class RecycleConfig:
 
     The base is a Llama-style decoder (RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query
     attention). The module reads ``concat(h[t-1], embed(x[t]))``, projects it to ``hidden_size``,
-    runs ``module_layers`` decoder layers and predicts ``x[t+1]`` through the shared LM head.
+    runs ``module_layers`` decoder layers and predicts ``x[t+1]`` through the shared LM head,
+    restricted to the ``draft_vocab_size`` most frequent tokens when that is set (None: all).
     """
 
     vocab_size: int = 8192
@@ -33,6 +34,7 @@ class RecycleConfig:
     initializer_range: float = 0.02
     module_layers: int = 1
     module_intermediate_size: int | None = None
+    draft_vocab_size: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -52,6 +54,10 @@ class RecycleConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.module_layers < 1:
             raise ValueError(f"module_layers must be >= 1, got {self.module_layers}")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}"
+            )
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 

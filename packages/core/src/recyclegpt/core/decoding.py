@@ -258,7 +258,7 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     prev = torch.cat((state.prompt_prev_hidden(hidden), hidden[:, -1:]), dim=1)
     module_state = state.module_step(prev, 0, state.length)
     while True:
-        state.append(sample(model.lm_head(module_state[:, -1]), params).unsqueeze(1), eos_token_id)
+        state.append(sample(model.draft_logits(module_state[:, -1]), params).unsqueeze(1), eos_token_id)
         if state.done:
             return
         hidden = state.base_step(state.length - 2, 2)
@@ -307,7 +307,7 @@ def _speculative(
             module_done = pending + 1
             chain_prob = 1.0  # the module's probability of its whole draft so far
             for step in range(depth):
-                logits = model.lm_head(module_state[:, -1])
+                logits = model.draft_logits(module_state[:, -1])
                 probs = None if greedy else token_probs(logits, params)
                 token = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
                 if planner is not None:

@@ -224,6 +224,10 @@ class RecyclableModule(DecoderStack):
         super().__init__(config, config.module_layers, config.module_intermediate_size)
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.draft_vocab_size is not None:
+            # EAGLE-3's tables: draft index i is token i + d2t[i]; t2d[token] marks draft tokens.
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
 
     def forward(self, prev_hidden, token_embeds, positions=None, cache=None) -> torch.Tensor:  # noqa: ANN001
         x = self.fc(torch.cat((prev_hidden, token_embeds), dim=-1))
@@ -300,6 +304,71 @@ class RecycleGPT(nn.Module):
         return KVCache(
             num_layers, batch_size, self.config.num_kv_heads, max_len, self.config.head_dim, weight.dtype, weight.device
         )
+
+    # ----------------------------------------------------------------------------- draft vocabulary
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Let the module score only ``token_ids`` (e.g. the most frequent tokens of the training data)."""
+        ids = torch.unique(token_ids.long().flatten().cpu())  # sorted
+        vocab = self.config.vocab_size
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= vocab:
+            raise ValueError(f"draft token ids must be a non-empty subset of [0, {vocab})")
+        device = self.lm_head.weight.device
+        t2d = torch.zeros(vocab, dtype=torch.bool)
+        t2d[ids] = True
+        self.recycle.register_buffer("d2t", (ids - torch.arange(ids.numel())).to(device))
+        self.recycle.register_buffer("t2d", t2d.to(device))
+        self.config.draft_vocab_size = ids.numel()
+        self._draft_weight = None
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """Full-vocabulary id of every draft index [N], or None when the module scores every token."""
+        if self.config.draft_vocab_size is None:
+            return None
+        d2t = self.recycle.d2t
+        return d2t + torch.arange(d2t.numel(), device=d2t.device)
+
+    def draft_head_weight(self) -> torch.Tensor:
+        """The LM head rows of the draft vocabulary [N, d] (a cached copy while the head is frozen)."""
+        weight = self.lm_head.weight
+        if self.config.draft_vocab_size is None:
+            return weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            return weight[self.draft_ids]
+        key = (weight.data_ptr(), weight._version, weight.dtype, self.recycle.d2t.data_ptr(), self.recycle.d2t._version)
+        cached = getattr(self, "_draft_weight", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach()[self.draft_ids].contiguous())
+            self._draft_weight = cached
+        return cached[1]
+
+    def draft_head_logits(self, module_state: torch.Tensor) -> torch.Tensor:
+        """Module logits over the draft vocabulary [..., N] (the full vocabulary when there is none)."""
+        return F.linear(module_state, self.draft_head_weight())
+
+    def draft_logits(self, module_state: torch.Tensor) -> torch.Tensor:
+        """Module logits over the full vocabulary [..., V]: -inf outside the draft vocabulary,
+        so the draft distribution q is zero there and verification stays exact."""
+        logits = self.draft_head_logits(module_state)
+        if self.config.draft_vocab_size is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_ids, logits)
+
+    # ----------------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_module_from_base(self) -> None:
+        """Start the module near the base: every module layer a copy of the base's last layer, the
+        final norm the base's, and ``fc`` a pass-through of the h[t-1] half (the embedding half zero)."""
+        last = self.model.layers[-1]
+        for layer in self.recycle.layers:
+            if layer.mlp.gate_proj.weight.shape != last.mlp.gate_proj.weight.shape:
+                raise ValueError("init from base needs module_intermediate_size == intermediate_size")
+            layer.load_state_dict(last.state_dict())
+        self.recycle.norm.load_state_dict(self.model.norm.state_dict())
+        d = self.config.hidden_size
+        self.recycle.fc.weight.zero_()
+        self.recycle.fc.weight[:, :d].copy_(torch.eye(d))
 
     # ----------------------------------------------------------------------------- decoding
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> GenerationOutput:

@@ -100,7 +100,7 @@ def measure_step_costs(
     def module_step() -> None:
         for _ in range(inner):
             module_cache.rollback(length)
-            model.lm_head(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1]).argmax(-1)
+            model.draft_logits(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1]).argmax(-1)
 
     runs = {f"base_{k}": base_step(k) for k in token_counts}
     runs["module"] = module_step

@@ -86,13 +86,13 @@ def chained_drafts(
     prev_hidden = shift_hidden(hidden)
     for start in range(length - 1):
         state = model.module_hidden(prev_hidden[:, start : start + 1], ids[:, start : start + 1], cache=cache)
-        yield 1, model.lm_head(state[:, -1]).argmax(-1), start
+        yield 1, model.draft_logits(state[:, -1]).argmax(-1), start
         for depth in range(2, max_depth + 1):
             position = start + depth - 1
             if position >= length - 1:
                 break
             state = model.module_hidden(state, ids[:, position : position + 1], cache=cache)
-            yield depth, model.lm_head(state[:, -1]).argmax(-1), position
+            yield depth, model.draft_logits(state[:, -1]).argmax(-1), position
         cache.rollback(start + 1)
 
 

@@ -98,6 +98,8 @@ class TokensPerSecond(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: torch.Tensor, batch_idx: int
     ) -> None:
+        if isinstance(batch, dict):  # cached features: {"input_ids", "hidden"}
+            batch = batch["input_ids"]
         self._batches += 1
         self._samples += batch.shape[0]
         self._tokens += batch.numel()

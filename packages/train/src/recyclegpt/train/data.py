@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -11,7 +12,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
+from recyclegpt.core.precision import dtype_name, resolve_dtype
 from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, read_texts, resolve
+from recyclegpt.train.features import CacheReport, FeatureCache, FeatureDataset
 from recyclegpt.train.tokenizer import TOKENIZER_FILE, load_any_tokenizer, train_bpe_tokenizer, wrap
 
 
@@ -25,6 +28,11 @@ class TextDataModule(LightningDataModule):
         vocab_size: size of the BPE trained when ``tokenizer`` is None.
         tokenizer_dir: where the trained tokenizer.json is kept (and reused while the corpus is unchanged).
         max_corpus_bytes: read at most this many characters of training text (None: all).
+        feature_cache: a directory for the frozen base's hidden states (frozen_base only): the base
+            runs once per token, then batches are ``{"input_ids", "hidden"}``; None runs the base every step.
+        feature_dtype: storage dtype of the cached states, ``bf16`` or ``fp32``.
+        feature_precision: compute precision of the base while it fills the cache: ``auto`` (bf16
+            autocast where the hardware has native bf16, else fp32; see recyclegpt.core.precision), ``fp32``, ``bf16``.
     """
 
     def __init__(
@@ -41,6 +49,9 @@ class TextDataModule(LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
+        feature_cache: str | None = None,
+        feature_dtype: str = "bf16",
+        feature_precision: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -56,6 +67,7 @@ class TextDataModule(LightningDataModule):
         self.tokenizer: PreTrainedTokenizerFast | None = None
         self.train_blocks: torch.Tensor | None = None
         self.val_blocks: torch.Tensor | None = None
+        self.cache_reports: dict[str, CacheReport] = {}
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -129,9 +141,33 @@ class TextDataModule(LightningDataModule):
         self.train_blocks = self._blocks(train, "training")
         self.val_blocks = self._blocks(val, "validation")
 
+    def _features(self, blocks: torch.Tensor, split: str) -> FeatureDataset:
+        """The trainer's frozen base over ``blocks``, from (or into) the feature cache."""
+        trainer = self.trainer
+        if not getattr(trainer.lightning_module, "frozen_base", False):
+            raise ValueError("data.feature_cache needs model.regime frozen_base (the cached base must not train)")
+        model = trainer.lightning_module.model
+        cache = FeatureCache(Path(self.hparams.feature_cache) / split, self.hparams.feature_dtype)
+        device = model.lm_head.weight.device
+        compute = resolve_dtype(self.hparams.feature_precision, device)
+
+        def forward_context() -> AbstractContextManager:
+            if compute == torch.float32:
+                return nullcontext()
+            return torch.autocast(device.type, dtype=compute)
+
+        hidden, report = cache.build_or_load(
+            model, blocks, dtype_name(compute), forward_context, self.hparams.batch_size
+        )
+        self.cache_reports[split] = report
+        return FeatureDataset(blocks, hidden)
+
     def train_dataloader(self) -> DataLoader:
+        data = self.train_blocks
+        if self.hparams.feature_cache is not None:
+            data = self._features(self.train_blocks, "train")
         return DataLoader(
-            self.train_blocks,
+            data,
             batch_size=self.hparams.batch_size,
             shuffle=True,
             drop_last=True,
@@ -140,4 +176,10 @@ class TextDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_blocks, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        data = self.val_blocks
+        if self.hparams.feature_cache is not None:
+            limit = self.trainer.limit_val_batches
+            if isinstance(limit, int):  # cache only the blocks validation reads
+                data = data[: limit * self.hparams.batch_size]
+            data = self._features(data, "val")
+        return DataLoader(data, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

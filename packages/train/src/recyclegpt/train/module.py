@@ -14,8 +14,10 @@ from torchmetrics.text import Perplexity
 
 from recyclegpt.core import RecycleConfig, RecycleGPT, RecycleLosses, recycle_losses
 from recyclegpt.core.precision import cpu_capability, cpu_has_native_bf16
+from recyclegpt.core.losses import UnrolledLosses, unrolled_losses
 
 Regime = Literal["joint", "frozen_base"]
+ModuleInit = Literal["random", "base"]
 
 
 class RecycleLM(LightningModule):
@@ -33,6 +35,14 @@ class RecycleLM(LightningModule):
         schedule_by_time: with ``trainer.max_time`` set, the cosine decay follows whichever of the step
             count and the time budget is further along, so a run cut short by time on a slow machine
             still ends at the low learning rate instead of mid-schedule.
+        unroll_depth: frozen_base: train the module on this many chained draft steps, each reading
+            its own previous output state (EAGLE-3's training-time test); losses weighted depth_decay^(k-1).
+        distill: frozen_base: soft cross-entropy to the base's distribution instead of CE to x[t+1].
+        draft_vocab_size: the module scores only the N most frequent tokens of the training data.
+        module_init: ``base`` starts the module from the base (last layer copied, fc a pass-through of h).
+
+    In frozen_base with any of these (or with ``data.feature_cache``) the step computes the unrolled
+    losses of :func:`recyclegpt.core.losses.unrolled_losses` and logs loss, agreement and accuracy per depth.
     """
 
     def __init__(
@@ -50,12 +60,21 @@ class RecycleLM(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
         schedule_by_time: bool = True,
+        unroll_depth: int = 1,
+        depth_decay: float = 0.8,
+        distill: bool = False,
+        draft_vocab_size: int | None = None,
+        module_init: ModuleInit = "random",
     ) -> None:
         super().__init__()
         if regime == "frozen_base" and pretrained is None:
             raise ValueError("regime frozen_base needs model.pretrained (a model directory or .gguf file)")
         if regime == "joint" and pretrained is None and config is None:
             raise ValueError("regime joint from scratch needs model.config")
+        if unroll_depth < 1:
+            raise ValueError(f"unroll_depth must be >= 1, got {unroll_depth}")
+        if regime == "joint" and (unroll_depth > 1 or distill or draft_vocab_size or module_init != "random"):
+            raise ValueError("unroll_depth, distill, draft_vocab_size and module_init need regime frozen_base")
         self.save_hyperparameters(logger=False)
         if isinstance(config, dict):
             config = RecycleConfig.from_dict(config)
@@ -79,6 +98,10 @@ class RecycleLM(LightningModule):
         self.model = self.build_model()
         if self.frozen_base:
             self.model.freeze_base()
+            if self.hparams.module_init == "base":
+                self.model.init_module_from_base()
+            if self.hparams.draft_vocab_size is not None:
+                self.model.set_draft_vocab(self._frequent_tokens(datamodule, self.hparams.draft_vocab_size))
         vocab = self.model.config.vocab_size
         for stage in ("train", "val"):
             setattr(self, f"{stage}_perplexity", Perplexity())
@@ -86,6 +109,24 @@ class RecycleLM(LightningModule):
             setattr(self, f"{stage}_agreement", MulticlassAccuracy(vocab, average="micro", validate_args=False))
         if self.hparams.compile:
             self._losses = torch.compile(recycle_losses)
+
+    def _frequent_tokens(self, datamodule: Any, count: int) -> torch.Tensor:
+        """The ``count`` most frequent token ids of the training blocks (ties: lower id first)."""
+        blocks = getattr(datamodule, "train_blocks", None)
+        if blocks is None:
+            raise ValueError("draft_vocab_size needs the training data (a TextDataModule) to count tokens")
+        vocab = self.model.config.vocab_size
+        if count > vocab:
+            raise ValueError(f"draft_vocab_size {count} exceeds the vocabulary of {vocab}")
+        counts = torch.bincount(blocks.flatten(), minlength=vocab)
+        return torch.sort(counts, descending=True, stable=True).indices[:count]
+
+    @property
+    def unrolled(self) -> bool:
+        hp = self.hparams
+        return self.frozen_base and (
+            hp.unroll_depth > 1 or hp.distill or hp.draft_vocab_size is not None or hp.module_init != "random"
+        )
 
     def build_model(self) -> RecycleGPT:
         hp = self.hparams
@@ -116,8 +157,41 @@ class RecycleLM(LightningModule):
         return self
 
     # ------------------------------------------------------------------ steps
-    def _step(self, batch: torch.Tensor, stage: str) -> torch.Tensor:
+    def _unrolled_step(self, ids: torch.Tensor, hidden: torch.Tensor | None, stage: str) -> torch.Tensor:
+        """Frozen base, module unrolled over ``unroll_depth`` draft steps; metrics per depth."""
         hp = self.hparams
+        if hidden is None:
+            with torch.no_grad():
+                hidden = self.model.base_hidden(ids)
+        out: UnrolledLosses = unrolled_losses(
+            self.model,
+            ids,
+            hidden,
+            depth=hp.unroll_depth,
+            decay=hp.depth_decay,
+            distill=hp.distill,
+            feature_weight=hp.feature_weight,
+            full_vocab_agreement=stage == "val",
+        )
+        on_step = stage == "train"
+        log = {"on_step": on_step, "on_epoch": not on_step, "sync_dist": not on_step, "batch_size": ids.shape[0]}
+        self.log(f"{stage}/loss", out.loss, **log)
+        self.log(f"{stage}/rec_loss", out.depth_losses[0], prog_bar=True, **log)
+        self.log(f"{stage}/agreement", out.depth_agreement[0], prog_bar=True, **log)
+        for k, (loss, agree, acc) in enumerate(
+            zip(out.depth_losses, out.depth_agreement, out.depth_accuracy, strict=True), 1
+        ):
+            self.log(f"{stage}/loss_d{k}", loss, **log)
+            self.log(f"{stage}/agreement_d{k}", agree, **log)
+            self.log(f"{stage}/accuracy_d{k}", acc, **log)
+        return out.loss
+
+    def _step(self, batch: torch.Tensor | dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        hp = self.hparams
+        if isinstance(batch, dict):  # cached features of the frozen base
+            return self._unrolled_step(batch["input_ids"], batch["hidden"], stage)
+        if self.unrolled:
+            return self._unrolled_step(batch, None, stage)
         out: RecycleLosses = self._losses(self.model, batch, hp.rec_weight, hp.feature_weight, self.frozen_base)
         on_step = stage == "train"
         log = {"on_step": on_step, "on_epoch": not on_step, "sync_dist": not on_step, "batch_size": batch.shape[0]}

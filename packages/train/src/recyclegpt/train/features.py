@@ -1,0 +1,187 @@
+"""A disk cache of a frozen base's final hidden states, so module training never runs the base.
+
+The base reads every training token once; its states h [N, T, d] go to safetensors shards beside
+the token blocks they came from. The cache is keyed by everything that determines them: the base's
+weights, the token blocks (hence tokenizer, corpus and block size), the storage dtype and the
+compute precision. A cache whose key differs, or whose build did not finish, is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from recyclegpt.core import RecycleGPT
+from recyclegpt.core.precision import dtype_name
+
+MANIFEST = "manifest.json"
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    """sha256 over the bytes, shapes and dtypes of tensors (in order)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(flat.shape)}:{flat.dtype};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def base_digest(model: RecycleGPT) -> str:
+    """sha256 of the base's weights (the module's are irrelevant to its states)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("recycle.")}
+    return tensor_digest([state[k] for k in sorted(state)])
+
+
+def cache_key(model: RecycleGPT, blocks: torch.Tensor, storage: str, precision: str) -> dict[str, Any]:
+    return {
+        "base_sha256": base_digest(model),
+        "blocks_sha256": tensor_digest([blocks]),
+        "blocks_shape": list(blocks.shape),
+        "hidden_size": model.config.hidden_size,
+        "storage_dtype": storage,
+        "compute_precision": precision,
+    }
+
+
+@dataclass
+class CacheReport:
+    """What ``build_or_load`` did: whether it (re)built, why, and how long the base ran."""
+
+    built: bool
+    reason: str
+    seconds: float
+    tokens: int
+
+
+class FeatureCache:
+    """Hidden states of a frozen base over token blocks, in ``directory`` (one cache per directory)."""
+
+    def __init__(self, directory: str | Path, storage: str = "bf16", shard_blocks: int = 64) -> None:
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"feature storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
+        self.directory = Path(directory)
+        self.storage = storage
+        self.shard_blocks = shard_blocks
+
+    def _manifest(self) -> dict[str, Any] | None:
+        path = self.directory / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def mismatch(self, key: dict[str, Any]) -> str | None:
+        """Why the stored cache cannot be used for ``key`` (None: it can)."""
+        manifest = self._manifest()
+        if manifest is None:
+            return "no complete cache"
+        stored = manifest.get("key", {})
+        changed = sorted(name for name in set(key) | set(stored) if key.get(name) != stored.get(name))
+        if changed:
+            return "changed: " + ", ".join(changed)
+        missing = [s for s in manifest.get("shards", []) if not (self.directory / s).exists()]
+        return f"missing shards: {', '.join(missing)}" if missing else None
+
+    def build_or_load(
+        self,
+        model: RecycleGPT,
+        blocks: torch.Tensor,
+        precision: str = "fp32",
+        forward_context: Callable[[], AbstractContextManager] = nullcontext,
+        batch_size: int = 8,
+        log: Callable[[str], None] = print,
+    ) -> tuple[torch.Tensor, CacheReport]:
+        """The base's final states for ``blocks`` [N, T] -> [N, T, d] in the storage dtype."""
+        key = cache_key(model, blocks, self.storage, precision)
+        reason = self.mismatch(key)
+        if reason is None:
+            return self.load(blocks), CacheReport(False, "reused", 0.0, 0)
+        log(f"feature cache {self.directory}: building ({reason}); {blocks.numel()} tokens through the base")
+        seconds = self._build(model, blocks, key, forward_context, batch_size, log)
+        log(f"feature cache {self.directory}: {blocks.numel()} tokens in {seconds:.0f} s")
+        return self.load(blocks), CacheReport(True, reason, seconds, blocks.numel())
+
+    @torch.no_grad()
+    def _build(
+        self,
+        model: RecycleGPT,
+        blocks: torch.Tensor,
+        key: dict[str, Any],
+        forward_context: Callable[[], AbstractContextManager],
+        batch_size: int,
+        log: Callable[[str], None],
+    ) -> float:
+        """Run the base over every block into shards; the manifest (written last) marks it complete."""
+        start = time.perf_counter()
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True)
+        device = model.lm_head.weight.device
+        dtype = STORAGE_DTYPES[self.storage]
+        shards = []
+        was_training = model.training
+        model.eval()
+        try:
+            for index, first in enumerate(range(0, blocks.shape[0], self.shard_blocks)):
+                ids = blocks[first : first + self.shard_blocks]
+                states = []
+                for batch in ids.split(batch_size):
+                    with forward_context():
+                        states.append(model.base_hidden(batch.to(device)).to(dtype).cpu())
+                name = f"features-{index:05d}.safetensors"
+                save_file({"input_ids": ids.contiguous(), "hidden": torch.cat(states)}, str(self.directory / name))
+                shards.append(name)
+                log(f"feature cache: {first + ids.shape[0]}/{blocks.shape[0]} blocks")
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - start
+        manifest = {
+            "key": key,
+            "shards": shards,
+            "dtype": dtype_name(dtype),
+            "tokens": blocks.numel(),
+            "build_seconds": round(seconds, 1),
+        }
+        tmp = self.directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(self.directory / MANIFEST)  # the manifest is written last: its presence means complete
+        return seconds
+
+    def load(self, blocks: torch.Tensor) -> torch.Tensor:
+        manifest = self._manifest()
+        parts = [load_file(str(self.directory / name)) for name in manifest["shards"]]
+        ids = torch.cat([p["input_ids"] for p in parts])
+        if not torch.equal(ids, blocks):
+            raise RuntimeError(f"feature cache {self.directory} holds other token blocks than its key says")
+        return torch.cat([p["hidden"] for p in parts])
+
+
+class FeatureDataset(Dataset):
+    """Rows of (token block, the base's hidden states for it)."""
+
+    def __init__(self, blocks: torch.Tensor, hidden: torch.Tensor) -> None:
+        if blocks.shape != hidden.shape[:2]:
+            raise ValueError(f"blocks {tuple(blocks.shape)} and hidden {tuple(hidden.shape)} differ")
+        self.blocks = blocks
+        self.hidden = hidden
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "hidden": self.hidden[index]}

@@ -1,0 +1,336 @@
+"""``recyclegpt-recipe``: the whole frozen-base recipe in one command, inside a time budget.
+
+    recyclegpt-recipe --config configs/smollm2.yaml --minutes 30 [-- extra recyclegpt-train fit args]
+
+1. fetch/load the base (``model.pretrained``) and say which CPU class and precisions it runs;
+2. calibrate: time one base forward and two unrolled module steps, then size the corpus (the
+   feature cache gets ~``cache_share`` of the budget) and the optimizer steps (~``train_share``);
+3. ``recyclegpt-train fit`` with those sizes: features cached once, module trained over them, exported;
+4. ``recyclegpt-eval quality`` (agreement by chained draft depth) and ``recyclegpt-eval speed``
+   (tokens/s of every mode, accepted tokens per verification) on held-out text;
+5. the base's perplexity of alternating's text against standard's, and a markdown report with the
+   time each phase took (``OUT/report.md``, ``OUT/report.json``).
+
+Without ``../shared/data`` the config's TinyStories files are replaced by the embedded corpus
+(the Python standard library) and held-out stdlib text is evaluated instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from recyclegpt.core import RecycleGPT
+from recyclegpt.core.losses import unrolled_losses
+from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
+from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
+
+BYTES_PER_TOKEN = 4.0  # English prose through a 49k BPE (TinyStories + SmolLM2: ~4.1); only for sizing
+
+
+def _log(message: str) -> None:
+    print(f"[recipe] {message}", flush=True)
+
+
+def _autocast(dtype: torch.dtype) -> Any:
+    return nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
+
+
+@torch.no_grad()
+def base_tokens_per_second(model: RecycleGPT, block_size: int, compute: torch.dtype) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (4, block_size))
+    with _autocast(compute):
+        model.base_hidden(ids[:1, :32])
+        start = time.perf_counter()
+        model.base_hidden(ids)
+    return ids.numel() / (time.perf_counter() - start)
+
+
+def module_tokens_per_second(model: RecycleGPT, batch_size: int, block_size: int, depth: int) -> float:
+    """Unrolled module training (forward, backward, AdamW) over random features, fp32."""
+    probe = RecycleGPT(dataclasses.replace(model.config, num_layers=1))  # same module and head; base unused
+    if model.config.draft_vocab_size is not None:
+        probe.set_draft_vocab(torch.arange(model.config.draft_vocab_size))
+    probe.freeze_base()
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, block_size))
+    hidden = torch.randn(batch_size, block_size, model.config.hidden_size)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        unrolled_losses(probe, ids, hidden, depth=depth, distill=True).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return ids.numel() / min(times[1:])
+
+
+def _run(command: list[str]) -> float:
+    _log("$ " + " ".join(command))
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def continuation_perplexity(model: RecycleGPT, prompts: list[torch.Tensor], new_tokens: int) -> dict[str, float]:
+    """The base's perplexity of the text standard and alternating decoding wrote after each prompt,
+    and the fraction of alternating's tokens equal to standard's (greedy, EOS ignored)."""
+    nll = {"standard": 0.0, "alternating": 0.0}
+    count, same = 0, 0
+    for prompt in prompts:
+        outputs = {m: model.generate(prompt, new_tokens, decoding=m).sequences for m in nll}
+        for mode, sequence in outputs.items():
+            logits = model(sequence[:, :-1]).float()[:, prompt.shape[1] - 1 :]
+            targets = sequence[:, prompt.shape[1] :]
+            nll[mode] += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
+        count += new_tokens
+        same += int((outputs["standard"] == outputs["alternating"]).sum()) - prompt.shape[1]
+    return {
+        "standard_text_perplexity": math.exp(nll["standard"] / count),
+        "alternating_text_perplexity": math.exp(nll["alternating"] / count),
+        "alternating_identical_fraction": same / count,
+    }
+
+
+def expected_accepted(agreement_by_depth: dict[str, float]) -> dict[int, float]:
+    """Mean tokens per verification (accepted + 1) by draft length, from chained per-depth agreement."""
+    result, chain, total = {}, 1.0, 1.0
+    for depth in sorted(agreement_by_depth, key=int):
+        chain *= agreement_by_depth[depth]
+        total += chain
+        result[int(depth)] = total
+    return result
+
+
+def _plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float, module_tps: float) -> dict[str, int]:
+    data, trainer = config["data"], config["trainer"]
+    budget = args.minutes * 60
+    tokens = int(args.cache_share * budget * base_tps)
+    tokens = max(tokens, 20 * data["block_size"])
+    if args.max_tokens:
+        tokens = min(tokens, args.max_tokens)
+    train_tokens = args.train_share * budget * module_tps
+    steps = max(20, int(train_tokens / (data["batch_size"] * data["block_size"])))
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    return {
+        "corpus_tokens": tokens,
+        "max_corpus_bytes": int(tokens * BYTES_PER_TOKEN),
+        "max_steps": steps,
+        "val_check_interval": min(steps, trainer.get("val_check_interval") or steps),
+        "train_seconds": int(train_tokens / module_tps),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="recyclegpt-recipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/smollm2.yaml", help="a recyclegpt-train config (frozen_base)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole recipe")
+    parser.add_argument("--cache-share", type=float, default=0.25, help="share of the budget for the feature cache")
+    parser.add_argument("--train-share", type=float, default=0.45, help="share of the budget for module training")
+    parser.add_argument("--max-tokens", type=int, default=None, help="cap on the training corpus (tokens)")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on the optimizer steps")
+    parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts for speed and perplexity")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    parser.add_argument("--out", default=None, help="report directory (default: beside the exported model)")
+    parser.add_argument("fit_args", nargs="*", help="extra recyclegpt-train fit arguments (after --)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    try:
+        import recyclegpt.eval  # noqa: F401 - the recipe's report runs recyclegpt-eval
+    except ImportError:
+        sys.exit("recyclegpt-recipe: error: needs recyclegpt-eval (pip install -e packages/eval)")
+    config_path = Path(args.config)
+    if not config_path.exists():
+        sys.exit(f"recyclegpt-recipe: error: no config {config_path}")
+    config = yaml.safe_load(config_path.read_text())
+    model_cfg, data = config["model"], config["data"]
+    if model_cfg.get("regime") != "frozen_base":
+        sys.exit("recyclegpt-recipe: error: the recipe trains a module on a frozen base (model.regime frozen_base)")
+    export_dir = Path(config.get("export", {}).get("dirpath", "runs/model"))
+    out = Path(args.out) if args.out else export_dir.parent / "recipe"
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dtype = auto_dtype("cpu")
+    _log(f"hardware: {hardware_summary()}; feature cache computes in {dtype_name(cache_dtype)}, module trains in fp32")
+
+    # 1. fetch and load the base.
+    start = time.perf_counter()
+    model = RecycleGPT.from_pretrained(model_cfg["pretrained"], module_layers=model_cfg.get("module_layers", 1))
+    if model_cfg.get("draft_vocab_size"):
+        model.set_draft_vocab(torch.arange(model_cfg["draft_vocab_size"]))  # sizes only, for calibration
+    phases["fetch + load base"] = time.perf_counter() - start
+
+    # Data: the config's files, or the embedded corpus when they are missing.
+    overrides: list[str] = []
+    train_files = [str(f) for f in data.get("train_files") or []]
+    heldout = out / "heldout.txt"
+    if train_files and all(Path(f).exists() for f in train_files):
+        val_files = data.get("val_files") or []
+        heldout = Path(val_files[0]) if val_files else heldout
+        source = ", ".join(train_files)
+    else:
+        _log(f"{', '.join(train_files)} not found: training on the embedded corpus (Python standard library)")
+        overrides += [f"--data.train_files=[{STDLIB}]", "--data.val_files=null"]
+        source = "stdlib"
+
+    # 2. calibrate and plan.
+    start = time.perf_counter()
+    depth = int(model_cfg.get("unroll_depth", 1))
+    base_tps = base_tokens_per_second(model, data["block_size"], cache_dtype)
+    module_tps = module_tokens_per_second(model, data["batch_size"], data["block_size"], depth) / 1.15
+    plan = _plan(config, args, base_tps, module_tps)
+    phases["calibrate"] = time.perf_counter() - start
+    _log(
+        f"base {base_tps:.0f} tok/s ({dtype_name(cache_dtype)}), module training {module_tps:.0f} tok/s at depth "
+        f"{depth}: corpus {plan['corpus_tokens']} tokens, {plan['max_steps']} steps (~{plan['train_seconds']} s)"
+    )
+    if source == "stdlib":
+        heldout.write_text(stdlib_heldout_text(plan["max_corpus_bytes"], 200_000), encoding="utf-8")
+    del model
+
+    # 3. train (features cached once, then the module over them) and export.
+    fit = [
+        sys.executable,
+        "-m",
+        "recyclegpt.train.cli",
+        "fit",
+        f"--config={config_path}",
+        "--trainer.precision=32-true",
+        f"--trainer.max_steps={plan['max_steps']}",
+        f"--trainer.val_check_interval={plan['val_check_interval']}",
+        "--trainer.check_val_every_n_epoch=null",  # validation counted in steps across the many epochs
+        f"--data.max_corpus_bytes={plan['max_corpus_bytes']}",
+        *overrides,
+        *args.fit_args,
+    ]
+    phases["fit (cache + train + export)"] = _run(fit)
+    cache_dir = data.get("feature_cache")
+    for split in ("train", "val"):
+        manifest = Path(cache_dir or "", split, "manifest.json")
+        if cache_dir and manifest.exists():
+            phases[f"  of which feature cache ({split})"] = json.loads(manifest.read_text()).get("build_seconds", 0)
+
+    # 4. evaluate on held-out text.
+    eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
+    dtype = "bf16" if cache_dtype == torch.bfloat16 else "fp32"
+    max_depth = max(depth + 2, 5)
+    phases["eval quality"] = _run(
+        [*eval_cli, "quality", "--model", str(export_dir), "--data", str(heldout), "--max-tokens", "1536"]
+        + ["--max-depth", str(max_depth), "--num-prompts", str(args.eval_prompts), "--dtype", dtype]
+        + ["--max-new-tokens", str(args.new_tokens), "--json", str(out / "quality.json")]
+    )
+    phases["eval speed"] = _run(
+        [*eval_cli, "speed", "--model", str(export_dir), "--data", str(heldout), "--repeats", "1"]
+        + ["--num-prompts", str(args.eval_prompts), "--max-new-tokens", str(args.new_tokens), "--dtype", dtype]
+        + ["--json", str(out / "speed.json")]
+    )
+
+    # 5. alternating's cost in quality, and the report.
+    start = time.perf_counter()
+    from recyclegpt.eval.data import load_model, prompts_from_ids, read_text, tokenize
+
+    net = load_model(str(export_dir), dtype)
+    ids = tokenize(net.tokenizer, read_text(str(heldout)), net.config.vocab_size)
+    prompts = prompts_from_ids(ids, args.eval_prompts, 32)
+    alternating = continuation_perplexity(net, prompts, args.new_tokens)
+    phases["alternating text perplexity"] = time.perf_counter() - start
+    phases["total"] = time.perf_counter() - started
+    quality = json.loads((out / "quality.json").read_text())
+    speed = json.loads((out / "speed.json").read_text())
+    report = {
+        "hardware": hardware_summary(),
+        "data": source,
+        "heldout": str(heldout),
+        "plan": plan,
+        "phases_s": phases,
+        "quality": quality,
+        "speed": speed,
+        "alternating": alternating,
+        "model": str(export_dir.resolve()),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render(report, model_cfg)
+    (out / "report.md").write_text(markdown)
+    print(markdown, flush=True)
+    _log(f"model: {export_dir.resolve()}  report: {(out / 'report.md').resolve()}")
+
+
+def _find(tree: Any, key: str) -> Any:
+    """The first value of ``key`` anywhere in a nested JSON tree."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
+    """The report as markdown tables."""
+    agreement = _find(report["quality"], "agreement_by_depth") or {}
+    expected = expected_accepted(agreement)
+    speed = report["speed"]
+    lines = [
+        f"## SmolLM2 recipe: {report['hardware']}",
+        "",
+        f"Module: {model_cfg.get('module_layers', 1)} layer, unroll depth {model_cfg.get('unroll_depth', 1)}, "
+        f"distill={model_cfg.get('distill', False)}, draft vocabulary {model_cfg.get('draft_vocab_size')}, "
+        f"init {model_cfg.get('module_init', 'random')}; data {report['data']}; "
+        f"{report['plan']['corpus_tokens']} corpus tokens, {report['plan']['max_steps']} steps.",
+        "",
+        "| draft depth | " + " | ".join(sorted(agreement, key=int)) + " |",
+        "|---|" + "---|" * len(agreement),
+        "| agreement (chained, held-out) | "
+        + " | ".join(f"{agreement[k]:.3f}" for k in sorted(agreement, key=int))
+        + " |",
+        "| expected tokens/verify at draft length | "
+        + " | ".join(f"{expected[int(k)]:.2f}" for k in sorted(agreement, key=int))
+        + " |",
+        "",
+        "| mode | tokens/s | speedup | tokens per verify | identical to standard |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("transformers", "standard", "alternating"):
+        entry = speed.get(name, {})
+        lines.append(
+            f"| {name} | {entry.get('tokens_per_s', 0):.1f} | {entry.get('speedup', 0):.2f}x | "
+            f"| {entry.get('identical_to_standard')} |"
+        )
+    for length, entry in sorted(
+        speed.get("speculative", {}).get("by_draft_length", {}).items(), key=lambda x: int(x[0])
+    ):
+        lines.append(
+            f"| speculative@{length} | {entry['tokens_per_s']:.1f} | {entry['speedup']:.2f}x | "
+            f"{entry.get('accepted_per_verify', 0) + 1:.2f} | {entry['identical_to_standard']} |"
+        )
+    alt = report["alternating"]
+    lines += [
+        "",
+        f"Alternating: {alt['alternating_identical_fraction']:.1%} of its tokens equal standard's; the base's "
+        f"perplexity of its text {alt['alternating_text_perplexity']:.2f} vs standard's {alt['standard_text_perplexity']:.2f}.",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *(f"| {name} | {seconds:.0f} |" for name, seconds in report["phases_s"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

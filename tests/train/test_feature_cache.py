@@ -1,0 +1,126 @@
+"""The frozen base's feature cache, and frozen-base training over it (unrolled, distilled, draft vocabulary)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from recyclegpt.core import RecycleConfig, RecycleGPT
+from recyclegpt.train.features import FeatureCache
+
+from .test_frozen_base import pretrained_model
+
+
+def _tiny_model(seed: int = 0) -> RecycleGPT:
+    torch.manual_seed(seed)
+    return RecycleGPT(RecycleConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=32)).eval()
+
+
+def _blocks(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 50, (10, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cache_stores_the_base_states_and_is_reused(tmp_path: Path) -> None:
+    model, blocks = _tiny_model(), _blocks()
+    cache = FeatureCache(tmp_path / "cache", storage="fp32", shard_blocks=4)
+    hidden, report = cache.build_or_load(model, blocks, log=lambda _: None)
+    assert report.built and report.tokens == blocks.numel()
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, model.base_hidden(blocks))
+    again, report = FeatureCache(tmp_path / "cache", storage="fp32").build_or_load(model, blocks, log=lambda _: None)
+    assert not report.built and report.reason == "reused"
+    assert torch.equal(again, hidden)
+
+
+def test_cache_that_does_not_match_is_rebuilt(tmp_path: Path) -> None:
+    model, blocks = _tiny_model(), _blocks()
+    cache = FeatureCache(tmp_path / "cache", storage="bf16")
+    cache.build_or_load(model, blocks, log=lambda _: None)
+
+    other_base = _tiny_model(seed=1)  # other base weights
+    hidden, report = cache.build_or_load(other_base, blocks, log=lambda _: None)
+    assert report.built and "base_sha256" in report.reason
+    with torch.no_grad():
+        torch.testing.assert_close(hidden.float(), other_base.base_hidden(blocks).bfloat16().float())
+
+    hidden, report = cache.build_or_load(other_base, _blocks(seed=3), log=lambda _: None)  # other corpus
+    assert report.built and "blocks_sha256" in report.reason
+
+    _, report = FeatureCache(tmp_path / "cache", storage="fp32").build_or_load(other_base, _blocks(3), log=print)
+    assert report.built and "storage_dtype" in report.reason
+
+    (tmp_path / "cache" / "manifest.json").unlink()  # an interrupted build leaves no manifest
+    _, report = FeatureCache(tmp_path / "cache", storage="fp32").build_or_load(other_base, _blocks(3), log=print)
+    assert report.built and report.reason == "no complete cache"
+
+    # A module change does not touch the base's states: the cache stays valid.
+    with torch.no_grad():
+        other_base.recycle.fc.weight.add_(1.0)
+    _, report = FeatureCache(tmp_path / "cache", storage="fp32").build_or_load(other_base, _blocks(3), log=print)
+    assert not report.built
+
+
+def _metrics(workdir: Path) -> list[dict[str, str]]:
+    files = sorted(workdir.glob("runs/logs/**/metrics.csv"))
+    assert files, "no metrics.csv"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_frozen_base_trains_over_cached_features_unrolled_distilled_with_a_draft_vocab(workdir, run_train, exported):
+    source = pretrained_model(workdir / "pretrained")
+    args = [
+        "--model.regime=frozen_base",
+        f"--model.pretrained={source}",
+        "--model.unroll_depth=3",
+        "--model.distill=true",
+        "--model.draft_vocab_size=64",
+        "--model.module_init=base",
+        "--data.feature_cache=runs/features",
+        "--trainer.max_steps=6",
+        "--trainer.val_check_interval=3",
+    ]
+    result = run_train(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "feature cache" in result.stdout and "building" in result.stdout
+    before, after = load_file(source / "model.safetensors"), load_file(exported(result.stdout) / "model.safetensors")
+    for key in before:
+        if not key.startswith("recycle."):
+            assert torch.equal(before[key], after[key]), f"base weight {key} changed"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("recycle."))
+    model = RecycleGPT.from_pretrained(str(exported(result.stdout)))
+    assert model.config.draft_vocab_size == 64 and int(model.recycle.t2d.sum()) == 64
+    rows = _metrics(workdir)
+    columns = set(rows[0])
+    for k in (1, 2, 3):
+        assert {f"train/loss_d{k}", f"val/loss_d{k}", f"val/agreement_d{k}"} <= columns
+    assert any(row.get("val/agreement_d3") for row in rows)
+
+    # A second run with the same base and corpus reuses the cache (the base does not run again).
+    again = run_train(workdir, *args, "--trainer.max_steps=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "building" not in again.stdout
+
+
+def test_resume_over_cached_features_continues_the_step_count(workdir, run_train):
+    source = pretrained_model(workdir / "pretrained")
+    args = [
+        "--model.regime=frozen_base",
+        f"--model.pretrained={source}",
+        "--model.unroll_depth=2",
+        "--model.draft_vocab_size=40",
+        "--data.feature_cache=runs/features",
+    ]
+    first = run_train(workdir, *args, "--trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = torch.load(workdir / "runs/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 4
+    resumed = run_train(workdir, *args, "--trainer.max_steps=8", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    checkpoint = torch.load(workdir / "runs/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 8
+    assert checkpoint["state_dict"]["model.recycle.d2t"].numel() == 40
