@@ -9,6 +9,7 @@ Shapes: B batch, T new tokens, L cached + new tokens, d hidden size, V vocabular
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -335,15 +336,25 @@ class RecycleGPT(nn.Module):
             return weight
         if weight.requires_grad and torch.is_grad_enabled():
             return weight[self.draft_ids]
-        key = (weight.data_ptr(), weight._version, weight.dtype, self.recycle.d2t.data_ptr(), self.recycle.d2t._version)
-        cached = getattr(self, "_draft_weight", None)
+        return self._cached_draft_rows(lambda: weight.detach()[self.draft_ids].contiguous())
+
+    def _cached_draft_rows(self, build: Callable[[], Any]) -> Any:
+        """``build()`` (the head's draft rows), rebuilt only when the head or the tables change."""
+        weight, d2t = self.lm_head.weight, self.recycle.d2t
+        key = (weight.data_ptr(), weight._version, weight.dtype, d2t.data_ptr(), d2t._version)
+        cached = getattr(self, "_draft_rows", None)
         if cached is None or cached[0] != key:
-            cached = (key, weight.detach()[self.draft_ids].contiguous())
-            self._draft_weight = cached
+            cached = (key, build())
+            self._draft_rows = cached
         return cached[1]
 
     def draft_head_logits(self, module_state: torch.Tensor) -> torch.Tensor:
         """Module logits over the draft vocabulary [..., N] (the full vocabulary when there is none)."""
+        if self.config.draft_vocab_size is None:
+            return self.lm_head(module_state)
+        select_rows = getattr(self.lm_head, "select_rows", None)
+        if select_rows is not None:  # a quantized head (core.quantize.Int8Linear) keeps its own format
+            return self._cached_draft_rows(lambda: select_rows(self.draft_ids))(module_state)
         return F.linear(module_state, self.draft_head_weight())
 
     def draft_logits(self, module_state: torch.Tensor) -> torch.Tensor:

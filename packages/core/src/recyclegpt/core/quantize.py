@@ -72,6 +72,15 @@ class Int8Linear(nn.Module):
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
+    def select_rows(self, ids: torch.Tensor) -> Int8Linear:
+        """An Int8Linear over output rows ``ids`` only (a reduced draft vocabulary's head)."""
+        rows = Int8Linear(self.in_features, ids.numel(), bias=self.bias is not None)
+        rows.weight = self.weight[ids].contiguous()
+        rows.scales = self.scales[ids].contiguous()
+        if self.bias is not None:
+            rows.bias = self.bias[ids].contiguous()
+        return rows
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 

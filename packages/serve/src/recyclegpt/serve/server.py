@@ -43,7 +43,13 @@ def build_server(options: ServeOptions) -> ls.LitServer:
         model_path=options.model,
     )
     api = RecycleGPTAPI(
-        options.model, options.dtype, spec, options.cpu_threads, options.max_batch_size, options.max_kv_mb, options.quantize
+        options.model,
+        options.dtype,
+        spec,
+        options.cpu_threads,
+        options.max_batch_size,
+        options.max_kv_mb,
+        options.quantize,
     )
     middlewares = [(BearerAuthMiddleware, {"api_key": options.api_key})] if options.api_key else []
     return ls.LitServer(

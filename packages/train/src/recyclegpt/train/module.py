@@ -13,8 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from recyclegpt.core import RecycleConfig, RecycleGPT, RecycleLosses, recycle_losses
-from recyclegpt.core.precision import cpu_capability, cpu_has_native_bf16
 from recyclegpt.core.losses import UnrolledLosses, unrolled_losses
+from recyclegpt.core.precision import cpu_capability, cpu_has_native_bf16
 
 Regime = Literal["joint", "frozen_base"]
 ModuleInit = Literal["random", "base"]
