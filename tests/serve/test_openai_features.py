@@ -180,7 +180,7 @@ def test_metrics_move_with_traffic(server, client):
         prompt="The robot",
         max_tokens=10,
         temperature=0,
-        extra_body={"decoding": "speculative"},
+        extra_body={"decoding": "speculative", "draft_policy": "fixed"},  # an untrained module: make it draft
     )
     httpx.post(f"{server.url}/v1/completions", json={"prompt": ""}, headers=server.headers, timeout=10)
     after = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=10)

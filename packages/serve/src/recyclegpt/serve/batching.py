@@ -156,6 +156,7 @@ class Scheduler:
                 completion.max_new,
                 decoding="speculative",
                 draft_length=job.draft_length,
+                draft_policy=job.draft_policy,
                 **sampling,
             )
             self.running[uid] = Running(uid, completion, route, "speculative")

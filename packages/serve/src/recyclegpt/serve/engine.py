@@ -32,6 +32,7 @@ class Job:
     seed: int | None = None
     decoding: str = "standard"
     draft_length: int = 4
+    draft_policy: str = "adaptive"  # speculative: adaptive (step-cost-aware) or fixed draft_length
     stream: bool = False  # send the text as it is generated
     echo: bool = False  # the answer starts with the prompt (and its logprobs)
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely there
@@ -116,6 +117,7 @@ class Engine:
                 completion.max_new,
                 decoding=job.decoding,
                 draft_length=job.draft_length,
+                draft_policy=job.draft_policy,
                 temperature=job.temperature,
                 top_p=job.top_p,
                 eos_token_id=self.eos_id,

@@ -68,6 +68,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     decoding: str | None = None
     draft_length: int | None = Field(None, ge=1, le=MAX_DRAFT_LENGTH)
+    draft_policy: Literal["adaptive", "fixed"] | None = None  # speculative: how far to draft (core.speculation)
 
     @field_validator("decoding")
     @classmethod

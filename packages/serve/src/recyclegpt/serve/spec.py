@@ -218,6 +218,7 @@ class OpenAIEndpoints(LitSpec):
             stop=request.stop or [],
             decoding=request.decoding or self.decoding,
             draft_length=request.draft_length or self.draft_length,
+            draft_policy=request.draft_policy or "adaptive",
             stream=request.stream,
             arrival=arrival,
         )
