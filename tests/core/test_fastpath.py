@@ -125,8 +125,8 @@ def test_planner_follows_step_costs() -> None:
         planner.acceptance, planner.observed, planner.probe_interval = [0.6] * 5, [1] * 5, 64
     assert cheap.plan(5) > dear.plan(5)
     assert dear.plan(5) == 0  # 1.6 tokens for 2.4 steps' time does not pay
-    assert cheap.keep_drafting(1, chain_prob=0.9) and not cheap.keep_drafting(1, chain_prob=0.01)
-    assert dear.worth_verifying(1, chain_prob=0.95) and not dear.worth_verifying(1, chain_prob=0.5)
+    assert cheap.keep_drafting(1) and not dear.keep_drafting(1)
+    assert DraftPlanner.confident(0.3) and not DraftPlanner.confident(0.001)
 
 
 def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:

@@ -86,3 +86,23 @@ def test_bf16_speed_gate_checks_losslessness_in_fp32(tiny_model_dir, heldout_tex
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["speculative"]["identical_to_standard_fp32"] is True
     assert code == (0 if result["speculative"]["identical_up_to_ties"] else 1)
+
+
+def test_int8_speed_reports_adaptive_speculative_and_stays_lossless(tiny_model_dir, heldout_text, tmp_path):
+    from recyclegpt.eval.cli import main
+
+    argv = ["speed", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "int8"]
+    fast = ["--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "6", "--repeats", "1"]
+    assert main([*argv, *fast, "--json", str(tmp_path / "s.json")]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["quantize"] == "int8"
+    adaptive = result["speculative"]["adaptive"]
+    assert adaptive["identical_to_standard"] and adaptive["vs_best_fixed"] > 0
+    assert "speculative adaptive" in (tmp_path / "s.md").read_text()
+
+
+def test_unknown_quantize_is_a_one_line_error(tiny_model_dir, heldout_text, capsys):
+    from recyclegpt.eval.cli import main
+
+    code = main(["quality", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "int4"])
+    assert code == 2 and "int4" in capsys.readouterr().err

@@ -305,22 +305,20 @@ def _speculative(
                 prev = torch.cat((torch.zeros_like(prev[:, :1]), prev), dim=1)
             module_state = state.module_step(prev, module_done, pending + 1 - module_done)[:, -1:]
             module_done = pending + 1
-            chain_prob = 1.0  # the module's probability of its whole draft so far
             for step in range(depth):
                 logits = model.draft_logits(module_state[:, -1])
                 probs = None if greedy else token_probs(logits, params)
                 token = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
                 if planner is not None:
                     confidence = probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1)
-                    chain_prob *= float(confidence)
-                    if not planner.worth_verifying(step + 1, chain_prob):
+                    if not planner.confident(float(confidence)):
                         dropped = True
                         break
                 draft_tokens.append(token)
                 if probs is not None:
                     draft_probs.append(probs)
                 state.tokens[:, pending + 1 + step] = token
-                if step + 1 >= depth or (planner is not None and not planner.keep_drafting(step + 1, chain_prob)):
+                if step + 1 >= depth or (planner is not None and not planner.keep_drafting(step + 1)):
                     break
                 module_state = state.module_step(module_state, pending + 1 + step, 1)
             out.drafted_tokens += len(draft_tokens)

@@ -4,8 +4,9 @@ A cycle that drafts d tokens costs one (d+1)-token full-model step plus d module
 1 + a1 + a1*a2 + ... + a1*...*ad tokens on average, where a_j is the chance that draft j is
 accepted once drafts 1..j-1 were. :class:`DraftPlanner` keeps an exponential moving average of
 each a_j, measures the step costs once per model, dtype, device and thread count, and picks the
-d (0 = a plain standard step) with the most tokens per millisecond. While drafting it stops as soon
-as the module's own confidence says the next draft is not worth its cost. When drafting does not
+d (0 = a plain standard step) with the most tokens per millisecond. While drafting it stops when
+the next draft no longer pays for its step or the module's probability of its draft falls below
+``CONFIDENCE_FLOOR``. When drafting does not
 pay it probes with one draft at exponentially growing intervals, so a module that starts agreeing
 is noticed again. ``draft_length`` stays the upper bound. Costs are cached on the model;
 acceptance is learned afresh in each generate call, so a seeded call always repeats itself. None of this changes the output: greedy
@@ -24,6 +25,7 @@ from recyclegpt.core.profiling import measure_step_costs
 DRAFT_POLICIES = ("adaptive", "fixed")
 MAX_PROBE_INTERVAL = 64
 COST_PROMPT_LENGTH = 32
+CONFIDENCE_FLOOR = 0.05  # a draft whose module probability is below this is not verified
 
 
 @dataclass
@@ -94,20 +96,27 @@ class DraftPlanner:
             return 1  # a probe: has the module started agreeing?
         return 0
 
-    def keep_drafting(self, depth: int, chain_prob: float) -> bool:
-        """After ``depth`` drafts whose module probabilities multiply to ``chain_prob``: is draft
-        ``depth + 1`` worth a module step and a wider verification?"""
+    def chain_acceptance(self, depth: int) -> float:
+        """Estimated chance that drafts 1..depth are all accepted."""
+        chain = 1.0
+        for j in range(1, depth + 1):
+            chain *= self._a(j)
+        return chain
+
+    def keep_drafting(self, depth: int) -> bool:
+        """After ``depth`` drafts: is draft ``depth + 1`` worth a module step and a wider verification?"""
         if depth >= self.max_depth:
             return False
-        expected_gain = chain_prob * self._a(depth + 1) * self.costs.base_ms[1]
+        expected_gain = self.chain_acceptance(depth + 1) * self.costs.base_ms[1]
         extra_cost = self.costs.module_ms + self.costs.base_ms[depth + 2] - self.costs.base_ms[depth + 1]
         return expected_gain > extra_cost
 
-    def worth_verifying(self, depth: int, chain_prob: float) -> bool:
-        """Is draft ``depth`` (already drafted, module probabilities multiplying to ``chain_prob``)
-        worth widening the verification step by one token?"""
-        extra_cost = self.costs.base_ms[depth + 1] - self.costs.base_ms[depth]
-        return chain_prob * self.costs.base_ms[1] > extra_cost
+    @staticmethod
+    def confident(probability: float) -> bool:
+        """Is a draft the module gave ``probability`` worth verifying at all? (Greedy acceptance is
+        an argmax match, which a weakly trained module often gets right with a flat distribution, so
+        only a near-uniform guess is dropped.)"""
+        return probability >= CONFIDENCE_FLOOR
 
     def observe(self, proposed: int, accepted: int, dropped: bool) -> None:
         """Update the averages after a verification of ``proposed`` drafts, ``accepted`` of them
