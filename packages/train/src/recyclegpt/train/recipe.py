@@ -125,9 +125,12 @@ def _plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float, mod
     steps = max(20, int(train_tokens / (data["batch_size"] * data["block_size"])))
     if args.max_steps:
         steps = min(steps, args.max_steps)
+    steps = args.steps or steps
+    if args.corpus_bytes:
+        tokens = int(args.corpus_bytes / BYTES_PER_TOKEN)
     return {
         "corpus_tokens": tokens,
-        "max_corpus_bytes": int(tokens * BYTES_PER_TOKEN),
+        "max_corpus_bytes": args.corpus_bytes or int(tokens * BYTES_PER_TOKEN),
         "max_steps": steps,
         "val_check_interval": min(steps, trainer.get("val_check_interval") or steps),
         "train_seconds": int(train_tokens / module_tps),
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-share", type=float, default=0.45, help="share of the budget for module training")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on the training corpus (tokens)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on the optimizer steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of the calibrated plan)")
+    parser.add_argument("--corpus-bytes", type=int, default=None, help="training text read (instead of the plan)")
     parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts for speed and perplexity")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--out", default=None, help="report directory (default: beside the exported model)")
@@ -218,10 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     ]
     phases["fit (cache + train + export)"] = _run(fit)
     cache_dir = data.get("feature_cache")
+    for arg in args.fit_args:
+        if arg.startswith("--data.feature_cache="):
+            cache_dir = arg.split("=", 1)[1]
     for split in ("train", "val"):
         manifest = Path(cache_dir or "", split, "manifest.json")
         if cache_dir and manifest.exists():
-            phases[f"  of which feature cache ({split})"] = json.loads(manifest.read_text()).get("build_seconds", 0)
+            stored = json.loads(manifest.read_text())
+            phases[f"  of which feature cache ({split})"] = stored.get("build_seconds", 0)
+            plan[f"{split}_tokens_cached"] = stored.get("tokens", 0)
 
     # 4. evaluate on held-out text.
     eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
