@@ -124,3 +124,5 @@ def test_resume_over_cached_features_continues_the_step_count(workdir, run_train
     checkpoint = torch.load(workdir / "runs/checkpoints/last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["global_step"] == 8
     assert checkpoint["state_dict"]["model.recycle.d2t"].numel() == 40
+    # The frozen base is reloaded from `pretrained`: checkpoints carry the module only.
+    assert all(key.startswith("model.recycle.") for key in checkpoint["state_dict"])

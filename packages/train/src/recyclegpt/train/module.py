@@ -76,6 +76,7 @@ class RecycleLM(LightningModule):
         if regime == "joint" and (unroll_depth > 1 or distill or draft_vocab_size or module_init != "random"):
             raise ValueError("unroll_depth, distill, draft_vocab_size and module_init need regime frozen_base")
         self.save_hyperparameters(logger=False)
+        self.strict_loading = regime != "frozen_base"  # frozen-base checkpoints hold the module only
         if isinstance(config, dict):
             config = RecycleConfig.from_dict(config)
         self.config = config
@@ -266,3 +267,8 @@ class RecycleLM(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["recycle_config"] = self.model.config.to_dict()
+        if self.frozen_base:
+            # The frozen base comes back from `pretrained` on resume; a checkpoint keeps only the module
+            # (a SmolLM2 base would add 540 MB to every timed checkpoint).
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith("model.recycle.")}
