@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from recyclegpt.core import precision
+from recyclegpt.core import RecycleConfig, precision
+
+
+def tiny_config(tokenizer: Any, **overrides: Any) -> RecycleConfig:
+    """The tests' tiny RecycleGPT for a tokenizer: 2 layers of width 32, 4 heads (2 KV), context 128."""
+    shape: dict[str, Any] = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128)
+    return RecycleConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **{**shape, **overrides})
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from recyclegpt.core import RecycleConfig, RecycleGPT, recycle_losses
+from recyclegpt.core import RecycleGPT, recycle_losses
+
+from ..conftest import tiny_config
 
 SUBJECTS = ["the old fisherman", "a small robot", "the queen", "my neighbour", "the tired student", "a grey cat"]
 VERBS = ["repaired", "painted", "carried", "forgot", "discovered", "sold", "watched"]
@@ -64,16 +66,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = make_text(120, seed=0)
     tokenizer = train_tokenizer(text)
     torch.manual_seed(0)
-    config = RecycleConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=128,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = RecycleGPT(config)
+    model = RecycleGPT(tiny_config(tokenizer))
     fit_briefly(model, torch.tensor(tokenizer(text)["input_ids"]))
     path = tmp_path_factory.mktemp("models") / "tiny"
     model.save_pretrained(str(path), tokenizer=tokenizer)

@@ -1,4 +1,4 @@
-"""A tiny random RecycleGPT with a tiny byte-level BPE tokenizer, and a real recyclegpt-serve process."""
+"""A tiny random RecycleGPT with a tiny byte-level BPE tokenizer, and a real recyclegpt-serve process (with its openai client)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from openai import OpenAI
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from recyclegpt.core import RecycleConfig, RecycleGPT
+from recyclegpt.core import RecycleGPT
+
+from ..conftest import tiny_config
 
 TEXT = """
 The little robot walked to the market and bought three red apples. It counted them twice,
@@ -46,15 +49,7 @@ def build_model_dir(path: Path, max_seq_len: int = 128, hidden_size: int = 32, n
     """Save a tiny random RecycleGPT with its tokenizer (no chat template) into ``path``."""
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = RecycleConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=max_seq_len,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = tiny_config(tokenizer, max_seq_len=max_seq_len, hidden_size=hidden_size, num_layers=num_layers)
     RecycleGPT(config).save_pretrained(str(path), tokenizer=tokenizer)
     return path
 
@@ -66,7 +61,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """recyclegpt-serve in its own process group, stopped with SIGINT (then SIGKILL) at the end."""
+    """recyclegpt-serve in its own process group, stopped with SIGINT (then SIGKILL) at the end.
+
+    ``with ServerProcess(args) as server:`` waits until it is ready and stops it when the block ends.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, api_key: str | None = None) -> None:
         self.port = free_port()
@@ -80,6 +78,23 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+        )
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def openai_client(self, api_key: str | None = None, timeout: float = 60) -> OpenAI:
+        """The official openai client for this server (with its API key unless another is given)."""
+        return OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "none", max_retries=0, timeout=timeout
         )
 
     @property
@@ -113,3 +128,9 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("serve") / "tiny-recyclegpt")
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> OpenAI:
+    """The official openai client of the test module's ``server``."""
+    return server.openai_client()

@@ -17,7 +17,7 @@ MODES = ("standard", "alternating", "speculative")
 def server(tmp_path_factory):
     # Slow enough (d=256) that requests sent together overlap in the worker.
     model = build_model_dir(tmp_path_factory.mktemp("batch") / "batchy", max_seq_len=256, hidden_size=256, num_layers=4)
-    process = ServerProcess(
+    with ServerProcess(
         [
             "--model",
             str(model),
@@ -30,12 +30,8 @@ def server(tmp_path_factory):
             "--decoding",
             "standard",
         ]
-    )
-    try:
-        process.wait_ready()
+    ) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def complete(server, i: int, max_tokens: int = 24) -> dict:

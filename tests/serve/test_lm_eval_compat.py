@@ -75,9 +75,7 @@ def write_tasks(directory: Path) -> None:
 
 def test_local_completions_generate_and_rolling_tasks_finish_with_scores(tiny_model_dir, tmp_path):
     write_tasks(tmp_path)
-    server = ServerProcess(["--model", str(tiny_model_dir), "--dtype", "fp32", "--cpu-threads", "1"])
-    try:
-        server.wait_ready()
+    with ServerProcess(["--model", str(tiny_model_dir), "--dtype", "fp32", "--cpu-threads", "1"]) as server:
         model_args = (
             f"model={tiny_model_dir.name},base_url={server.url}/v1/completions,max_length=128,"
             "num_concurrent=2,max_retries=1"
@@ -91,8 +89,6 @@ def test_local_completions_generate_and_rolling_tasks_finish_with_scores(tiny_mo
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    finally:
-        server.stop()
     (report,) = results.rglob("results_*.json")
     scores = json.loads(report.read_text())["results"]
     assert 0.0 <= scores["recycle_generate"]["exact_match,none"] <= 1.0

@@ -8,7 +8,6 @@ import math
 import httpx
 import pytest
 import torch
-from openai import OpenAI
 
 from recyclegpt.core import RecycleGPT
 
@@ -20,21 +19,12 @@ MODES = ("standard", "alternating", "speculative")
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    process = ServerProcess(
+    with ServerProcess(
         ["--model", str(tiny_model_dir), "--dtype", "fp32", "--cpu-threads", "1", "--max-tokens-limit", "64"],
         api_key=API_KEY,
         env={"RECYCLEGPT_API_KEY": API_KEY},
-    )
-    try:
-        process.wait_ready()
+    ) as process:
         yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")

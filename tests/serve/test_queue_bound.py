@@ -14,14 +14,10 @@ from .conftest import ServerProcess, build_model_dir
 def slow_server(tmp_path_factory):
     # A model big enough that one 400-token request outlasts the arrival of the other clients.
     model = build_model_dir(tmp_path_factory.mktemp("bound") / "slower", max_seq_len=512, hidden_size=256, num_layers=4)
-    process = ServerProcess(
+    with ServerProcess(
         ["--model", str(model), "--dtype", "fp32", "--cpu-threads", "1", "--max-queue", "2", "--decoding", "standard"]
-    )
-    try:
-        process.wait_ready()
+    ) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_overflow_is_refused_with_503_and_the_server_stays_up(slow_server):

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from openai import OpenAI
 
 from .conftest import ServerProcess
 
@@ -18,7 +17,7 @@ MODES = ("standard", "alternating", "speculative")
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    process = ServerProcess(
+    with ServerProcess(
         [
             "--model",
             str(tiny_model_dir),
@@ -37,17 +36,8 @@ def server(tiny_model_dir):
         ],
         env={"RECYCLEGPT_API_KEY": API_KEY},  # the key from the environment; --api-key works alike
         api_key=API_KEY,
-    )
-    try:
-        process.wait_ready()
+    ) as process:
         yield process
-    finally:
-        process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def post(server, path: str, body, **kwargs) -> httpx.Response:
@@ -252,7 +242,7 @@ def test_health_is_open_without_the_key(server):
 
 
 def test_wrong_key_with_openai_client(server):
-    bad = OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0, timeout=10)
+    bad = server.openai_client(api_key="nope", timeout=10)
     with pytest.raises(Exception) as err:
         bad.completions.create(model="tiny-recyclegpt", prompt="hi", max_tokens=2)
     assert getattr(err.value, "status_code", None) == 401

@@ -24,9 +24,7 @@ def session_members(session_id: int) -> list[int]:
 
 
 def test_sigterm_to_the_server_stops_every_worker(tiny_model_dir):
-    server = ServerProcess(["--model", str(tiny_model_dir)])
-    try:
-        server.wait_ready()
+    with ServerProcess(["--model", str(tiny_model_dir)]) as server:
         assert len(session_members(server.process.pid)) > 1  # LitServe runs API and inference workers
         os.kill(server.process.pid, signal.SIGTERM)  # the main process only, as `kill PID` does
         server.process.wait(timeout=30)
@@ -34,5 +32,3 @@ def test_sigterm_to_the_server_stops_every_worker(tiny_model_dir):
         while session_members(server.process.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert session_members(server.process.pid) == []
-    finally:
-        server.stop()

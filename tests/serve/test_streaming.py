@@ -1,4 +1,4 @@
-"""Streaming in the inference worker: incremental text, generate in a thread, the engine's deltas."""
+"""Streaming in the inference worker: incremental text, generate in a lockstep thread, the engine's deltas."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from recyclegpt.core import RecycleConfig, RecycleGPT
 from recyclegpt.serve.engine import Engine, Job
 from recyclegpt.serve.protocol import ApiError
-from recyclegpt.serve.streaming import TokenStream
+from recyclegpt.serve.streaming import LockstepGenerate
 from recyclegpt.serve.text import TextStream
 
 from .conftest import build_tokenizer
@@ -114,26 +114,36 @@ def test_the_first_delta_comes_while_generate_is_still_running(engine):
     assert "".join(m["text"] for m in (first, *rest, final)) == whole["text"]
 
 
-def test_a_stopped_token_stream_ends_generate_early(engine):
+def test_a_stopped_generation_ends_generate_at_the_tokens_handed_out(engine):
     hold = HoldSecondCall(engine.model)
     try:
-        with TokenStream(engine.model, [5, 6, 7], 40) as tokens:
-            first = next(iter(tokens))
-            assert hold.holding
-            tokens.stop()
-            hold.release()  # generate makes its second token, and stops there
+        generation = LockstepGenerate(engine.model, [5, 6, 7], 40)
+        first = generation.advance()
+        assert hold.calls == 1  # generate waits for the next advance() before its second call
+        generation.stop()
     finally:
         hold.release()
-    assert len(first) == 1
-    # generate stopped at its second token and still reports what it did
-    assert tokens.output is not None and tokens.output.new_tokens.shape[1] == 2
-    assert tokens.output.full_model_calls == 2
+    assert len(first) == 1 and generation.finished and generation.advance() == []
+    # generate stopped at the token handed out and still reports what it did
+    assert generation.output is not None and generation.output.new_tokens.shape[1] == 1
+    assert generation.output.full_model_calls == 1
+
+
+@pytest.mark.parametrize("decoding", MODES)
+def test_closing_a_stream_stops_its_generate_thread(engine, decoding):
+    job = Job(prompt="Once upon a time", max_tokens=60, temperature=0.0, decoding=decoding, stream=True)
+    messages = engine.run(job)
+    assert next(messages)["text"]
+    assert any(thread.name == "recyclegpt-generate" for thread in threading.enumerate())
+    messages.close()  # what a client that goes away does to the stream
+    assert not any(thread.name == "recyclegpt-generate" for thread in threading.enumerate())
 
 
 def test_generate_errors_reach_the_reader(engine):
-    with TokenStream(engine.model, [5, 6, 7], 4, decoding="speculative", draft_length=0) as tokens:
-        with pytest.raises(ValueError, match="draft_length"):
-            list(tokens)
+    generation = LockstepGenerate(engine.model, [5, 6, 7], 4, decoding="speculative", draft_length=0)
+    with pytest.raises(ValueError, match="draft_length"):
+        generation.advance()
+    assert generation.finished and generation.output is None
     with pytest.raises(ApiError, match="top_p") as err:
         list(engine.run(Job(prompt="The robot", max_tokens=4, top_p=0.0)))
     assert err.value.status == 400

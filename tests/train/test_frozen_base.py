@@ -8,24 +8,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from recyclegpt.core import RecycleConfig, RecycleGPT
+from recyclegpt.core import RecycleGPT
 from recyclegpt.train.tokenizer import train_bpe_tokenizer
+
+from ..conftest import tiny_config
 
 
 def pretrained_model(directory: Path) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tokenizer = train_bpe_tokenizer([(stdlib / "os.py").read_text()], vocab_size=300)
     torch.manual_seed(0)
-    config = RecycleConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=128,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    RecycleGPT(config).save_pretrained(str(directory), tokenizer=tokenizer)
+    RecycleGPT(tiny_config(tokenizer)).save_pretrained(str(directory), tokenizer=tokenizer)
     return directory
 
 

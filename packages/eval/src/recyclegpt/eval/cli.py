@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from jsonargparse import ArgumentParser
 
@@ -66,6 +67,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _common_options(a: Any) -> dict[str, Any]:
+    """The options ``_common`` adds (but --model), as ``run_quality`` and ``run_speed`` name them."""
+    return {
+        "dtype": a.dtype,
+        "quantize": a.quantize,
+        "json_path": a.json,
+        "mlflow_experiment": a.mlflow_experiment,
+        "num_prompts": a.num_prompts,
+        "prompt_tokens": a.prompt_tokens,
+    }
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
@@ -92,13 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_tokens=a.max_tokens,
                 batch_size=a.batch_size,
                 max_depth=a.max_depth,
-                num_prompts=a.num_prompts,
-                prompt_tokens=a.prompt_tokens,
                 max_new_tokens=a.max_new_tokens,
-                dtype=a.dtype,
-                quantize=a.quantize,
-                json_path=a.json,
-                mlflow_experiment=a.mlflow_experiment,
+                **_common_options(a),
             )
             return 0
         a = args.speed
@@ -106,15 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             a.model,
             prompts_file=a.prompts,
             data_file=a.data,
-            num_prompts=a.num_prompts,
-            prompt_tokens=a.prompt_tokens,
             max_new_tokens=a.max_new_tokens,
             repeats=a.repeats,
-            dtype=a.dtype,
-            quantize=a.quantize,
-            json_path=a.json,
             reference=a.reference,
-            mlflow_experiment=a.mlflow_experiment,
+            **_common_options(a),
         )
     except EvalError as error:
         print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)

@@ -17,86 +17,21 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from fastapi import HTTPException
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from recyclegpt.core.batching import BatchedDecoder
-from recyclegpt.serve.engine import Completion, Engine, Job, decoder_cost, draft_counts
+from recyclegpt.serve.engine import Completion, Engine, Job
 from recyclegpt.serve.protocol import ApiError
+from recyclegpt.serve.streaming import LockstepGenerate
 
 logger = logging.getLogger(__name__)
-
-
-class LockstepGenerate:
-    """``model.generate`` in a thread that runs one decoding round per ``advance()`` and waits in between.
-
-    The ``on_tokens`` hook hands each accepted group of tokens over and blocks until the next
-    ``advance``, so the speculative decoder's one loop (in core) interleaves with the batched steps.
-    """
-
-    def __init__(self, model: Any, prompt: list[int], max_new_tokens: int, **kwargs: Any) -> None:
-        self.output = None
-        self.error: Exception | None = None
-        self.group_sizes: list[int] = []
-        self._go = threading.Semaphore(0)
-        self._ready = threading.Semaphore(0)
-        self._latest: list[int] | None = None
-        self._stopping = False
-        self.finished = False
-        input_ids = torch.tensor([prompt], device=model.lm_head.weight.device)
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(model, input_ids, max_new_tokens, kwargs),
-            name="recyclegpt-speculative",
-            daemon=True,
-        )
-        self._started = False
-
-    def advance(self) -> list[int]:
-        """Run until the next accepted tokens (``[]`` once generate has ended)."""
-        if self.finished:
-            return []
-        if not self._started:
-            self._started = True
-            self._thread.start()
-        else:
-            self._go.release()
-        self._ready.acquire()
-        if self.error is not None:
-            raise self.error
-        return self._latest or []
-
-    def stop(self) -> None:
-        """End generate early (its output keeps what it produced) and wait for the thread."""
-        if self._started and not self.finished:
-            self._stopping = True
-            self._go.release()
-            self._ready.acquire()
-        self._thread.join(timeout=30) if self._started else None
-
-    def _run(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int, kwargs: dict) -> None:
-        try:
-            self.output = model.generate(input_ids, max_new_tokens, on_tokens=self._on_tokens, **kwargs)
-        except Exception as err:  # raised again in advance()
-            self.error = err
-        self._latest = None
-        self.finished = True
-        self._ready.release()
-
-    def _on_tokens(self, tokens: torch.Tensor) -> bool:
-        self.group_sizes.append(tokens.shape[1])
-        self._latest = tokens[0].tolist()
-        self._ready.release()
-        self._go.acquire()
-        return self._stopping
 
 
 @dataclass
@@ -147,23 +82,12 @@ class Scheduler:
             messages.append((uid, opening))
         if completion.max_new == 0:  # echo only: the prompt's logprobs, no generation
             return [*messages, *self._finish(uid, completion)]
-        sampling = dict(temperature=job.temperature, top_p=job.top_p, seed=job.seed, eos_token_id=self.engine.eos_id)
-        speculative_alone = job.decoding == "speculative" and alone and not self._has_solo()
-        if speculative_alone:
-            route: Any = LockstepGenerate(
-                self.engine.model,
-                completion.prompt,
-                completion.max_new,
-                decoding="speculative",
-                draft_length=job.draft_length,
-                draft_policy=job.draft_policy,
-                **sampling,
-            )
-            self.running[uid] = Running(uid, completion, route, "speculative")
+        if job.decoding == "speculative" and alone and not self._has_solo():
+            self.running[uid] = Running(uid, completion, self.engine.generation(completion), "speculative")
             return messages  # its first tokens come with the next step
         ran_as = job.decoding if job.decoding in ("standard", "alternating") else "standard"
         decoder = self.decoder(ran_as)
-        first = decoder.add(uid, completion.prompt, completion.max_new, **sampling)
+        first = decoder.add(uid, completion.prompt, completion.max_new, **self.engine.sampling(job))
         self.running[uid] = Running(uid, completion, decoder, ran_as)
         return [*messages, *self._deliver(uid, first.new_tokens, first.finished, batched_cost(first))]
 
@@ -221,14 +145,10 @@ class Scheduler:
 
     def _drop(self, running: Running) -> None:
         """Take a choice out of its group, and record what its decoding cost."""
-        route, completion = running.route, running.completion
-        if isinstance(route, LockstepGenerate):
-            route.stop()
-            if route.output is not None:
-                completion.cost = decoder_cost(route.output)
-                completion.drafts = draft_counts(route.output, route.group_sizes)
+        if isinstance(running.route, LockstepGenerate):
+            running.completion.settle(running.route)
             return
-        route.remove(running.uid)  # no-op when it already left the batch (finished in this step)
+        running.route.remove(running.uid)  # no-op when it already left the batch (finished in this step)
 
     def _finish(self, uid: str, completion: Completion) -> list[Message]:
         return [(uid, completion.close()), (uid, None)]

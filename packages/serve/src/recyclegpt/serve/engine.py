@@ -13,7 +13,7 @@ from recyclegpt.core.precision import dtype_name
 from recyclegpt.core.precision import resolve_dtype as core_resolve_dtype
 from recyclegpt.serve.prompts import encode_chat, encode_completion
 from recyclegpt.serve.protocol import ApiError
-from recyclegpt.serve.streaming import TokenStream
+from recyclegpt.serve.streaming import LockstepGenerate
 from recyclegpt.serve.text import TextStream
 
 
@@ -105,35 +105,38 @@ class Engine:
         """Admit a job: tokenise and check it (ApiError(400) when it does not fit)."""
         return Completion(self, job)
 
+    def sampling(self, job: Job) -> dict[str, Any]:
+        """A job's sampling arguments, as core's decoders (``generate`` and ``BatchedDecoder``) take them."""
+        return {"temperature": job.temperature, "top_p": job.top_p, "seed": job.seed, "eos_token_id": self.eos_id}
+
+    def generation(self, completion: Completion) -> LockstepGenerate:
+        """Core's ``generate`` for a completion in its job's decoding mode, run by ``advance()``."""
+        job = completion.job
+        return LockstepGenerate(
+            self.model,
+            completion.prompt,
+            completion.max_new,
+            decoding=job.decoding,
+            draft_length=job.draft_length,
+            draft_policy=job.draft_policy,
+            **self.sampling(job),
+        )
+
     def run(self, job: Job) -> Iterator[dict[str, Any]]:
         """One job alone through ``model.generate``: its messages (see Completion), the final one last."""
         completion = self.start(job)
         if opening := completion.opening():
             yield opening
         if completion.max_new > 0:
-            with TokenStream(
-                self.model,
-                completion.prompt,
-                completion.max_new,
-                decoding=job.decoding,
-                draft_length=job.draft_length,
-                draft_policy=job.draft_policy,
-                temperature=job.temperature,
-                top_p=job.top_p,
-                eos_token_id=self.eos_id,
-                seed=job.seed,
-            ) as tokens:
-                try:
-                    for new_ids in tokens:
-                        if (delta := completion.push(new_ids)) is not None:
-                            yield delta
-                        if completion.finished:
-                            break
-                except ValueError as err:  # core names the bad argument
-                    raise ApiError(400, str(err)) from None
-            completion.cost = decoder_cost(tokens.output)
-            if job.decoding == "speculative":
-                completion.drafts = draft_counts(tokens.output, tokens.group_sizes)
+            generation = self.generation(completion)
+            try:
+                while not completion.finished and (new_ids := generation.advance()):
+                    if (delta := completion.push(new_ids)) is not None:
+                        yield delta
+            except ValueError as err:  # core names the bad argument
+                raise ApiError(400, str(err)) from None
+            finally:
+                completion.settle(generation)
         yield completion.close()
 
 
@@ -200,6 +203,13 @@ class Completion:
         if self.job.stream and (self.pending or self.pending_logprobs) and not self.finished:
             return self._delta()
         return None
+
+    def settle(self, generation: LockstepGenerate) -> None:
+        """Stop the completion's ``generate`` (if it still runs) and keep what it spent."""
+        generation.stop()
+        if generation.output is not None:
+            self.cost = decoder_cost(generation.output)
+            self.drafts = draft_counts(generation.output, generation.group_sizes)
 
     def close(self) -> dict[str, Any]:
         """The final message (the budget ran out, EOS or a stop sequence ended the text)."""

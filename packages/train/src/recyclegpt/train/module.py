@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -235,24 +236,29 @@ class RecycleLM(LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         total = max(1, self.trainer.estimated_stepping_batches)
         warmup = min(hp.warmup_steps, total // 2)
-        timer = self._time_budget() if hp.schedule_by_time else None
+        time_progress = self._time_progress() if hp.schedule_by_time else None
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = (step - warmup) / max(1, total - warmup)
-            if timer is not None:  # a slow machine reaches the end of its time budget at the low lr too
-                progress = max(progress, timer.time_elapsed("train") / timer._duration)
+            if time_progress is not None:  # a slow machine reaches the end of its time budget at the low lr too
+                progress = max(progress, time_progress())
             progress = min(1.0, progress)
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _time_budget(self) -> Timer | None:
-        """Lightning's Timer when ``trainer.max_time`` is set (it counts time trained before a resume)."""
-        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration is not None]
-        return timers[0] if timers else None
+    def _time_progress(self) -> Callable[[], float] | None:
+        """The fraction of ``trainer.max_time`` trained so far, read from Lightning's Timer (which counts
+        time trained before a resume); None when no time limit is set."""
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None]
+        if not timers:
+            return None
+        timer = timers[0]
+        budget = timer.time_elapsed() + timer.time_remaining()  # the Timer's duration, through its public API
+        return lambda: timer.time_elapsed() / budget
 
     def on_fit_start(self) -> None:
         """Log the precision actually used and the hardware it was decided from (``auto`` resolved)."""

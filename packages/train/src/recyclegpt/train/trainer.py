@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 
-from recyclegpt.core.precision import SLOW_BF16_WARNING, auto_precision, cpu_capability, cpu_has_native_bf16
+from recyclegpt.core.precision import (
+    SLOW_BF16_WARNING,
+    auto_precision,
+    cpu_capability,
+    cpu_has_native_bf16,
+    hardware_summary,
+)
 
 AUTO = "auto"
 
@@ -41,7 +47,8 @@ class RecycleTrainer(Trainer):
     """``lightning.Trainer`` whose ``precision`` also takes ``auto`` (the default).
 
     The resolved value is what Lightning sees; it is kept as ``resolved_precision`` (logged to
-    MLflow by the LightningModule) and printed once, with the CPU capability it was decided from.
+    MLflow by the LightningModule) and printed once, with the hardware it was decided from (core's
+    ``hardware_summary``).
     """
 
     def __init__(self, *args: Any, precision: str | int | None = AUTO, **kwargs: Any) -> None:
@@ -50,7 +57,6 @@ class RecycleTrainer(Trainer):
         super().__init__(*args, precision=self.resolved_precision, **kwargs)
         device = training_device(kwargs.get("accelerator", "auto"))
         print(
-            f"precision: {self.resolved_precision} (requested {precision}; {device}, CPU {cpu_capability()}, "
-            f"{'native' if cpu_has_native_bf16() else 'no native'} bf16)",
+            f"precision: {self.resolved_precision} (requested {precision}; {device}, {hardware_summary(device)})",
             flush=True,
         )
