@@ -50,7 +50,11 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert report["data"] == "stdlib"
     assert report["speed"]["speculative"]["identical_to_standard"] is True
     assert set(report["quality"]["agreement_by_depth"]) >= {"1", "2", "3", "4"}
-    assert report["phases_s"]["  of which feature cache (train)"] > 0
+    assert report["phases_s"]["  of which feature cache (train)"] >= 0 and report["plan"]["train_tokens_cached"] > 0
     assert 0 <= report["alternating"]["alternating_identical_fraction"] <= 1
+    assert report["plan"]["selfgen_samples"] > 0 and report["plan"]["selfgen_new_tokens"] > 0
+    assert (workdir / "runs/recipe/selfgen.txt").stat().st_size == report["plan"]["max_corpus_bytes"]
+    assert set(report["alternating"]["own_text_agreement_by_depth"]) >= {"1", "2"}
     markdown = (workdir / "runs/recipe/report.md").read_text()
     assert "| agreement (chained, held-out) |" in markdown and "speculative@" in markdown
+    assert "| agreement on the base's own greedy text |" in markdown

@@ -5,11 +5,14 @@
 1. fetch/load the base (``model.pretrained``) and say which CPU class and precisions it runs;
 2. calibrate: time one base forward and two unrolled module steps, then size the corpus (the
    feature cache gets ~``cache_share`` of the budget) and the optimizer steps (~``train_share``);
-3. ``recyclegpt-train fit`` with those sizes: features cached once, module trained over them, exported;
-4. ``recyclegpt-eval quality`` (agreement by chained draft depth) and ``recyclegpt-eval speed``
+3. self-generate (``selfgen_share`` of the budget, 0 = off): the base continues prompts sliced from
+   the training text, and the module trains on what the base wrote (see :mod:`recyclegpt.train.selfgen`);
+4. ``recyclegpt-train fit`` with those sizes: features cached once, module trained over them, exported;
+5. ``recyclegpt-eval quality`` (agreement by chained draft depth) and ``recyclegpt-eval speed``
    (tokens/s of every mode, accepted tokens per verification) on held-out text;
-5. the base's perplexity of alternating's text against standard's, and a markdown report with the
-   time each phase took (``OUT/report.md``, ``OUT/report.json``).
+6. the base's perplexity of alternating's text against standard's, the module's agreement by depth on
+   the base's own greedy text, and a markdown report with the time each phase took
+   (``OUT/report.md``, ``OUT/report.json``).
 
 Without ``../shared/data`` the config's TinyStories files are replaced by the embedded corpus
 (the Python standard library) and held-out stdlib text is evaluated instead.
@@ -34,7 +37,8 @@ import yaml
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import unrolled_losses
 from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
-from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
+from recyclegpt.train.corpus import STDLIB, read_texts, resolve, stdlib_heldout_text
+from recyclegpt.train.selfgen import corpus_prompts, self_generate, write_samples
 
 BYTES_PER_TOKEN = 4.0  # English prose through a 49k BPE (TinyStories + SmolLM2: ~4.1); only for sizing
 
@@ -84,23 +88,32 @@ def _run(command: list[str]) -> float:
 
 
 @torch.no_grad()
-def continuation_perplexity(model: RecycleGPT, prompts: list[torch.Tensor], new_tokens: int) -> dict[str, float]:
+def continuation_perplexity(
+    model: RecycleGPT, prompts: list[torch.Tensor], new_tokens: int, max_depth: int = 5
+) -> dict[str, Any]:
     """The base's perplexity of the text standard and alternating decoding wrote after each prompt,
-    and the fraction of alternating's tokens equal to standard's (greedy, EOS ignored)."""
+    the fraction of alternating's tokens equal to standard's (greedy, EOS ignored), and the module's
+    chained agreement by draft depth on standard's text: the text speculative decoding drafts on."""
+    from recyclegpt.eval.quality import teacher_forced_quality
+
     nll = {"standard": 0.0, "alternating": 0.0}
     count, same = 0, 0
+    standard_texts = []
     for prompt in prompts:
         outputs = {m: model.generate(prompt, new_tokens, decoding=m).sequences for m in nll}
+        standard_texts.append(outputs["standard"])
         for mode, sequence in outputs.items():
             logits = model(sequence[:, :-1]).float()[:, prompt.shape[1] - 1 :]
             targets = sequence[:, prompt.shape[1] :]
             nll[mode] += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
         count += new_tokens
         same += int((outputs["standard"] == outputs["alternating"]).sum()) - prompt.shape[1]
+    own_text = teacher_forced_quality(model, torch.cat(standard_texts), max_depth=max_depth)
     return {
         "standard_text_perplexity": math.exp(nll["standard"] / count),
         "alternating_text_perplexity": math.exp(nll["alternating"] / count),
         "alternating_identical_fraction": same / count,
+        "own_text_agreement_by_depth": own_text["agreement_by_depth"],
     }
 
 
@@ -112,6 +125,30 @@ def expected_accepted(agreement_by_depth: dict[str, float]) -> dict[int, float]:
         total += chain
         result[int(depth)] = total
     return result
+
+
+def self_generate_corpus(
+    model: RecycleGPT, prompt_files: list[str], out: Path, seconds: float, block_size: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The base's greedy continuations of prompts sliced from ``prompt_files``, written to ``out``
+    within ``seconds``; decoded in the precision ``auto`` picks for this machine."""
+    text = "".join(read_texts(resolve(prompt_files), args.selfgen_prompt_bytes))
+    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    prompt_tokens = 32
+    new_tokens = max(32, block_size - prompt_tokens)
+    model.to(auto_dtype("cpu")).eval()
+    count = args.max_tokens // block_size + 1 if args.max_tokens else 100_000  # else more than any budget reaches
+    prompts = corpus_prompts(ids, count, prompt_tokens)
+    samples, report = self_generate(model, prompts, new_tokens, args.selfgen_batch, seconds=seconds)
+    characters = write_samples(model.tokenizer, samples, out)
+    return {
+        "selfgen_samples": report.samples,
+        "selfgen_new_tokens": report.new_tokens,
+        "selfgen_tokens": report.new_tokens + report.samples * prompt_tokens,
+        "selfgen_characters": characters,
+        "selfgen_tokens_per_s": report.tokens_per_second,
+        "selfgen_dtype": dtype_name(auto_dtype("cpu")),
+    }
 
 
 def _plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float, module_tps: float) -> dict[str, int]:
@@ -143,6 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole recipe")
     parser.add_argument("--cache-share", type=float, default=0.25, help="share of the budget for the feature cache")
     parser.add_argument("--train-share", type=float, default=0.45, help="share of the budget for module training")
+    parser.add_argument(
+        "--selfgen-share",
+        type=float,
+        default=0.25,
+        help="share of the budget the base spends writing the training text itself (0: train on the corpus text)",
+    )
+    parser.add_argument("--selfgen-batch", type=int, default=16, help="prompts the base continues together")
+    parser.add_argument("--selfgen-prompt-bytes", type=int, default=1_000_000, help="corpus text prompts come from")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on the training corpus (tokens)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on the optimizer steps")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of the calibrated plan)")
@@ -202,11 +247,31 @@ def main(argv: list[str] | None = None) -> None:
         f"base {base_tps:.0f} tok/s ({dtype_name(cache_dtype)}), module training {module_tps:.0f} tok/s at depth "
         f"{depth}: corpus {plan['corpus_tokens']} tokens, {plan['max_steps']} steps (~{plan['train_seconds']} s)"
     )
-    if source == "stdlib":
-        heldout.write_text(stdlib_heldout_text(plan["max_corpus_bytes"], 200_000), encoding="utf-8")
+    if source == "stdlib":  # held-out text starts after everything training or the prompts read
+        skip = max(plan["max_corpus_bytes"], args.selfgen_prompt_bytes if args.selfgen_share > 0 else 0)
+        heldout.write_text(stdlib_heldout_text(skip, 200_000), encoding="utf-8")
+
+    # 3. the base writes its own training text (prompts sliced from the training corpus).
+    if args.selfgen_share > 0:
+        start = time.perf_counter()
+        generated = out / "selfgen.txt"
+        prompt_files = [STDLIB] if source == "stdlib" else train_files
+        selfgen = self_generate_corpus(
+            model, prompt_files, generated, args.selfgen_share * args.minutes * 60, data["block_size"], args
+        )
+        overrides += [f"--data.train_files=[{generated}]"]
+        plan.update(selfgen)
+        plan["max_corpus_bytes"] = selfgen["selfgen_characters"]
+        plan["corpus_tokens"] = selfgen["selfgen_tokens"]
+        phases["self-generate"] = time.perf_counter() - start
+        _log(
+            f"self-generated {selfgen['selfgen_samples']} samples, {selfgen['selfgen_new_tokens']} new tokens "
+            f"at {selfgen['selfgen_tokens_per_s']:.0f} tokens/s: {generated}"
+        )
+
     del model
 
-    # 3. train (features cached once, then the module over them) and export.
+    # 4. train (features cached once, then the module over them) and export.
     fit = [
         sys.executable,
         "-m",
@@ -233,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             phases[f"  of which feature cache ({split})"] = stored.get("build_seconds", 0)
             plan[f"{split}_tokens_cached"] = stored.get("tokens", 0)
 
-    # 4. evaluate on held-out text.
+    # 5. evaluate on held-out text.
     eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
     dtype = "bf16" if cache_dtype == torch.bfloat16 else "fp32"
     max_depth = max(depth + 2, 5)
@@ -248,14 +313,14 @@ def main(argv: list[str] | None = None) -> None:
         + ["--json", str(out / "speed.json")]
     )
 
-    # 5. alternating's cost in quality, and the report.
+    # 6. alternating's cost in quality, agreement on the base's own text, and the report.
     start = time.perf_counter()
     from recyclegpt.eval.data import load_model, prompts_from_ids, read_text, tokenize
 
     net = load_model(str(export_dir), dtype)
     ids = tokenize(net.tokenizer, read_text(str(heldout)), net.config.vocab_size)
     prompts = prompts_from_ids(ids, args.eval_prompts, 32)
-    alternating = continuation_perplexity(net, prompts, args.new_tokens)
+    alternating = continuation_perplexity(net, prompts, args.new_tokens, max_depth)
     phases["alternating text perplexity"] = time.perf_counter() - start
     phases["total"] = time.perf_counter() - started
     quality = json.loads((out / "quality.json").read_text())
@@ -311,6 +376,19 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         "| expected tokens/verify at draft length | "
         + " | ".join(f"{expected[int(k)]:.2f}" for k in sorted(agreement, key=int))
         + " |",
+    ]
+    own = report["alternating"].get("own_text_agreement_by_depth") or {}
+    if own:
+        own_expected = expected_accepted(own)
+        lines += [
+            "| agreement on the base's own greedy text | "
+            + " | ".join(f"{own[k]:.3f}" for k in sorted(own, key=int))
+            + " |",
+            "| expected tokens/verify there | "
+            + " | ".join(f"{own_expected[int(k)]:.2f}" for k in sorted(own, key=int))
+            + " |",
+        ]
+    lines += [
         "",
         "| mode | tokens/s | speedup | tokens per verify | identical to standard |",
         "|---|---|---|---|---|",

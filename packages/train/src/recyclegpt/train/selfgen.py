@@ -1,0 +1,155 @@
+"""Text a base model wrote itself, to train its recyclable module on (EAGLE's and Medusa's regenerated data).
+
+A draft module is judged on the text the base writes at decode time, not on human text. A module
+trained on TinyStories agreed with SmolLM2 at 44.6% of held-out TinyStories positions but at only
+25% of the positions of SmolLM2's own greedy continuations, and speculative decoding accepted 22%
+of its drafts. So the recipe first lets the base continue prompts drawn from the training corpus
+(batched decoding, greedy by default: the decoding the evaluation and alternating use), and trains
+the module on those texts.
+
+    python -m recyclegpt.train.selfgen --model smollm2 --prompts-from corpus.txt --minutes 5 --out selfgen.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recyclegpt.core import RecycleGPT
+from recyclegpt.core.precision import hardware_summary
+
+
+@dataclass
+class SelfGenReport:
+    """What :func:`self_generate` wrote and how fast."""
+
+    samples: int
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def corpus_prompts(ids: torch.Tensor, count: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
+    """``count`` prompts [count, prompt_tokens]: slices of the token stream ``ids`` at seeded random starts."""
+    if ids.numel() <= prompt_tokens:
+        raise ValueError(f"the prompt corpus has {ids.numel()} tokens; more than {prompt_tokens} are needed")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - prompt_tokens, (count,), generator=generator)
+    return torch.stack([ids[s : s + prompt_tokens] for s in starts.tolist()])
+
+
+def self_generate(
+    model: RecycleGPT,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+    seconds: float | None = None,
+) -> tuple[list[list[int]], SelfGenReport]:
+    """The base's continuations of ``prompts`` [N, P], ``batch_size`` rows at a time.
+
+    Each sample is its prompt followed by what the base wrote, cut at its EOS. Stops early, after a
+    whole batch, once ``seconds`` have passed. Batched rows are computed exactly as lone ones in fp32;
+    in bf16 a batched matmul may round differently, which changes nothing for training data.
+    """
+    eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
+    samples: list[list[int]] = []
+    written = 0
+    start = time.perf_counter()
+    for first in range(0, prompts.shape[0], batch_size):
+        batch = prompts[first : first + batch_size].to(model.lm_head.weight.device)
+        out = model.generate(
+            batch,
+            new_tokens,
+            temperature=temperature,
+            seed=seed + first,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        for row in out.sequences.tolist():
+            new = row[batch.shape[1] :]
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+            samples.append(row[: batch.shape[1]] + new)
+            written += len(new)
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            break
+    return samples, SelfGenReport(len(samples), written, time.perf_counter() - start)
+
+
+def write_samples(tokenizer: Any, samples: list[list[int]], path: str | Path) -> int:
+    """Decode the samples into one UTF-8 text file, separated by the tokenizer's EOS text; characters written."""
+    separator = f"\n{tokenizer.eos_token}\n" if getattr(tokenizer, "eos_token", None) else "\n\n"
+    text = separator.join(tokenizer.decode(sample, skip_special_tokens=True) for sample in samples) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
+    return len(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="recyclegpt-selfgen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the base: a model directory, a .gguf file or 'smollm2'")
+    parser.add_argument("--prompts-from", required=True, help="text file(s) the prompts are sliced from")
+    parser.add_argument("--out", required=True, help="output text file")
+    parser.add_argument("--samples", type=int, default=512, help="prompts to continue (at most)")
+    parser.add_argument("--minutes", type=float, default=None, help="stop after this much generation time")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt")
+    parser.add_argument("--new-tokens", type=int, default=224, help="tokens the base writes per prompt")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the evaluation decodes")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16 (auto: bf16 only where native)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: the fast decode path")
+    parser.add_argument("--max-bytes", type=int, default=2_000_000, help="characters of the prompt corpus read")
+    parser.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
+    args = parser.parse_args(argv)
+    numbers = {"--samples": args.samples, "--prompt-tokens": args.prompt_tokens, "--new-tokens": args.new_tokens}
+    numbers["--batch-size"] = args.batch_size
+    for flag, value in numbers.items():
+        if value < 1:
+            sys.exit(f"recyclegpt-selfgen: error: {flag} must be >= 1, got {value}")
+    if args.temperature < 0:
+        sys.exit(f"recyclegpt-selfgen: error: --temperature must be >= 0, got {args.temperature}")
+    from recyclegpt.train.corpus import CorpusError, read_texts, resolve
+
+    try:
+        text = "".join(read_texts(resolve([args.prompts_from]), args.max_bytes))
+    except CorpusError as error:
+        sys.exit(f"recyclegpt-selfgen: error: {error}")
+    try:
+        model = RecycleGPT.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
+    except (OSError, ValueError) as error:
+        sys.exit(f"recyclegpt-selfgen: error: cannot load {args.model}: {error}")
+    if model.tokenizer is None:
+        sys.exit(f"recyclegpt-selfgen: error: {args.model} has no tokenizer")
+    context = model.config.max_seq_len
+    if args.prompt_tokens + args.new_tokens > context:
+        sys.exit(f"recyclegpt-selfgen: error: --prompt-tokens + --new-tokens exceeds the context of {context}")
+    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    try:
+        prompts = corpus_prompts(ids, args.samples, args.prompt_tokens, args.seed)
+    except ValueError as error:
+        sys.exit(f"recyclegpt-selfgen: error: {error}")
+    seconds = args.minutes * 60 if args.minutes else None
+    samples, report = self_generate(
+        model, prompts, args.new_tokens, args.batch_size, args.temperature, args.seed, seconds
+    )
+    chars = write_samples(model.tokenizer, samples, args.out)
+    print(
+        f"self-generated: {args.out} ({report.samples} samples, {report.new_tokens} new tokens, {chars} characters) "
+        f"in {report.seconds:.0f} s, {report.tokens_per_second:.0f} tokens/s; {hardware_summary()}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
