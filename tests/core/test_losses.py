@@ -42,3 +42,18 @@ def test_frozen_base_trains_only_the_module(tiny_model: RecycleGPT) -> None:
         if key in base_before:
             assert torch.equal(value, base_before[key]), key
     assert not torch.equal(tiny_model.recycle.fc.weight, module_before)
+
+
+def test_distilled_rec_loss_targets_the_detached_base_distribution(tiny_model: RecycleGPT) -> None:
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = recycle_losses(tiny_model, ids, distill=True)
+    teacher = out.base_logits.detach().float().softmax(-1)
+    expected = -(teacher * out.module_logits.float().log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(out.rec_loss, expected, atol=1e-5)
+    assert torch.allclose(out.lm_loss, recycle_losses(tiny_model, ids).lm_loss)
+    # The rec loss moves the module (and, through h[t-1], the base) but never pulls the base's
+    # own logits towards the module: the teacher is detached.
+    tiny_model.zero_grad()
+    out.rec_loss.backward()
+    assert tiny_model.recycle.fc.weight.grad is not None and tiny_model.recycle.fc.weight.grad.abs().sum() > 0
+    assert tiny_model.model.norm.weight.grad is not None  # via h[t-1] into the module, as without distill

@@ -34,13 +34,16 @@ def recycle_losses(
     rec_weight: float = 1.0,
     feature_weight: float = 0.0,
     frozen_base: bool = False,
+    distill: bool = False,
 ) -> RecycleLosses:
     """Teacher-forced losses over a block of tokens [B, T], all positions in one parallel pass.
 
     ``L_lm``: the base predicts x[t+1] from x[..t]. ``L_rec``: the module predicts x[t+1] from
     h[t-1] and x[t]. ``L_feature`` (EAGLE-style, optional): smooth L1 between the
     module's output state at t and the base's h[t], which keeps chained drafts accurate.
-    With ``frozen_base`` the base runs without gradients and only the module learns.
+    With ``frozen_base`` the base runs without gradients and only the module learns. ``distill``:
+    ``L_rec`` is the soft cross-entropy to the base's own (detached) distribution at t instead of
+    cross-entropy to x[t+1], so the module learns to agree with the base, which is what decoding needs.
     """
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids needs at least 2 tokens per row, got {input_ids.shape[1]}")
@@ -59,7 +62,11 @@ def recycle_losses(
     # Position 0 reads a zero state, exactly as the decoders do, so the KV layouts match.
     module_state = model.module_hidden(shift_hidden(hidden)[:, :-1], input_ids[:, :-1])
     module_logits = model.lm_head(module_state)
-    rec_loss = F.cross_entropy(module_logits.reshape(-1, vocab).float(), targets.reshape(-1))
+    if distill:
+        teacher = base_logits.detach().float().softmax(-1).reshape(-1, vocab)
+        rec_loss = F.cross_entropy(module_logits.reshape(-1, vocab).float(), teacher)
+    else:
+        rec_loss = F.cross_entropy(module_logits.reshape(-1, vocab).float(), targets.reshape(-1))
 
     if feature_weight > 0:
         feature_loss = F.smooth_l1_loss(module_state.float(), hidden[:, :-1].detach().float())

@@ -38,7 +38,8 @@ class RecycleLM(LightningModule):
             still ends at the low learning rate instead of mid-schedule.
         unroll_depth: frozen_base: train the module on this many chained draft steps, each reading
             its own previous output state (EAGLE-3's training-time test); losses weighted depth_decay^(k-1).
-        distill: frozen_base: soft cross-entropy to the base's distribution instead of CE to x[t+1].
+        distill: soft cross-entropy to the base's (detached) distribution instead of CE to x[t+1]
+            (joint too: the module then learns to agree with the base it is trained beside).
         draft_vocab_size: the module scores only the N most frequent tokens of the training data.
         module_init: ``base`` starts the module from the base (last layer copied, fc a pass-through of h).
 
@@ -74,8 +75,8 @@ class RecycleLM(LightningModule):
             raise ValueError("regime joint from scratch needs model.config")
         if unroll_depth < 1:
             raise ValueError(f"unroll_depth must be >= 1, got {unroll_depth}")
-        if regime == "joint" and (unroll_depth > 1 or distill or draft_vocab_size or module_init != "random"):
-            raise ValueError("unroll_depth, distill, draft_vocab_size and module_init need regime frozen_base")
+        if regime == "joint" and (unroll_depth > 1 or draft_vocab_size or module_init != "random"):
+            raise ValueError("unroll_depth, draft_vocab_size and module_init need regime frozen_base")
         self.save_hyperparameters(logger=False)
         self.strict_loading = regime != "frozen_base"  # frozen-base checkpoints hold the module only
         if isinstance(config, dict):
@@ -194,7 +195,9 @@ class RecycleLM(LightningModule):
             return self._unrolled_step(batch["input_ids"], batch["hidden"], stage)
         if self.unrolled:
             return self._unrolled_step(batch, None, stage)
-        out: RecycleLosses = self._losses(self.model, batch, hp.rec_weight, hp.feature_weight, self.frozen_base)
+        out: RecycleLosses = self._losses(
+            self.model, batch, hp.rec_weight, hp.feature_weight, self.frozen_base, hp.distill
+        )
         on_step = stage == "train"
         log = {"on_step": on_step, "on_epoch": not on_step, "sync_dist": not on_step, "batch_size": batch.shape[0]}
         self.log(f"{stage}/loss", out.loss, **log)
