@@ -139,3 +139,16 @@ def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:
     for row in ("| fp32 |", "| fp32+int8 |", "transformers generate [fp32]", "standard [fp32+int8]"):
         assert row in out
     assert "speculative<=2 [fp32+int8]" in out and "5 tokens" in out
+
+
+def test_bench_core_names_a_trained_module_and_rejects_a_bad_gguf(tiny_model, tmp_path, capsys) -> None:
+    tiny_model.save_pretrained(str(tmp_path / "model"))
+    with pytest.raises(SystemExit) as bad:
+        bench_main(["--model", str(tmp_path / "model"), "--gguf", str(tmp_path / "model")])
+    assert "is not a .gguf file" in str(bad.value.code)
+    bench_main(
+        ["--model", str(tmp_path / "model"), "--new-tokens", "4", "--repeats", "1", "--dtype", "fp32"]
+        + ["--quantize", "none", "--no-transformers", "--draft-length", "2"]
+    )
+    out = capsys.readouterr().out
+    assert "M module)" in out and "untrained" not in out and "standard [fp32]" in out

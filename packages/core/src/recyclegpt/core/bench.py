@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -105,6 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=QUANTIZE_CHOICES)
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
+    parser.add_argument("--prompt", default=SMOLLM2_PROMPT, help="prompt text for a model with a tokenizer")
+    parser.add_argument(
+        "--gguf",
+        default=None,
+        help="GGUF file llama.cpp runs beside ours (default: --model when it is one; 'smollm2' names SmolLM2's), "
+        "e.g. the base of a module trained on it",
+    )
     args = parser.parse_args(argv)
     if min(args.layers, args.hidden, args.vocab, args.module_layers, args.new_tokens, args.repeats) < 1:
         parser.error("sizes, --new-tokens and --repeats must be >= 1")
@@ -136,11 +144,18 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             sys.exit(f"error: cannot load {args.model}: {error}")
         gguf = path if path.suffix == ".gguf" else None
+        if args.gguf is not None:
+            gguf = resolve_model_path(args.gguf)
+            if gguf.suffix != ".gguf" or not gguf.is_file():
+                sys.exit(f"error: --gguf {args.gguf} is not a .gguf file")
         if model.tokenizer is not None:
-            prompt = torch.tensor([model.tokenizer(SMOLLM2_PROMPT)["input_ids"]])
+            prompt = torch.tensor([model.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]])
         else:
             prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length))
-        what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M untrained module)"
+        config_file = path / "config.json"
+        own = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "recyclegpt"
+        trained = "" if own else "untrained "  # a GGUF or Hugging Face base gets a fresh module
+        what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M {trained}module)"
     model = model.to(device=device, dtype=dtype)
     prompt = prompt.to(device)
     hardware = hardware_summary(device)
