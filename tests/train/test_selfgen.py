@@ -24,7 +24,7 @@ def test_batched_continuations_equal_lone_greedy_decoding(tmp_path: Path) -> Non
 
     samples, report = self_generate(model, prompts, new_tokens=10, batch_size=2)
     assert report.samples == 5 and report.new_tokens == 50
-    for prompt, sample in zip(prompts, samples):
+    for prompt, sample in zip(prompts, samples, strict=True):
         alone = model.generate(prompt[None], 10).sequences[0].tolist()
         assert sample == alone
 
