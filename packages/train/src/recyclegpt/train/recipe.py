@@ -355,10 +355,19 @@ def _find(tree: Any, key: str) -> Any:
     return None
 
 
+def _agreement_rows(where: str, agreement: dict[str, float]) -> list[str]:
+    """Two table rows: chained agreement by depth, and the tokens per verification it implies."""
+    depths = sorted(agreement, key=int)
+    expected = expected_accepted(agreement)
+    return [
+        f"| agreement ({where}) | " + " | ".join(f"{agreement[k]:.3f}" for k in depths) + " |",
+        f"| expected tokens/verify ({where}) | " + " | ".join(f"{expected[int(k)]:.2f}" for k in depths) + " |",
+    ]
+
+
 def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
     """The report as markdown tables."""
     agreement = _find(report["quality"], "agreement_by_depth") or {}
-    expected = expected_accepted(agreement)
     speed = report["speed"]
     lines = [
         f"## SmolLM2 recipe: {report['hardware']}",
@@ -370,24 +379,11 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         "",
         "| draft depth | " + " | ".join(sorted(agreement, key=int)) + " |",
         "|---|" + "---|" * len(agreement),
-        "| agreement (chained, held-out) | "
-        + " | ".join(f"{agreement[k]:.3f}" for k in sorted(agreement, key=int))
-        + " |",
-        "| expected tokens/verify at draft length | "
-        + " | ".join(f"{expected[int(k)]:.2f}" for k in sorted(agreement, key=int))
-        + " |",
+        *_agreement_rows("held-out", agreement),
     ]
     own = report["alternating"].get("own_text_agreement_by_depth") or {}
     if own:
-        own_expected = expected_accepted(own)
-        lines += [
-            "| agreement on the base's own greedy text | "
-            + " | ".join(f"{own[k]:.3f}" for k in sorted(own, key=int))
-            + " |",
-            "| expected tokens/verify there | "
-            + " | ".join(f"{own_expected[int(k)]:.2f}" for k in sorted(own, key=int))
-            + " |",
-        ]
+        lines += _agreement_rows("on the base's own greedy text", own)
     lines += [
         "",
         "| mode | tokens/s | speedup | tokens per verify | identical to standard |",
@@ -407,6 +403,13 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
             f"{entry.get('accepted_per_verify', 0) + 1:.2f} | {entry['identical_to_standard']} |"
         )
     alt = report["alternating"]
+    lossless = speed.get("speculative", {})
+    if "identical_to_standard_fp32" in lossless:
+        lines += [
+            "",
+            f"Speculative equals standard token for token in fp32: {lossless['identical_to_standard_fp32']}; "
+            f"where it differs in bf16, only at logit ties: {lossless.get('identical_up_to_ties')}.",
+        ]
     lines += [
         "",
         f"Alternating: {alt['alternating_identical_fraction']:.1%} of its tokens equal standard's; the base's "
