@@ -25,7 +25,10 @@ from recyclegpt.core.profiling import measure_step_costs
 DRAFT_POLICIES = ("adaptive", "fixed")
 MAX_PROBE_INTERVAL = 64
 COST_PROMPT_LENGTH = 32
-CONFIDENCE_FLOOR = 0.05  # a draft whose module probability is below this is not verified
+# A draft whose module probability is below this is not verified. Measured on the demo model (1,024
+# tokens; 9.6% of its module's top probabilities fall below 0.05): 0.05 ran at 0.93x of the best fixed
+# draft length, 0.02 at 0.97x; a random module's near-uniform drafts (~1/V) stay below either.
+CONFIDENCE_FLOOR = 0.02
 
 
 @dataclass
