@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -137,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         from recyclegpt.core.assets import resolve_model_path
+        from recyclegpt.core.checkpoint import is_recyclegpt_dir
 
         try:
             path = resolve_model_path(args.model)
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             prompt = torch.tensor([model.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]])
         else:
             prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length))
-        config_file = path / "config.json"
-        own = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "recyclegpt"
-        trained = "" if own else "untrained "  # a GGUF or Hugging Face base gets a fresh module
+        trained = "" if is_recyclegpt_dir(path) else "untrained "  # a GGUF or Hugging Face base gets a fresh module
         what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M {trained}module)"
     model = model.to(device=device, dtype=dtype)
     prompt = prompt.to(device)

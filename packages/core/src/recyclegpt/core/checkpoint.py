@@ -16,13 +16,20 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from recyclegpt.core.assets import resolve_model_path
-from recyclegpt.core.config import RecycleConfig
+from recyclegpt.core.config import MODEL_TYPE, RecycleConfig
 from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.precision import resolve_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SUPPORTED_HF_TYPES = ("llama", "mistral")
+
+
+def is_recyclegpt_dir(path: str | Path) -> bool:
+    """Was ``path`` written by ``save_pretrained`` (base and trained module), rather than being a GGUF
+    file or a Hugging Face checkpoint that loads with a fresh module?"""
+    config = Path(path) / CONFIG_NAME
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
 
 
 def save_pretrained(model: RecycleGPT, path: str | Path, tokenizer: Any = None) -> Path:
@@ -110,7 +117,7 @@ def load_pretrained(
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a model directory")
     else:
         raw = json.loads((path / CONFIG_NAME).read_text())
-        if raw.get("model_type") == "recyclegpt":
+        if raw.get("model_type") == MODEL_TYPE:
             model = _load_own(path, raw, module_layers)
         else:
             model = _load_hf(path, raw, module_layers or 1)

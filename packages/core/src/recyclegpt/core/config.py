@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MODEL_TYPE = "recyclegpt"  # config.json of a saved RecycleGPT (base and trained module)
+
 
 @dataclass
 class RecycleConfig:
@@ -62,7 +64,7 @@ class RecycleConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": "recyclegpt", **dataclasses.asdict(self)}
+        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecycleConfig:
