@@ -37,8 +37,8 @@ import yaml
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import unrolled_losses
 from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
-from recyclegpt.train.corpus import STDLIB, read_texts, resolve, stdlib_heldout_text
-from recyclegpt.train.selfgen import corpus_prompts, self_generate, write_samples
+from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
+from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate, write_samples
 
 BYTES_PER_TOKEN = 4.0  # English prose through a 49k BPE (TinyStories + SmolLM2: ~4.1); only for sizing
 
@@ -132,11 +132,11 @@ def self_generate_corpus(
 ) -> dict[str, Any]:
     """The base's greedy continuations of prompts sliced from ``prompt_files``, written to ``out``
     within ``seconds``; decoded in the precision ``auto`` picks for this machine."""
-    text = "".join(read_texts(resolve(prompt_files), args.selfgen_prompt_bytes))
-    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = corpus_ids(model.tokenizer, prompt_files, args.selfgen_prompt_bytes)
     prompt_tokens = 32
     new_tokens = max(32, block_size - prompt_tokens)
-    model.to(auto_dtype("cpu")).eval()
+    dtype = auto_dtype("cpu")
+    model.to(dtype).eval()
     count = args.max_tokens // block_size + 1 if args.max_tokens else 100_000  # else more than any budget reaches
     prompts = corpus_prompts(ids, count, prompt_tokens)
     samples, report = self_generate(model, prompts, new_tokens, args.selfgen_batch, seconds=seconds)
@@ -147,7 +147,7 @@ def self_generate_corpus(
         "selfgen_tokens": report.new_tokens + report.samples * prompt_tokens,
         "selfgen_characters": characters,
         "selfgen_tokens_per_s": report.tokens_per_second,
-        "selfgen_dtype": dtype_name(auto_dtype("cpu")),
+        "selfgen_dtype": dtype_name(dtype),
     }
 
 

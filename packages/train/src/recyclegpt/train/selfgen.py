@@ -23,6 +23,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.precision import hardware_summary
+from recyclegpt.train.corpus import CorpusError, check_readable, read_texts, resolve
 
 
 @dataclass
@@ -36,6 +37,12 @@ class SelfGenReport:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def corpus_ids(tokenizer: Any, files: list[str], max_bytes: int) -> torch.Tensor:
+    """Token ids of the first ``max_bytes`` characters of ``files`` (files, directories, globs or ``stdlib``)."""
+    text = "".join(read_texts(resolve(files), max_bytes))
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def corpus_prompts(ids: torch.Tensor, count: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -112,17 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-bytes", type=int, default=2_000_000, help="characters of the prompt corpus read")
     parser.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     args = parser.parse_args(argv)
-    numbers = {"--samples": args.samples, "--prompt-tokens": args.prompt_tokens, "--new-tokens": args.new_tokens}
-    numbers["--batch-size"] = args.batch_size
-    for flag, value in numbers.items():
+    counts = {
+        "--samples": args.samples,
+        "--prompt-tokens": args.prompt_tokens,
+        "--new-tokens": args.new_tokens,
+        "--batch-size": args.batch_size,
+    }
+    for flag, value in counts.items():
         if value < 1:
             sys.exit(f"recyclegpt-selfgen: error: {flag} must be >= 1, got {value}")
     if args.temperature < 0:
         sys.exit(f"recyclegpt-selfgen: error: --temperature must be >= 0, got {args.temperature}")
-    from recyclegpt.train.corpus import CorpusError, read_texts, resolve
-
     try:
-        text = "".join(read_texts(resolve([args.prompts_from]), args.max_bytes))
+        check_readable([args.prompts_from])  # before the model loads
     except CorpusError as error:
         sys.exit(f"recyclegpt-selfgen: error: {error}")
     try:
@@ -134,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     context = model.config.max_seq_len
     if args.prompt_tokens + args.new_tokens > context:
         sys.exit(f"recyclegpt-selfgen: error: --prompt-tokens + --new-tokens exceeds the context of {context}")
-    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     try:
+        ids = corpus_ids(model.tokenizer, [args.prompts_from], args.max_bytes)
         prompts = corpus_prompts(ids, args.samples, args.prompt_tokens, args.seed)
-    except ValueError as error:
+    except ValueError as error:  # CorpusError included
         sys.exit(f"recyclegpt-selfgen: error: {error}")
     seconds = args.minutes * 60 if args.minutes else None
     samples, report = self_generate(
