@@ -1,4 +1,4 @@
-"""The fast decode path: fused projections, weight-only int8, quantized save/reload, draft planning."""
+"""The fast decode path: fused projections, weight-only int8 and int4, quantized save/reload, draft planning."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
-from recyclegpt.core.quantize import Int8Linear, quantize_weight
+from recyclegpt.core.quantize import Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4
 from recyclegpt.core.speculation import DraftPlanner, StepCosts
 
 from .conftest import tiny_config
@@ -97,6 +97,74 @@ def test_from_pretrained_quantizes(tmp_path: Path, tiny_model: RecycleGPT) -> No
         RecycleGPT.from_pretrained(tmp_path / "fp32", quantize="int3")
 
 
+def test_int4_quantization_keeps_q4_1_weights_exactly() -> None:
+    """A weight already in GGUF Q4_1's form (q * scale + min per 32 values, q spanning 0..15) comes back."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (48, 4, 32), generator=generator)
+    q[..., 0], q[..., 1] = 0, 15
+    scales, mins = torch.rand(48, 4, 1, generator=generator) / 10, torch.randn(48, 4, 1, generator=generator) / 10
+    weight = (q * scales + mins).view(48, 128)
+    quantized, got_scales, got_mins = quantize_weight_int4(weight)
+    assert torch.equal(quantized.view(48, 4, 32), q.to(torch.uint8))
+    assert torch.allclose(got_scales, scales[..., 0], rtol=1e-5) and torch.allclose(got_mins, mins[..., 0])
+    linear = torch.nn.Linear(128, 48, bias=False)
+    linear.weight.data.copy_(weight)
+    assert torch.allclose(Int4Linear.from_linear(linear).dequantized(), weight, atol=1e-6)
+
+
+def test_int4_quantization_error_is_at_most_half_a_step() -> None:
+    weight = torch.randn(32, 64)
+    q, scales, mins = quantize_weight_int4(weight)
+    rebuilt = q.view(32, 2, 32).float() * scales[..., None] + mins[..., None]
+    assert bool(((rebuilt.view(32, 64) - weight).abs() <= scales.repeat_interleave(32, 1) / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int4_linear_matches_its_dequantized_weight(rows: int) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True)
+    layer = Int4Linear.from_linear(linear)
+    x = torch.randn(1, rows, 64)
+    expected = torch.nn.functional.linear(x, layer.dequantized(), linear.bias)
+    out = layer(x)
+    assert out.shape == (1, rows, 96) and out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations, scales and minimums inside
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (96, 32)  # two 4-bit values a byte
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_model_speculative_equals_standard(tiny_model: RecycleGPT, prompts, dtype: torch.dtype) -> None:
+    model = prepare_for_decoding(tiny_model.to(dtype), quantize="int4")
+    assert all(isinstance(layer.mlp.gate_up_proj, Int4Linear) for layer in model.model.layers)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, Int4Linear)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.recycle.layers[0].mlp.down_proj, Int8Linear)
+    for prompt in prompts:
+        standard = model.generate(prompt, 20)
+        for policy in ("fixed", "adaptive"):
+            out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
+            assert torch.equal(out.sequences, standard.sequences)
+
+
+def test_int4_keeps_int8_where_the_kernel_cannot_take_the_weight() -> None:
+    model = RecycleGPT(tiny_config(intermediate_size=40))  # gate/up: 80 x 32 fits; down: 32 x 40 does not
+    prepare_for_decoding(model, quantize="int4")
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.gate_up_proj, Int4Linear) and isinstance(mlp.down_proj, Int8Linear)  # 40 % 32 != 0
+
+
+def test_int4_save_reloads_identically_and_refuses_requantizing(tmp_path: Path, tiny_model: RecycleGPT) -> None:
+    model = prepare_for_decoding(tiny_model, quantize="int4")
+    model.save_pretrained(tmp_path / "int4")
+    loaded = RecycleGPT.from_pretrained(tmp_path / "int4")
+    assert isinstance(loaded.model.layers[1].mlp.gate_up_proj, Int4Linear)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    assert torch.equal(loaded.generate(ids, 10).sequences, model.generate(ids, 10).sequences)
+    with pytest.raises(ValueError, match="already quantized as int4"):
+        RecycleGPT.from_pretrained(tmp_path / "int4", quantize="int8")
+
+
 def costs(two: float = 1.05, module: float = 0.2, depth: int = 5) -> StepCosts:
     """A 1-token step costs 1; a k-token step 1 + (two - 1) * (k - 1)."""
     return StepCosts([0.0, *(1 + (two - 1) * (k - 1) for k in range(1, depth + 2))], module)
@@ -136,7 +204,7 @@ def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:
     )
     out = capsys.readouterr().out
     assert "measured on: CPU" in out
-    for row in ("| fp32 |", "| fp32+int8 |", "transformers generate [fp32]", "standard [fp32+int8]"):
+    for row in ("| fp32 |", "| fp32+int8 |", "| fp32+int4 |", "transformers generate [fp32]", "standard [fp32+int4]"):
         assert row in out
     assert "speculative<=2 [fp32+int8]" in out and "5 tokens" in out
 

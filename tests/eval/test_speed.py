@@ -104,5 +104,12 @@ def test_int8_speed_reports_adaptive_speculative_and_stays_lossless(tiny_model_d
 def test_unknown_quantize_is_a_one_line_error(tiny_model_dir, heldout_text, capsys):
     from recyclegpt.eval.cli import main
 
-    code = main(["quality", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "int4"])
-    assert code == 2 and "int4" in capsys.readouterr().err
+    code = main(["quality", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "int3"])
+    assert code == 2 and "int3" in capsys.readouterr().err
+
+
+def test_quantize_choices_match_core():
+    from recyclegpt.core.quantize import QUANTIZE_CHOICES
+    from recyclegpt.eval import cli
+
+    assert cli.QUANTIZE_CHOICES == QUANTIZE_CHOICES  # the CLI keeps a copy so that --help stays fast

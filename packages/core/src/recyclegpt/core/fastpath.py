@@ -3,7 +3,10 @@
 ``prepare_for_decoding(model, quantize="int8", fuse=True)`` fuses each layer's q/k/v projections
 into one matmul and its gate/up projections into another (fewer, bigger operators: a decode step
 on a small model is dominated by per-operator overhead), then swaps every linear of the base, the
-module and the LM head for a weight-only int8 one (:mod:`recyclegpt.core.quantize`). The result
+module and the LM head for a weight-only int8 one (:mod:`recyclegpt.core.quantize`).
+``quantize="int4"`` gives the base's decoder layers 4-bit weights in groups of 32 (GGUF Q4_1's
+format) and keeps the module and the LM head in int8: the head is also the input embedding, which
+GGUF files keep at 8 bits, and the small module is where a draft's quality is decided. The result
 is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and
 ``from_pretrained`` rebuilds the same structure before loading the weights.
 """
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.core.model import MLP, Attention, RecycleGPT
+from recyclegpt.core.model import MLP, Attention, KVCache, RecycleGPT, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, Int8Linear, quantize_linears
 from recyclegpt.core.speculation import forget_measurements
 
@@ -55,6 +58,32 @@ class FusedAttention(Attention):
         q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
         return q, k, v
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_index: int,
+    ) -> torch.Tensor:
+        """:meth:`Attention.forward` with fewer operators: queries and keys rotate as one tensor."""
+        batch, num_new, _ = x.shape
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(batch, num_new, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        if cache is not None:
+            start, end = cache.length, cache.length + num_new
+            keys, values = cache.keys[layer_index], cache.values[layer_index]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=cache is None and mask is None, enable_gqa=kv_heads != heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, num_new, -1))
+
 
 class FusedMLP(nn.Module):
     """SwiGLU MLP whose gate and up projections are one ``gate_up_proj`` matmul."""
@@ -84,9 +113,10 @@ def fuse_projections(model: RecycleGPT) -> None:
                 layer.mlp = FusedMLP(layer.mlp)
 
 
-def quantize_model(model: RecycleGPT) -> int:
-    """Weight-only int8 for every linear of the base, the module and the LM head; how many."""
-    count = sum(quantize_linears(stack) for stack in _stacks(model))
+def quantize_model(model: RecycleGPT, quantize: str = "int8") -> int:
+    """Weight-only int8 for every linear of the module and the LM head, and int8 or int4
+    (``quantize``) for the base's decoder layers; how many linears."""
+    count = quantize_linears(model.model, bits=4 if quantize == "int4" else 8) + quantize_linears(model.recycle)
     if not isinstance(model.lm_head, Int8Linear):
         model.lm_head = Int8Linear.from_linear(model.lm_head)
         count += 1
@@ -103,7 +133,9 @@ def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: b
     """Transform ``model`` in place for fast decoding and return it.
 
     ``quantize``: ``None``/``"none"`` keeps the weights, ``"int8"`` makes every linear weight-only
-    int8. ``fuse``: one matmul for q/k/v and one for gate/up. Both are idempotent; neither undoes.
+    int8, ``"int4"`` the base's decoder linears int4 and the rest int8. ``fuse``: one matmul for
+    q/k/v and one for gate/up. Both are idempotent; neither undoes. Quantize fp32 weights where you
+    can (``from_pretrained`` does): scales computed from bf16-rounded weights lose a little more.
     Greedy outputs of the three decoders keep their relations (speculative equals standard) on the
     transformed model; quantization changes the model itself (see the README for its perplexity cost).
     """
@@ -111,12 +143,15 @@ def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: b
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     setup = decoding_setup(model)
+    done = setup.get("quantize")
+    if quantize != "none" and done not in (None, quantize):
+        raise ValueError(f"the model is already quantized as {done}; load it again to quantize it as {quantize}")
     if fuse:
         fuse_projections(model)
         setup["fuse"] = True
-    if quantize == "int8":
-        quantize_model(model)
-        setup["quantize"] = "int8"
+    if quantize != "none" and done is None:
+        quantize_model(model, quantize)
+        setup["quantize"] = quantize
     model.requires_grad_(False)
     if setup:
         model.config.extra[SETUP_KEY] = setup
@@ -126,4 +161,5 @@ def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: b
 
 def rebuild_structure(model: RecycleGPT, setup: dict[str, Any]) -> None:
     """Give a freshly built model the layout ``setup`` describes, so a saved state dict loads."""
+    model.config.extra.pop(SETUP_KEY, None)  # its config already records the setup; its layers do not yet
     prepare_for_decoding(model, quantize=setup.get("quantize"), fuse=bool(setup.get("fuse")))

@@ -1,8 +1,14 @@
-"""Weight-only int8 linears: per-output-channel symmetric int8 weights, float activations.
+"""Weight-only int8 and int4 linears: float activations, integer weights.
+
+int8: per-output-channel symmetric weights. int4: groups of ``INT4_GROUP_SIZE`` weights along a
+row, each with a scale and a minimum (value = q * scale + min, q in 0..15): GGUF's Q4_1 format, so
+a Q4_1 checkpoint's linears come back exactly, up to the bf16 rounding of scales and minimums.
 
 On CPU the matmul is torch's own ``aten._weight_int8pack_mm``, fed bf16 activations (its fast
 path on every x86 CPU, AVX2 included; with fp32 activations the same op is ~10x slower), so an
 fp32 model casts activations to bf16 around each int8 matmul and everything else stays fp32.
+int4 runs ``aten._weight_int4pack_mm_for_cpu`` on a packed copy made at the first call (the
+packed layout is the kernel's own; the state dict keeps the plain one: two 4-bit values a byte).
 Elsewhere (CUDA) the weight is dequantized into the activation dtype inside ``F.linear``.
 
 torchao's ``Int8WeightOnlyConfig`` was measured first (torchao 0.18.0 with torch 2.13 on CPU):
@@ -15,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT8_MAX = 127
+INT4_GROUP_SIZE = 32
+INT4_MAX = 15
+INT4_KERNEL_ROWS = 16  # the CPU int4 kernel packs output rows in tiles of 16
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +74,13 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":
             if self._bf16_scales is None:
                 self._bf16_scales = self.scales.to(torch.bfloat16)
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            flat = x.reshape(-1, self.in_features)
+            if x.dtype != torch.bfloat16:
+                flat = flat.to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._bf16_scales)
-            out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            out = out.view(*x.shape[:-1], self.out_features)
+            if x.dtype != torch.bfloat16:
+                out = out.to(x.dtype)
         else:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
@@ -85,13 +98,103 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def quantize_linears(root: nn.Module, include: tuple[type[nn.Module], ...] = (nn.Linear,)) -> int:
-    """Replace every ``nn.Linear`` under ``root`` by an :class:`Int8Linear`, in place; how many."""
+def quantize_weight_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
+    """q [N, K] (0..15, uint8), scales and mins [N, K / group_size] (fp32): ``w ~= q * scale + min``."""
+    weight = weight.detach().float()
+    rows, cols = weight.shape
+    groups = weight.view(rows, cols // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low).clamp(min=1e-12) / INT4_MAX
+    q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, INT4_MAX).to(torch.uint8)
+    return q.view(rows, cols), scales, low
+
+
+def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """Can the int4 kernel take this weight (whole groups along a row, output rows in tiles of 16)?"""
+    return linear.in_features % group_size == 0 and linear.out_features % INT4_KERNEL_ROWS == 0
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with a 4-bit weight in groups (buffers ``weight`` [N, K/2] uint8, two values a
+    byte, high nibble first; ``scales`` and ``mins`` [N, K / group_size])."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group_size))
+        self.register_buffer("mins", torch.zeros(out_features, in_features // group_size))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        q, scales, mins = quantize_weight_int4(linear.weight, group_size)
+        device, dtype = linear.weight.device, linear.weight.dtype
+        layer.weight = (q[:, 0::2] << 4 | q[:, 1::2]).to(device)
+        layer.scales, layer.mins = scales.to(device=device, dtype=dtype), mins.to(device=device, dtype=dtype)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def unpacked(self) -> torch.Tensor:
+        """q [N, K] as int32, 0..15."""
+        q = torch.stack((self.weight >> 4, self.weight & 0xF), dim=-1)
+        return q.view(self.out_features, self.in_features).to(torch.int32)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] this layer computes with (before the kernel's bf16 rounding)."""
+        groups = self.unpacked().view(self.out_features, -1, self.group_size).to(torch.float32)
+        weight = groups * self.scales.float()[..., None] + self.mins.float()[..., None]
+        return weight.view(self.out_features, self.in_features).to(dtype)
+
+    def _cpu_kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._packed is None:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+            zeros = self.mins.float() + (INT4_MAX + 1) // 2 * self.scales.float()  # the kernel: (q - 8) * s + z
+            scales_zeros = torch.stack((self.scales.float(), zeros), dim=-1).transpose(0, 1).contiguous()
+            self._packed = (packed, scales_zeros.to(torch.bfloat16))
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            packed, scales_zeros = self._cpu_kernel_inputs()
+            flat = x.reshape(-1, self.in_features)
+            if x.dtype != torch.bfloat16:
+                flat = flat.to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
+            out = out.view(*x.shape[:-1], self.out_features)
+            if x.dtype != torch.bfloat16:
+                out = out.to(x.dtype)
+        else:
+            out = F.linear(x, self.dequantized(x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 weight-only, groups of {self.group_size}"
+        )
+
+
+def quantize_linears(root: nn.Module, bits: int = 8) -> int:
+    """Replace every ``nn.Linear`` under ``root`` by an :class:`Int8Linear` (``bits=8``) or an
+    :class:`Int4Linear` (``bits=4``; a weight the int4 kernel cannot take gets int8), in place; how many."""
     count = 0
     for name, child in list(root.named_children()):
-        if isinstance(child, include) and not isinstance(child, Int8Linear):
-            setattr(root, name, Int8Linear.from_linear(child))
+        if isinstance(child, nn.Linear):
+            use_int4 = bits == 4 and int4_fits(child)
+            setattr(root, name, Int4Linear.from_linear(child) if use_int4 else Int8Linear.from_linear(child))
             count += 1
         else:
-            count += quantize_linears(child, include)
+            count += quantize_linears(child, bits)
     return count

@@ -16,14 +16,21 @@ DTYPES = DTYPE_CHOICES
 DTYPE_HELP = (
     "weights and compute dtype; auto: bf16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX), else fp32"
 )
-QUANTIZE_CHOICES = ("none", "int8")  # recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast)
+QUANTIZE_CHOICES = (
+    "none",
+    "int8",
+    "int4",
+)  # recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast)
 
 
 def _common(parser: ArgumentParser, command: str) -> None:
     parser.add_argument("--model", required=True, help="a RecycleGPT directory written by save_pretrained")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     parser.add_argument(
-        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 linears (fast path)"
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_CHOICES,
+        help="int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fast path)",
     )
     parser.add_argument(
         "--json", default=f"artifacts/eval/{command}.json", help="result JSON; .md (and .png) beside it"
@@ -62,7 +69,9 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--prompt", default="def main(", help="text to continue")
     samples.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per mode")
     samples.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    samples.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8: weight-only int8 linears")
+    samples.add_argument(
+        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8 or int4 weight-only linears (fast path)"
+    )
     commands.add_subcommand("samples", samples)
     return parser
 

@@ -12,8 +12,8 @@ from recyclegpt.eval.errors import EvalError
 
 
 def load_model(path: str, dtype: str = "auto", quantize: str = "none") -> RecycleGPT:
-    """A saved RecycleGPT with its tokenizer, on CUDA when available, else CPU; ``quantize="int8"``:
-    the fast decode path with int8 weights (:func:`recyclegpt.core.fastpath.prepare_for_decoding`)."""
+    """A saved RecycleGPT with its tokenizer, on CUDA when available, else CPU; ``quantize`` ``int8``
+    or ``int4``: the fast decode path with quantized weights (:func:`recyclegpt.core.fastpath.prepare_for_decoding`)."""
     if not Path(path).exists():
         raise EvalError(f"model directory {path} does not exist")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,7 +33,10 @@ def build_parser() -> ArgumentParser:
         help="auto: bf16 on a GPU or a CPU with AVX512-BF16/AMX, else fp32",
     )
     parser.add_argument(
-        "--quantize", type=Literal["none", "int8"], default="none", help="int8: weight-only int8 linears (fast path)"
+        "--quantize",
+        type=Literal["none", "int8", "int4"],
+        default="none",
+        help="int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fast path)",
     )
     parser.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-queue", type=int, default=128, help="requests in flight before new ones get 503")
