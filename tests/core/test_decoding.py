@@ -175,8 +175,22 @@ def test_sampling_is_reproducible_with_seed(tiny_model) -> None:
     ids = torch.tensor([[1, 2, 3]])
     for decoding in ("standard", "alternating", "speculative"):
         a = tiny_model.generate(ids, 15, decoding=decoding, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+        tiny_model.generate(ids, 30, decoding="speculative")  # leaves acceptance a seeded call must not use
         b = tiny_model.generate(ids, 15, decoding=decoding, temperature=1.0, top_k=20, top_p=0.9, seed=7)
         assert torch.equal(a.sequences, b.sequences)
+
+
+def test_adaptive_drafting_starts_from_what_earlier_calls_learned(tiny_model, trained_model) -> None:
+    """A random module's rejections carry over (the next call does not relearn them); a trained
+    module's acceptance too; a seeded sampling call plans from the prior."""
+    from recyclegpt.core.speculation import draft_planner
+
+    assert draft_planner(tiny_model, 4).plan(4) >= 1  # nothing learned yet: the prior says try
+    tiny_model.generate(torch.tensor([[1, 2, 3]]), 40, decoding="speculative")
+    assert draft_planner(tiny_model, 4).plan(4) == 0  # its drafts were rejected or too unsure to verify
+    assert draft_planner(tiny_model, 4, remember=False).plan(4) >= 1
+    trained_model.generate(pattern_prompts()[1], 30, decoding="speculative", draft_length=4)
+    assert draft_planner(trained_model, 4).plan(4) >= 3
 
 
 @pytest.mark.parametrize("decoding", ["standard", "alternating", "speculative"])

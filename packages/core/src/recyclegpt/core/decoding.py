@@ -15,7 +15,7 @@ import torch
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
 from recyclegpt.core.sampling import SamplingParams, sample, token_probs
-from recyclegpt.core.speculation import DRAFT_POLICIES, DraftPlanner, draft_planner
+from recyclegpt.core.speculation import DRAFT_POLICIES, DraftPlanner, draft_planner, remember_acceptance
 
 DECODING_MODES = ("standard", "alternating", "speculative")
 
@@ -103,8 +103,8 @@ def generate(
     ``on_tokens`` is called with each group of tokens [B, k] as soon as it is accepted (streaming);
     when it returns True, decoding stops there and the output so far is returned.
     ``draft_policy``: ``adaptive`` drafts as far as pays on this machine (measured step costs,
-    acceptance seen so far, the module's confidence; at most ``draft_length``); ``fixed`` always
-    drafts ``draft_length`` tokens.
+    acceptance seen so far in this and earlier calls, the module's confidence; at most
+    ``draft_length``); ``fixed`` always drafts ``draft_length`` tokens.
     """
     if draft_policy not in DRAFT_POLICIES:
         raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
@@ -128,8 +128,12 @@ def generate(
     elif decoding == "alternating":
         _alternating(state, params, eos_token_id)
     else:
-        planner = draft_planner(model, draft_length) if draft_policy == "adaptive" else None
+        # A seeded sampling call plans from the prior, so that it repeats whatever ran before it.
+        remember = params.greedy or seed is None
+        planner = draft_planner(model, draft_length, remember) if draft_policy == "adaptive" else None
         _speculative(state, params, eos_token_id, draft_length, planner)
+        if planner is not None and remember:
+            remember_acceptance(model, planner)
     return state.finish(pad_token_id if pad_token_id is not None else eos_token_id)
 
 

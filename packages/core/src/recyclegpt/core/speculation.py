@@ -8,9 +8,11 @@ d (0 = a plain standard step) with the most tokens per millisecond. While drafti
 the next draft no longer pays for its step or the module's probability of its draft falls below
 ``CONFIDENCE_FLOOR``. When drafting does not
 pay it probes with one draft at exponentially growing intervals, so a module that starts agreeing
-is noticed again. ``draft_length`` stays the upper bound. Costs are cached on the model;
-acceptance is learned afresh in each generate call, so a seeded call always repeats itself. None of this changes the output: greedy
-speculative equals standard whatever the depth, and sampling follows the full model.
+is noticed again. ``draft_length`` stays the upper bound. Costs are cached on the model, and so is
+what a call learned of acceptance: the next call starts from it (a server's steady state, where a
+module that never agrees costs a probe now and then, not a relearning per request). A seeded
+sampling call starts from the prior instead, so that it always repeats itself. None of this changes
+the output: greedy speculative equals standard whatever the depth, and sampling follows the full model.
 """
 
 from __future__ import annotations
@@ -154,12 +156,28 @@ def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
     return costs
 
 
-def draft_planner(model: RecycleGPT, draft_length: int) -> DraftPlanner:
-    """A fresh planner for one generate call, drafts up to ``draft_length``, over the model's
-    cached step costs (acceptance starts from the prior every call, so a seeded call repeats)."""
-    return DraftPlanner(step_costs(model, draft_length + 1))
+def draft_planner(model: RecycleGPT, draft_length: int, remember: bool = True) -> DraftPlanner:
+    """A planner for one generate call, drafts up to ``draft_length``, over the model's cached step
+    costs; with ``remember`` it starts from the acceptance the model's earlier calls left (see
+    :func:`remember_acceptance`), else from the prior."""
+    planner = DraftPlanner(step_costs(model, draft_length + 1))
+    memory = model.__dict__.get("_speculation_acceptance") if remember else None
+    if memory is not None:
+        acceptance, observed, planner.probe_interval = memory
+        planner.acceptance, planner.observed = list(acceptance), list(observed)
+    return planner
+
+
+def remember_acceptance(model: RecycleGPT, planner: DraftPlanner) -> None:
+    """Keep what ``planner`` learned of acceptance for the model's next call."""
+    model.__dict__["_speculation_acceptance"] = (
+        list(planner.acceptance),
+        list(planner.observed),
+        planner.probe_interval,
+    )
 
 
 def forget_measurements(model: RecycleGPT) -> None:
-    """Drop the cached step costs (after the model was transformed)."""
+    """Drop the cached step costs and acceptance (after the model was transformed)."""
     model.__dict__.pop("_speculation_costs", None)
+    model.__dict__.pop("_speculation_acceptance", None)
