@@ -88,17 +88,23 @@ def test_bf16_speed_gate_checks_losslessness_in_fp32(tiny_model_dir, heldout_tex
     assert code == (0 if result["speculative"]["identical_up_to_ties"] else 1)
 
 
-def test_int8_speed_reports_adaptive_speculative_and_stays_lossless(tiny_model_dir, heldout_text, tmp_path):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_speed_reports_adaptive_speculative_and_checks_losslessness(
+    tiny_model_dir, heldout_text, tmp_path, quantize
+):
     from recyclegpt.eval.cli import main
 
-    argv = ["speed", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "int8"]
+    argv = ["speed", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", quantize]
     fast = ["--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "6", "--repeats", "1"]
-    assert main([*argv, *fast, "--json", str(tmp_path / "s.json")]) == 0
+    code = main([*argv, *fast, "--dtype", "fp32", "--json", str(tmp_path / "s.json")])
     result = json.loads((tmp_path / "s.json").read_text())
-    assert result["quantize"] == "int8"
-    adaptive = result["speculative"]["adaptive"]
-    assert adaptive["identical_to_standard"] and adaptive["vs_best_fixed"] > 0
-    assert "speculative adaptive" in (tmp_path / "s.md").read_text()
+    assert result["quantize"] == quantize and result["dtype"] == "fp32"
+    # Quantized kernels compute in bf16 even in an fp32 model: exactness is checked on the fp32 weights.
+    assert result["speculative"]["identical_to_standard_fp32"] is True
+    assert code == (0 if result["speculative"]["identical_up_to_ties"] else 1)
+    assert result["speculative"]["adaptive"]["vs_best_fixed"] > 0
+    markdown = (tmp_path / "s.md").read_text()
+    assert "speculative adaptive" in markdown and "exact check in fp32 on the unquantized weights: yes" in markdown
 
 
 def test_unknown_quantize_is_a_one_line_error(tiny_model_dir, heldout_text, capsys):

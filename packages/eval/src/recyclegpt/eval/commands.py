@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from recyclegpt.core.fastpath import prepare_for_decoding
 from recyclegpt.core.precision import dtype_name, hardware_summary
 from recyclegpt.core.profiling import measure_step_cost, timed
 from recyclegpt.eval import data, quality, report, speed
@@ -175,16 +176,17 @@ def run_speed(
             result["speculative"].setdefault("mismatches", []).append(
                 {"draft_length": draft_length, "prompt": i + 1, **where}
             )
-            if where["numerical_tie"] and dtype != "fp32":
+            if where["numerical_tie"] and (dtype != "fp32" or quantize != "none"):
                 continue  # a bf16 tie broken the other way; the fp32 check below decides
             tie = " (a numerical tie of the base's logits)" if where["numerical_tie"] else ""
             failures.append(
                 f"speculative (draft length {draft_length}) differs from standard on prompt {i + 1} at new token "
                 f"{where['new_token_index']}: tokens {where['tokens']}, base logit gap {where['logit_gap']:.3g}{tie}"
             )
-    if dtype != "fp32":
-        # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts.
-        exact = data.load_model(model, "fp32", quantize)
+    if dtype != "fp32" or quantize != "none":
+        # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts,
+        # on the unquantized weights (quantized kernels compute in bf16) in the fast path's layout.
+        exact = prepare_for_decoding(data.load_model(model, "fp32"), fuse=quantize != "none")
         fp32_bad = speed.exact_equality_failures(exact, prompts, max_new_tokens)
         result["speculative"]["identical_to_standard_fp32"] = not fp32_bad
         failures += fp32_bad

@@ -92,16 +92,17 @@ def speed_markdown(result: dict[str, Any]) -> str:
         + (f", adaptive {spec['adaptive']['vs_best_fixed']:.2f}x of it" if "adaptive" in spec else "")
         + "; "
         f"speculative output identical to standard: {_fmt(spec['identical_to_standard'])}"
-        f"{_equality_note(spec)}.\n"
+        f"{_equality_note(spec, bool(_quantized(result)))}.\n"
     )
 
 
-def _equality_note(spec: dict[str, Any]) -> str:
-    """In bf16, say whether differences were only rounding ties and what the exact fp32 check found."""
+def _equality_note(spec: dict[str, Any], quantized: bool = False) -> str:
+    """In bf16 or quantized, say whether differences were only rounding ties and what the exact fp32 check found."""
     if "identical_to_standard_fp32" not in spec:
         return ""
     ties = " (differences are bf16 logit ties only)" if spec.get("mismatches") and spec["identical_up_to_ties"] else ""
-    return f"{ties}; exact check in fp32: {_fmt(spec['identical_to_standard_fp32'])}"
+    weights = " on the unquantized weights" if quantized else ""
+    return f"{ties}; exact check in fp32{weights}: {_fmt(spec['identical_to_standard_fp32'])}"
 
 
 def speed_chart(result: dict[str, Any], path: Path) -> None:

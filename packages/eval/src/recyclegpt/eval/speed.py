@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from recyclegpt.core import RecycleGPT
+from recyclegpt.core.fastpath import decoding_setup
 from recyclegpt.core.peer import peer_generate, transformers_peer
 from recyclegpt.core.profiling import interleaved
 from recyclegpt.eval.peer import CallCounter
@@ -161,7 +162,8 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     """Where ``actual`` [1, N] first leaves ``expected`` [1, N], and the base's logit gap there.
 
     A gap near zero (within the dtype's rounding) is a numerical tie that a different
-    computation order broke the other way, not a decoding bug.
+    computation order broke the other way, not a decoding bug. A quantized model's matmuls take and
+    give bf16 whatever its dtype, so bf16's rounding applies to it.
     """
     index = int((expected.cpu() != actual.cpu())[0].nonzero()[0])
     device = model.model.norm.weight.device
@@ -169,7 +171,8 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     logits = model(prefix)[0, -1].float()
     want, got = int(expected[0, index]), int(actual[0, index])
     gap = float(logits[want] - logits[got])
-    tolerance = 4 * torch.finfo(model.model.norm.weight.dtype).eps * float(logits.abs().max())
+    dtype = torch.bfloat16 if decoding_setup(model).get("quantize") else model.model.norm.weight.dtype
+    tolerance = 4 * torch.finfo(dtype).eps * float(logits.abs().max())
     return {"new_token_index": index, "tokens": [want, got], "logit_gap": gap, "numerical_tie": abs(gap) <= tolerance}
 
 
