@@ -24,17 +24,22 @@ def test_quantize_weight_reconstructs_within_half_a_step() -> None:
     assert bool((error <= scales[:, None] / 2 + 1e-6).all())
 
 
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int8_linear_matches_its_dequantized_weight(rows: int) -> None:
+def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=True)
-    layer = Int8Linear.from_linear(linear)
+    layer = layer_type.from_linear(linear)
     x = torch.randn(1, rows, 64)
-    dequantized = layer.weight.float() * layer.scales[:, None]
-    expected = torch.nn.functional.linear(x, dequantized, linear.bias)
+    expected = torch.nn.functional.linear(x, layer.dequantized(), linear.bias)
     out = layer(x)
     assert out.shape == (1, rows, 96) and out.dtype == torch.float32
-    assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations inside
+    assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations (and int4 scales) inside
+
+
+def test_int4_weight_takes_half_a_byte_per_value() -> None:
+    layer = Int4Linear.from_linear(torch.nn.Linear(64, 96))
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (96, 32)  # two 4-bit values a byte
 
 
 def test_fusing_is_exact(tiny_model: RecycleGPT, prompts) -> None:
@@ -117,19 +122,6 @@ def test_int4_quantization_error_is_at_most_half_a_step() -> None:
     q, scales, mins = quantize_weight_int4(weight)
     rebuilt = q.view(32, 2, 32).float() * scales[..., None] + mins[..., None]
     assert bool(((rebuilt.view(32, 64) - weight).abs() <= scales.repeat_interleave(32, 1) / 2 + 1e-6).all())
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int4_linear_matches_its_dequantized_weight(rows: int) -> None:
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 96, bias=True)
-    layer = Int4Linear.from_linear(linear)
-    x = torch.randn(1, rows, 64)
-    expected = torch.nn.functional.linear(x, layer.dequantized(), linear.bias)
-    out = layer(x)
-    assert out.shape == (1, rows, 96) and out.dtype == torch.float32
-    assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations, scales and minimums inside
-    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (96, 32)  # two 4-bit values a byte
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

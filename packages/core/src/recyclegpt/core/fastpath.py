@@ -53,11 +53,6 @@ class FusedAttention(Attention):
         fused.o_proj = attention.o_proj
         return fused
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kv_width = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        return q, k, v
-
     def forward(
         self,
         x: torch.Tensor,
@@ -72,17 +67,7 @@ class FusedAttention(Attention):
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(batch, num_new, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
         qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
-        if cache is not None:
-            start, end = cache.length, cache.length + num_new
-            keys, values = cache.keys[layer_index], cache.values[layer_index]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            k, v = keys[:, :, :end], values[:, :, :end]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=cache is None and mask is None, enable_gqa=kv_heads != heads
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, num_new, -1))
+        return self.attend(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], mask, cache, layer_index)
 
 
 class FusedMLP(nn.Module):

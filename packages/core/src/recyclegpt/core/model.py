@@ -125,10 +125,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values [B, T, heads * head_dim] (one fused matmul in core.fastpath)."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -139,17 +135,30 @@ class Attention(nn.Module):
         layer_index: int,
     ) -> torch.Tensor:
         batch, num_new, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.attend(q, k, v, mask, cache, layer_index)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_index: int,
+    ) -> torch.Tensor:
+        """Append rotated keys and values [B, kv_heads, T, head_dim] to the cache, attend, project out."""
+        batch, _, num_new, _ = q.shape
         if cache is not None:
             start, end = cache.length, cache.length + num_new
-            cache.keys[layer_index, :, :, start:end] = k
-            cache.values[layer_index, :, :, start:end] = v
-            k = cache.keys[layer_index, :, :, :end]
-            v = cache.values[layer_index, :, :, :end]
+            keys, values = cache.keys[layer_index], cache.values[layer_index]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]
         out = F.scaled_dot_product_attention(
             q,
             k,

@@ -85,6 +85,10 @@ class Int8Linear(nn.Module):
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] this layer computes with (before the kernel's bf16 rounding)."""
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+
     def select_rows(self, ids: torch.Tensor) -> Int8Linear:
         """An Int8Linear over output rows ``ids`` only (a reduced draft vocabulary's head)."""
         rows = Int8Linear(self.in_features, ids.numel(), bias=self.bias is not None)
