@@ -68,6 +68,7 @@ def llama_cpp_run(gguf: Path, prompt: torch.Tensor, new_tokens: int, threads: in
 
     def run() -> int:
         produced = 0
+        llm.reset()  # else llama-cpp-python reuses the cached prompt and skips the prefill ours pays for
         for _ in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, reset=True):
             produced += 1
             if produced >= new_tokens:
