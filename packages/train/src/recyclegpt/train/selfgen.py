@@ -23,6 +23,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.precision import hardware_summary
+from recyclegpt.core.quantize import QUANTIZE_CHOICES
 from recyclegpt.train.corpus import CorpusError, check_readable, read_texts, resolve
 
 
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the evaluation decodes")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16 (auto: bf16 only where native)")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: the fast decode path")
+    parser.add_argument(
+        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8 or int4: the fast decode path"
+    )
     parser.add_argument("--max-bytes", type=int, default=2_000_000, help="characters of the prompt corpus read")
     parser.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     args = parser.parse_args(argv)
