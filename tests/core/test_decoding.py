@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT, recycle_losses
+from recyclegpt.core.speculation import forget_acceptance
 
 from .conftest import tiny_config
 
@@ -39,6 +40,7 @@ def pattern_prompts() -> list[torch.Tensor]:
 def test_speculative_greedy_equals_standard_low_acceptance(tiny_model, prompts, draft_length, draft_policy) -> None:
     for prompt in prompts:
         standard = tiny_model.generate(prompt, 25)
+        forget_acceptance(tiny_model)  # every prompt drafts from the prior, not from the last one's rejections
         speculative = tiny_model.generate(
             prompt, 25, decoding="speculative", draft_length=draft_length, draft_policy=draft_policy
         )
@@ -182,15 +184,36 @@ def test_sampling_is_reproducible_with_seed(tiny_model) -> None:
 
 def test_adaptive_drafting_starts_from_what_earlier_calls_learned(tiny_model, trained_model) -> None:
     """A random module's rejections carry over (the next call does not relearn them); a trained
-    module's acceptance too; a seeded sampling call plans from the prior."""
+    module's acceptance too; ``remember=False`` (a seeded sampling call) starts from the prior."""
     from recyclegpt.core.speculation import draft_planner
 
-    assert draft_planner(tiny_model, 4).plan(4) >= 1  # nothing learned yet: the prior says try
+    forget_acceptance(tiny_model)
+    fresh = draft_planner(tiny_model, 4)
     tiny_model.generate(torch.tensor([[1, 2, 3]]), 40, decoding="speculative")
-    assert draft_planner(tiny_model, 4).plan(4) == 0  # its drafts were rejected or too unsure to verify
-    assert draft_planner(tiny_model, 4, remember=False).plan(4) >= 1
+    learned = draft_planner(tiny_model, 4)
+    assert learned.acceptance[0] < fresh.prior and learned.observed[0] > 0 and learned.probe_interval > 1
+    assert draft_planner(tiny_model, 4, remember=False).acceptance == []
+    forget_acceptance(trained_model)
     trained_model.generate(pattern_prompts()[1], 30, decoding="speculative", draft_length=4)
-    assert draft_planner(trained_model, 4).plan(4) >= 3
+    learned = draft_planner(trained_model, 4)
+    assert min(learned.acceptance) > 0.5 and learned.plan(4) >= 3
+
+
+def test_short_calls_still_probe_a_module_that_was_rejected(tiny_model) -> None:
+    """The probe clock runs across calls: many short requests still verify a draft now and then."""
+    from recyclegpt.core.speculation import draft_planner
+
+    forget_acceptance(tiny_model)
+    prompt = torch.tensor([[1, 2, 3]])
+    tiny_model.generate(prompt, 60, decoding="speculative")  # learns to reject: long probe interval
+    interval = draft_planner(tiny_model, 4).probe_interval
+    assert interval > 4
+    probes = 0
+    for _ in range(3 * interval // 4 + 1):
+        before = draft_planner(tiny_model, 4).observed[0]
+        tiny_model.generate(prompt, 4, decoding="speculative")
+        probes += draft_planner(tiny_model, 4).observed[0] > before
+    assert probes >= 1
 
 
 @pytest.mark.parametrize("decoding", ["standard", "alternating", "speculative"])

@@ -11,7 +11,7 @@ from recyclegpt.core import RecycleGPT
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
 from recyclegpt.core.quantize import Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4
-from recyclegpt.core.speculation import DraftPlanner, StepCosts
+from recyclegpt.core.speculation import DraftPlanner, StepCosts, forget_acceptance
 
 from .conftest import tiny_config
 
@@ -65,6 +65,7 @@ def test_int8_model_speculative_equals_standard(tiny_model: RecycleGPT, prompts,
     for prompt in prompts:
         standard = model.generate(prompt, 20)
         for policy in ("fixed", "adaptive"):
+            forget_acceptance(model)
             for g in (1, 3):
                 out = model.generate(prompt, 20, decoding="speculative", draft_length=g, draft_policy=policy)
                 assert torch.equal(out.sequences, standard.sequences)
@@ -133,6 +134,7 @@ def test_int4_model_speculative_equals_standard(tiny_model: RecycleGPT, prompts,
     for prompt in prompts:
         standard = model.generate(prompt, 20)
         for policy in ("fixed", "adaptive"):
+            forget_acceptance(model)
             out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
             assert torch.equal(out.sequences, standard.sequences)
 

@@ -101,7 +101,7 @@ def test_quantized_speed_reports_adaptive_speculative_and_checks_losslessness(
     assert result["quantize"] == quantize and result["dtype"] == "fp32"
     # Quantized kernels compute in bf16 even in an fp32 model: exactness is checked on the fp32 weights.
     assert result["speculative"]["identical_to_standard_fp32"] is True
-    assert code == (0 if result["speculative"]["identical_up_to_ties"] else 1)
+    assert code == 0 and result["speculative"]["identical_up_to_ties"]  # any difference is a bf16 tie
     assert result["speculative"]["adaptive"]["vs_best_fixed"] > 0
     markdown = (tmp_path / "s.md").read_text()
     assert "speculative adaptive" in markdown and "exact check in fp32 on the unquantized weights: yes" in markdown

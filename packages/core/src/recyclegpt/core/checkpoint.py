@@ -105,7 +105,8 @@ def load_pretrained(
     ``quantize="int8"`` makes every linear weight-only int8 (``"int4"``: the base's decoder
     layers int4, the rest int8) and ``fuse`` (default: on when
     quantizing) fuses q/k/v and gate/up (:func:`recyclegpt.core.fastpath.prepare_for_decoding`).
-    A directory saved from such a model reloads in that form whatever these say.
+    A directory saved from such a model reloads in that form (asking for another quantization of
+    it raises: quantize the unquantized weights instead).
     """
     path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":

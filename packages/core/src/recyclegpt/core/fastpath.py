@@ -130,7 +130,9 @@ def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: b
     setup = decoding_setup(model)
     done = setup.get("quantize")
     if quantize != "none" and done not in (None, quantize):
-        raise ValueError(f"the model is already quantized as {done}; load it again to quantize it as {quantize}")
+        raise ValueError(
+            f"the model is already quantized as {done}; load its unquantized weights to quantize them as {quantize}"
+        )
     if fuse:
         fuse_projections(model)
         setup["fuse"] = True

@@ -9,7 +9,8 @@ path on every x86 CPU, AVX2 included; with fp32 activations the same op is ~10x 
 fp32 model casts activations to bf16 around each int8 matmul and everything else stays fp32.
 int4 runs ``aten._weight_int4pack_mm_for_cpu`` on a packed copy made at the first call (the
 packed layout is the kernel's own; the state dict keeps the plain one: two 4-bit values a byte).
-Elsewhere (CUDA) the weight is dequantized into the activation dtype inside ``F.linear``.
+Elsewhere (CUDA) the weight is dequantized into the activation dtype inside ``F.linear`` at every
+call: correct, not fast (no GPU was at hand to build and measure a CUDA kernel path).
 
 torchao's ``Int8WeightOnlyConfig`` was measured first (torchao 0.18.0 with torch 2.13 on CPU):
 a 768x3072 linear for one row took ~36 ms against ~0.3 ms for fp32, so it is not used.
@@ -25,7 +26,7 @@ QUANTIZE_CHOICES = ("none", "int8", "int4")
 INT8_MAX = 127
 INT4_GROUP_SIZE = 32
 INT4_MAX = 15
-INT4_KERNEL_ROWS = 16  # the CPU int4 kernel packs output rows in tiles of 16
+INT4_OUTPUT_TILE = 16  # the CPU int4 kernel packs output rows (N) in tiles of 16
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,20 +37,78 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with an int8 weight (buffer ``weight``) and per-output-channel ``scales``.
+def quantize_weight_int4(
+    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, K] (0..15, uint8), scales and mins [N, K / group_size] (fp32): ``w ~= q * scale + min``."""
+    weight = weight.detach().float()
+    rows, cols = weight.shape
+    groups = weight.view(rows, cols // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low).clamp(min=1e-12) / INT4_MAX
+    q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, INT4_MAX).to(torch.uint8)
+    return q.view(rows, cols), scales, low
 
-    ``weight`` keeps its name so that ``layer.weight.device`` still answers where the layer lives.
-    """
+
+def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """Can the int4 kernel take this weight (whole groups along a row, output rows in tiles of 16)?"""
+    return linear.in_features % group_size == 0 and linear.out_features % INT4_OUTPUT_TILE == 0
+
+
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 linears share: buffers ``weight`` (integer; it keeps its name so that
+    ``layer.weight.device`` still answers where the layer lives) and ``bias``, a CPU kernel fed bf16
+    activations over a kernel-format copy of the weight made at the first call, and elsewhere
+    (CUDA) ``F.linear`` over the dequantized weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        self._kernel_inputs = None  # .to(...) moved or cast the buffers the kernel copy came from
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._kernel_inputs = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The CPU kernel's weight operands (built once, then cached)."""
+        raise NotImplementedError
+
+    def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
+        """bf16 [M, K] @ weight.T -> bf16 [M, N] with the CPU kernel."""
+        raise NotImplementedError
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] this layer computes with (before the CPU kernel's bf16 rounding)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            if self._kernel_inputs is None:
+                self._kernel_inputs = self.make_kernel_inputs()
+            flat = x.reshape(-1, self.in_features)
+            if x.dtype != torch.bfloat16:
+                flat = flat.to(torch.bfloat16)
+            out = self.cpu_matmul(flat, *self._kernel_inputs).view(*x.shape[:-1], self.out_features)
+            if x.dtype != torch.bfloat16:
+                out = out.to(x.dtype)
+        else:
+            out = F.linear(x, self.dequantized(x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class Int8Linear(QuantizedLinear):
+    """``nn.Linear`` with an int8 weight [N, K] and per-output-channel ``scales`` [N]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._bf16_scales: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -62,31 +121,13 @@ class Int8Linear(nn.Module):
             layer.bias = linear.bias.detach().clone()
         return layer
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._bf16_scales = None  # .to(...) moved or cast the scales
-        return super()._apply(fn, recurse)
+    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.scales.to(torch.bfloat16),)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._bf16_scales = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            if self._bf16_scales is None:
-                self._bf16_scales = self.scales.to(torch.bfloat16)
-            flat = x.reshape(-1, self.in_features)
-            if x.dtype != torch.bfloat16:
-                flat = flat.to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._bf16_scales)
-            out = out.view(*x.shape[:-1], self.out_features)
-            if x.dtype != torch.bfloat16:
-                out = out.to(x.dtype)
-        else:
-            out = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+    def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.weight, kernel_inputs[0])
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] this layer computes with (before the kernel's bf16 rounding)."""
         return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
     def select_rows(self, ids: torch.Tensor) -> Int8Linear:
@@ -102,34 +143,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def quantize_weight_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
-    """q [N, K] (0..15, uint8), scales and mins [N, K / group_size] (fp32): ``w ~= q * scale + min``."""
-    weight = weight.detach().float()
-    rows, cols = weight.shape
-    groups = weight.view(rows, cols // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = (high - low).clamp(min=1e-12) / INT4_MAX
-    q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, INT4_MAX).to(torch.uint8)
-    return q.view(rows, cols), scales, low
+class Int4Linear(QuantizedLinear):
+    """``nn.Linear`` with a 4-bit weight in groups: ``weight`` [N, K/2] uint8, two values a byte,
+    high nibble first; ``scales`` and ``mins`` [N, K / group_size]. On CPU the kernel's packed copy
+    lives beside the plain one (about 1.5 bytes a weight in all, against 1 for int8)."""
 
-
-def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
-    """Can the int4 kernel take this weight (whole groups along a row, output rows in tiles of 16)?"""
-    return linear.in_features % group_size == 0 and linear.out_features % INT4_KERNEL_ROWS == 0
-
-
-class Int4Linear(nn.Module):
-    """``nn.Linear`` with a 4-bit weight in groups (buffers ``weight`` [N, K/2] uint8, two values a
-    byte, high nibble first; ``scales`` and ``mins`` [N, K / group_size])."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = INT4_GROUP_SIZE):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, group_size: int = INT4_GROUP_SIZE
+    ) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, in_features // group_size))
         self.register_buffer("mins", torch.zeros(out_features, in_features // group_size))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
@@ -142,46 +168,25 @@ class Int4Linear(nn.Module):
             layer.bias = linear.bias.detach().clone()
         return layer
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._packed = None
-        super()._load_from_state_dict(*args, **kwargs)
-
     def unpacked(self) -> torch.Tensor:
         """q [N, K] as int32, 0..15."""
         q = torch.stack((self.weight >> 4, self.weight & 0xF), dim=-1)
         return q.view(self.out_features, self.in_features).to(torch.int32)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] this layer computes with (before the kernel's bf16 rounding)."""
         groups = self.unpacked().view(self.out_features, -1, self.group_size).to(torch.float32)
         weight = groups * self.scales.float()[..., None] + self.mins.float()[..., None]
         return weight.view(self.out_features, self.in_features).to(dtype)
 
-    def _cpu_kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._packed is None:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
-            zeros = self.mins.float() + (INT4_MAX + 1) // 2 * self.scales.float()  # the kernel: (q - 8) * s + z
-            scales_zeros = torch.stack((self.scales.float(), zeros), dim=-1).transpose(0, 1).contiguous()
-            self._packed = (packed, scales_zeros.to(torch.bfloat16))
-        return self._packed
+    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+        zeros = self.mins.float() + (INT4_MAX + 1) // 2 * self.scales.float()  # the kernel: (q - 8) * s + z
+        scales_zeros = torch.stack((self.scales.float(), zeros), dim=-1).transpose(0, 1).contiguous()
+        return packed, scales_zeros.to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            packed, scales_zeros = self._cpu_kernel_inputs()
-            flat = x.reshape(-1, self.in_features)
-            if x.dtype != torch.bfloat16:
-                flat = flat.to(torch.bfloat16)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
-            out = out.view(*x.shape[:-1], self.out_features)
-            if x.dtype != torch.bfloat16:
-                out = out.to(x.dtype)
-        else:
-            out = F.linear(x, self.dequantized(x.dtype))
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+    def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
+        packed, scales_zeros = kernel_inputs
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, scales_zeros)
 
     def extra_repr(self) -> str:
         return (
@@ -193,6 +198,8 @@ class Int4Linear(nn.Module):
 def quantize_linears(root: nn.Module, bits: int = 8) -> int:
     """Replace every ``nn.Linear`` under ``root`` by an :class:`Int8Linear` (``bits=8``) or an
     :class:`Int4Linear` (``bits=4``; a weight the int4 kernel cannot take gets int8), in place; how many."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
     count = 0
     for name, child in list(root.named_children()):
         if isinstance(child, nn.Linear):

@@ -12,7 +12,9 @@ is noticed again. ``draft_length`` stays the upper bound. Costs are cached on th
 what a call learned of acceptance: the next call starts from it (a server's steady state, where a
 module that never agrees costs a probe now and then, not a relearning per request). A seeded
 sampling call starts from the prior instead, so that it always repeats itself. None of this changes
-the output: greedy speculative equals standard whatever the depth, and sampling follows the full model.
+the output in fp32: greedy speculative equals standard whatever the depth, and sampling follows the
+full model. In bf16, or quantized on CPU, the depth decides how an exact logit tie rounds, so a
+greedy call's tokens at such a tie can depend on the calls before it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from recyclegpt.core.profiling import measure_step_costs
 DRAFT_POLICIES = ("adaptive", "fixed")
 MAX_PROBE_INTERVAL = 64
 COST_PROMPT_LENGTH = 32
+ACCEPTANCE_KEY = "_speculation_acceptance"  # where a model keeps what its calls learned
 # A draft whose module probability is below this is not verified. Measured on the demo model (1,024
 # tokens; 9.6% of its module's top probabilities fall below 0.05): 0.05 ran at 0.93x of the best fixed
 # draft length, 0.02 at 0.97x; a random module's near-uniform drafts (~1/V) stay below either.
@@ -158,26 +161,33 @@ def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
 
 def draft_planner(model: RecycleGPT, draft_length: int, remember: bool = True) -> DraftPlanner:
     """A planner for one generate call, drafts up to ``draft_length``, over the model's cached step
-    costs; with ``remember`` it starts from the acceptance the model's earlier calls left (see
+    costs; with ``remember`` it starts from what the model's earlier calls learned (see
     :func:`remember_acceptance`), else from the prior."""
     planner = DraftPlanner(step_costs(model, draft_length + 1))
-    memory = model.__dict__.get("_speculation_acceptance") if remember else None
+    memory = model.__dict__.get(ACCEPTANCE_KEY) if remember else None
     if memory is not None:
-        acceptance, observed, planner.probe_interval = memory
+        acceptance, observed, planner.probe_interval, planner.cycles_since_probe = memory
         planner.acceptance, planner.observed = list(acceptance), list(observed)
     return planner
 
 
 def remember_acceptance(model: RecycleGPT, planner: DraftPlanner) -> None:
-    """Keep what ``planner`` learned of acceptance for the model's next call."""
-    model.__dict__["_speculation_acceptance"] = (
+    """Keep what ``planner`` learned for the model's next call, the probe clock included (so that
+    short requests still probe now and then)."""
+    model.__dict__[ACCEPTANCE_KEY] = (
         list(planner.acceptance),
         list(planner.observed),
         planner.probe_interval,
+        planner.cycles_since_probe,
     )
+
+
+def forget_acceptance(model: RecycleGPT) -> None:
+    """Let the model's next adaptive call start from the prior again."""
+    model.__dict__.pop(ACCEPTANCE_KEY, None)
 
 
 def forget_measurements(model: RecycleGPT) -> None:
     """Drop the cached step costs and acceptance (after the model was transformed)."""
     model.__dict__.pop("_speculation_costs", None)
-    model.__dict__.pop("_speculation_acceptance", None)
+    forget_acceptance(model)

@@ -16,11 +16,8 @@ DTYPES = DTYPE_CHOICES
 DTYPE_HELP = (
     "weights and compute dtype; auto: bf16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX), else fp32"
 )
-QUANTIZE_CHOICES = (
-    "none",
-    "int8",
-    "int4",
-)  # recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast)
+# A copy of recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast; a test compares them).
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 
 def _common(parser: ArgumentParser, command: str) -> None:

@@ -92,7 +92,7 @@ def speed_markdown(result: dict[str, Any]) -> str:
         + (f", adaptive {spec['adaptive']['vs_best_fixed']:.2f}x of it" if "adaptive" in spec else "")
         + "; "
         f"speculative output identical to standard: {_fmt(spec['identical_to_standard'])}"
-        f"{_equality_note(spec, bool(_quantized(result)))}.\n"
+        f"{_equality_note(spec, result.get('quantize', 'none') != 'none')}.\n"
     )
 
 

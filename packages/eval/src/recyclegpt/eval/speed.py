@@ -17,6 +17,7 @@ from recyclegpt.core import RecycleGPT
 from recyclegpt.core.fastpath import decoding_setup
 from recyclegpt.core.peer import peer_generate, transformers_peer
 from recyclegpt.core.profiling import interleaved
+from recyclegpt.core.speculation import forget_acceptance
 from recyclegpt.eval.peer import CallCounter
 
 DRAFT_LENGTHS = tuple(range(1, 7))
@@ -162,8 +163,8 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     """Where ``actual`` [1, N] first leaves ``expected`` [1, N], and the base's logit gap there.
 
     A gap near zero (within the dtype's rounding) is a numerical tie that a different
-    computation order broke the other way, not a decoding bug. A quantized model's matmuls take and
-    give bf16 whatever its dtype, so bf16's rounding applies to it.
+    computation order broke the other way, not a decoding bug. A quantized model's CPU kernels take
+    and give bf16 whatever its dtype, so bf16's rounding applies to it there.
     """
     index = int((expected.cpu() != actual.cpu())[0].nonzero()[0])
     device = model.model.norm.weight.device
@@ -171,7 +172,8 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     logits = model(prefix)[0, -1].float()
     want, got = int(expected[0, index]), int(actual[0, index])
     gap = float(logits[want] - logits[got])
-    dtype = torch.bfloat16 if decoding_setup(model).get("quantize") else model.model.norm.weight.dtype
+    quantized_on_cpu = decoding_setup(model).get("quantize") and device.type == "cpu"
+    dtype = torch.bfloat16 if quantized_on_cpu else model.model.norm.weight.dtype
     tolerance = 4 * torch.finfo(dtype).eps * float(logits.abs().max())
     return {"new_token_index": index, "tokens": [want, got], "logit_gap": gap, "numerical_tie": abs(gap) <= tolerance}
 
@@ -196,6 +198,7 @@ def exact_equality_failures(model: RecycleGPT, prompts: list[torch.Tensor], max_
         for g in (*DRAFT_LENGTHS, ADAPTIVE):
             policy = "adaptive" if g == ADAPTIVE else "fixed"
             length = max(DRAFT_LENGTHS) if g == ADAPTIVE else g
+            forget_acceptance(model)  # each adaptive run drafts from the prior, as a first call would
             out = model.generate(
                 prompt, max_new_tokens, decoding="speculative", draft_length=length, draft_policy=policy
             ).new_tokens
