@@ -27,7 +27,7 @@ from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.profiling import measure_step_costs
 
 DRAFT_POLICIES = ("adaptive", "fixed")
-MAX_PROBE_INTERVAL = 64
+MAX_PROBE_INTERVAL = 256  # cycles; a probe re-reads every token since the last one, so it is not cheap
 COST_PROMPT_LENGTH = 32
 ACCEPTANCE_KEY = "_speculation_acceptance"  # where a model keeps what its calls learned
 # A draft whose module probability is below this is not verified. Measured on the demo model (1,024
