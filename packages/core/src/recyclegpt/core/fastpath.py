@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.core.model import MLP, Attention, KVCache, RecycleGPT, apply_rotary
+from recyclegpt.core.model import MLP, Attention, RecycleGPT, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, Int8Linear, quantize_linears
 from recyclegpt.core.speculation import forget_measurements
 
@@ -53,21 +53,15 @@ class FusedAttention(Attention):
         fused.o_proj = attention.o_proj
         return fused
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer_index: int,
-    ) -> torch.Tensor:
-        """:meth:`Attention.forward` with fewer operators: queries and keys rotate as one tensor."""
+    def rotated_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`Attention.rotated_qkv` with fewer operators: queries and keys rotate as one tensor."""
         batch, num_new, _ = x.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(batch, num_new, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
         qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
-        return self.attend(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], mask, cache, layer_index)
+        return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
 
 
 class FusedMLP(nn.Module):

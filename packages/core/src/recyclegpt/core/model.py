@@ -125,6 +125,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    def rotated_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, heads, T, head_dim], queries and keys rotated (one fused
+        matmul and one rotation in core.fastpath)."""
+        batch, num_new, _ = x.shape
+        q = self.q_proj(x).view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -135,24 +146,7 @@ class Attention(nn.Module):
         layer_index: int,
     ) -> torch.Tensor:
         batch, num_new, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(batch, num_new, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, num_new, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.attend(q, k, v, mask, cache, layer_index)
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer_index: int,
-    ) -> torch.Tensor:
-        """Append rotated keys and values [B, kv_heads, T, head_dim] to the cache, attend, project out."""
-        batch, _, num_new, _ = q.shape
+        q, k, v = self.rotated_qkv(x, cos, sin)
         if cache is not None:
             start, end = cache.length, cache.length + num_new
             keys, values = cache.keys[layer_index], cache.values[layer_index]
