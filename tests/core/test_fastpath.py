@@ -37,6 +37,18 @@ def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) 
     assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations (and int4 scales) inside
 
 
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
+def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
+    # A k-token verification must compute each row as a 1-token step would: splitting 5-7 rows into
+    # kernel calls of 4 + the rest keeps that, bit for bit.
+    torch.manual_seed(0)
+    layer = layer_type.from_linear(torch.nn.Linear(64, 96, bias=False))
+    x = torch.randn(1, 8, 64)
+    one_by_one = torch.cat([layer(x[:, i : i + 1]) for i in range(8)], dim=1)
+    for rows in range(1, 9):
+        assert torch.equal(layer(x[:, :rows]), one_by_one[:, :rows])
+
+
 def test_int4_weight_takes_half_a_byte_per_value() -> None:
     layer = Int4Linear.from_linear(torch.nn.Linear(64, 96))
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (96, 32)  # two 4-bit values a byte

@@ -27,6 +27,9 @@ INT8_MAX = 127
 INT4_GROUP_SIZE = 32
 INT4_MAX = 15
 INT4_OUTPUT_TILE = 16  # the CPU int4 kernel packs output rows (N) in tiles of 16
+# torch's CPU int8 and int4 kernels compute activation rows in blocks of 4, and 5 to 7 rows cost
+# what 8 do (~2x 4 rows); as 4 + the rest they cost 10-25% less (measured, AVX-512 and AVX2).
+KERNEL_ROW_BLOCK = 4
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +90,15 @@ class QuantizedLinear(nn.Module):
         """The weight [N, K] this layer computes with (before the CPU kernel's bf16 rounding)."""
         raise NotImplementedError
 
+    def cpu_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The CPU kernel over bf16 rows [M, K], 5-7 rows as two calls (see ``KERNEL_ROW_BLOCK``)."""
+        rows = flat.shape[0]
+        if KERNEL_ROW_BLOCK < rows < 2 * KERNEL_ROW_BLOCK:
+            head = self.cpu_matmul(flat[:KERNEL_ROW_BLOCK], *self._kernel_inputs)
+            tail = self.cpu_matmul(flat[KERNEL_ROW_BLOCK:], *self._kernel_inputs)
+            return torch.cat((head, tail))
+        return self.cpu_matmul(flat, *self._kernel_inputs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             if self._kernel_inputs is None:
@@ -94,7 +106,7 @@ class QuantizedLinear(nn.Module):
             flat = x.reshape(-1, self.in_features)
             if x.dtype != torch.bfloat16:
                 flat = flat.to(torch.bfloat16)
-            out = self.cpu_matmul(flat, *self._kernel_inputs).view(*x.shape[:-1], self.out_features)
+            out = self.cpu_rows(flat).view(*x.shape[:-1], self.out_features)
             if x.dtype != torch.bfloat16:
                 out = out.to(x.dtype)
         else:
