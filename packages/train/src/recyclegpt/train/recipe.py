@@ -3,11 +3,12 @@
     recyclegpt-recipe --config configs/smollm2.yaml --minutes 30 [-- extra recyclegpt-train fit args]
 
 1. fetch/load the base (``model.pretrained``) and say which CPU class and precisions it runs;
-2. calibrate: time one base forward and two unrolled module steps, then size the corpus (the
-   feature cache gets ~``cache_share`` of the budget) and the optimizer steps (~``train_share``);
+2. calibrate: time one base forward and two unrolled module steps;
 3. self-generate (``selfgen_share`` of the budget, 0 = off): the base continues prompts sliced from
    the training text, and the module trains on what the base wrote (see :mod:`recyclegpt.train.selfgen`);
-4. ``recyclegpt-train fit`` with those sizes: features cached once, module trained over them, exported;
+   with it off, the corpus is sized so that its feature cache takes ~``cache_share`` of the budget;
+4. ``recyclegpt-train fit``: features cached once, then the module trains over them for as many steps
+   as the time left after the cache and the evaluation reserve (``eval_share``) allows, and is exported;
 5. ``recyclegpt-eval quality`` (agreement by chained draft depth) and ``recyclegpt-eval speed``
    (tokens/s of every mode, accepted tokens per verification) on held-out text;
 6. the base's perplexity of alternating's text against standard's, the module's agreement by depth on
@@ -151,26 +152,45 @@ def self_generate_corpus(
     }
 
 
-def _plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float, module_tps: float) -> dict[str, int]:
-    data, trainer = config["data"], config["trainer"]
-    budget = args.minutes * 60
-    tokens = int(args.cache_share * budget * base_tps)
+def _corpus_plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float) -> dict[str, int]:
+    """Training text to read when the module trains on the corpus itself (no self-generation)."""
+    data = config["data"]
+    tokens = int(args.cache_share * args.minutes * 60 * base_tps)
     tokens = max(tokens, 20 * data["block_size"])
     if args.max_tokens:
         tokens = min(tokens, args.max_tokens)
-    train_tokens = args.train_share * budget * module_tps
+    if args.corpus_bytes:
+        tokens = int(args.corpus_bytes / BYTES_PER_TOKEN)
+    return {"corpus_tokens": tokens, "max_corpus_bytes": args.corpus_bytes or int(tokens * BYTES_PER_TOKEN)}
+
+
+def _train_plan(
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    corpus_tokens: int,
+    seconds_left: float,
+    base_tps: float,
+    module_tps: float,
+) -> dict[str, int]:
+    """Optimizer steps: ``--train-share`` of the budget, or by default the time the feature cache
+    (train and validation text through the base) and the evaluation reserve leave."""
+    data, trainer = config["data"], config["trainer"]
+    budget = args.minutes * 60
+    if args.train_share is not None:
+        train_seconds = args.train_share * budget
+    else:
+        val_tokens = (data.get("max_val_bytes") or 0) / BYTES_PER_TOKEN
+        cache_seconds = (corpus_tokens + val_tokens) / base_tps
+        train_seconds = seconds_left - cache_seconds - args.eval_share * budget
+    train_tokens = max(train_seconds, 0.0) * module_tps
     steps = max(20, int(train_tokens / (data["batch_size"] * data["block_size"])))
     if args.max_steps:
         steps = min(steps, args.max_steps)
     steps = args.steps or steps
-    if args.corpus_bytes:
-        tokens = int(args.corpus_bytes / BYTES_PER_TOKEN)
     return {
-        "corpus_tokens": tokens,
-        "max_corpus_bytes": args.corpus_bytes or int(tokens * BYTES_PER_TOKEN),
         "max_steps": steps,
         "val_check_interval": min(steps, trainer.get("val_check_interval") or steps),
-        "train_seconds": int(train_tokens / module_tps),
+        "train_seconds": int(steps * data["batch_size"] * data["block_size"] / module_tps),
     }
 
 
@@ -179,14 +199,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/smollm2.yaml", help="a recyclegpt-train config (frozen_base)")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole recipe")
     parser.add_argument("--cache-share", type=float, default=0.25, help="share of the budget for the feature cache")
-    parser.add_argument("--train-share", type=float, default=0.45, help="share of the budget for module training")
+    parser.add_argument(
+        "--train-share",
+        type=float,
+        default=None,
+        help="share of the budget for module training (default: what the other phases and --eval-share leave)",
+    )
+    parser.add_argument(
+        "--eval-share", type=float, default=0.18, help="share of the budget kept for the evaluation (30 min: ~5.5)"
+    )
     parser.add_argument(
         "--selfgen-share",
         type=float,
-        default=0.25,
+        default=0.3,
         help="share of the budget the base spends writing the training text itself (0: train on the corpus text)",
     )
-    parser.add_argument("--selfgen-batch", type=int, default=16, help="prompts the base continues together")
+    parser.add_argument(
+        "--selfgen-batch",
+        type=int,
+        default=64,
+        help="prompts the base continues together (64: ~1.4x the tokens/s of 16)",
+    )
     parser.add_argument("--selfgen-prompt-bytes", type=int, default=1_000_000, help="corpus text prompts come from")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on the training corpus (tokens)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on the optimizer steps")
@@ -241,11 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     depth = int(model_cfg.get("unroll_depth", 1))
     base_tps = base_tokens_per_second(model, data["block_size"], cache_dtype)
     module_tps = module_tokens_per_second(model, data["batch_size"], data["block_size"], depth) / 1.15
-    plan = _plan(config, args, base_tps, module_tps)
+    plan: dict[str, Any] = _corpus_plan(config, args, base_tps)
     phases["calibrate"] = time.perf_counter() - start
     _log(
-        f"base {base_tps:.0f} tok/s ({dtype_name(cache_dtype)}), module training {module_tps:.0f} tok/s at depth "
-        f"{depth}: corpus {plan['corpus_tokens']} tokens, {plan['max_steps']} steps (~{plan['train_seconds']} s)"
+        f"base {base_tps:.0f} tok/s ({dtype_name(cache_dtype)}), module training {module_tps:.0f} tok/s at depth {depth}"
     )
     if source == "stdlib":  # held-out text starts after everything training or the prompts read
         skip = max(plan["max_corpus_bytes"], args.selfgen_prompt_bytes if args.selfgen_share > 0 else 0)
@@ -270,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     del model
+    seconds_left = args.minutes * 60 - (time.perf_counter() - started)
+    plan.update(_train_plan(config, args, plan["corpus_tokens"], seconds_left, base_tps, module_tps))
+    _log(f"corpus {plan['corpus_tokens']} tokens; {plan['max_steps']} steps (~{plan['train_seconds']} s of training)")
 
     # 4. train (features cached once, then the module over them) and export.
     fit = [

@@ -59,15 +59,15 @@ def self_generate(
     model: RecycleGPT,
     prompts: torch.Tensor,
     new_tokens: int,
-    batch_size: int = 16,
+    batch_size: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
     seconds: float | None = None,
 ) -> tuple[list[list[int]], SelfGenReport]:
     """The base's continuations of ``prompts`` [N, P], ``batch_size`` rows at a time.
 
-    Each sample is its prompt followed by what the base wrote, cut at its EOS. Stops early, after a
-    whole batch, once ``seconds`` have passed. Batched rows are computed exactly as lone ones in fp32;
+    Each sample is its prompt followed by what the base wrote, cut at its EOS. With ``seconds``, it
+    stops after the batch that ends nearest that time (a batch of 64 can take a minute on a CPU). Batched rows are computed exactly as lone ones in fp32;
     in bf16 a batched matmul may round differently, which changes nothing for training data.
     """
     eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
@@ -90,8 +90,10 @@ def self_generate(
                 new = new[: new.index(eos)]
             samples.append(row[: batch.shape[1]] + new)
             written += len(new)
-        if seconds is not None and time.perf_counter() - start >= seconds:
-            break
+        elapsed = time.perf_counter() - start
+        batch_seconds = elapsed / (first // batch_size + 1)
+        if seconds is not None and elapsed + batch_seconds / 2 >= seconds:
+            break  # one more batch would end further past ``seconds`` than stopping now ends before it
     return samples, SelfGenReport(len(samples), written, time.perf_counter() - start)
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much generation time")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=224, help="tokens the base writes per prompt")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the evaluation decodes")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16 (auto: bf16 only where native)")
     parser.add_argument(
