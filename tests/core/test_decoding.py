@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT, recycle_losses
+from recyclegpt.core.sampling import greedy_tokens
 from recyclegpt.core.speculation import forget_acceptance
 
 from .conftest import tiny_config
@@ -235,3 +236,11 @@ def test_on_tokens_returning_true_stops_decoding(trained_model) -> None:
     out = trained_model.generate(torch.tensor([PATTERN[:3]]), 30, on_tokens=stop_after_five)
     assert out.new_tokens[0].tolist() == seen and len(seen) == 5
     assert out.full_model_calls == 5
+
+
+def test_greedy_tokens_pick_the_first_of_equal_maxima_as_argmax_does() -> None:
+    torch.manual_seed(0)
+    for width in (7, 4096, 49152):
+        logits = (torch.randn(5, width) * 3).round().to(torch.bfloat16)  # many exact ties
+        assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert greedy_tokens(torch.tensor([[1.0, 3.0, 3.0, 2.0]])).tolist() == [1]

@@ -24,7 +24,7 @@ import torch
 
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
-from recyclegpt.core.sampling import SamplingParams, sample
+from recyclegpt.core.sampling import SamplingParams, greedy_tokens, sample
 
 BATCHED_MODES = ("standard", "alternating")
 COMPACT_AFTER = 16  # shift the timeline left once this many leading columns belong to no live row
@@ -288,7 +288,7 @@ class BatchedDecoder:
     def _sample(self, hidden: torch.Tensor, rows: list[Sequence]) -> None:
         logits = self.model.lm_head(hidden)
         if all(row.params.greedy for row in rows):
-            tokens = logits.argmax(-1).tolist()
+            tokens = greedy_tokens(logits).tolist()
         else:
             tokens = [int(sample(logits[i : i + 1], row.params)[0]) for i, row in enumerate(rows)]
         for row, token in zip(rows, tokens, strict=True):

@@ -14,7 +14,7 @@ import torch
 
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
-from recyclegpt.core.sampling import SamplingParams, sample, token_probs
+from recyclegpt.core.sampling import SamplingParams, greedy_tokens, sample, token_probs
 from recyclegpt.core.speculation import DRAFT_POLICIES, DraftPlanner, draft_planner, remember_acceptance
 
 DECODING_MODES = ("standard", "alternating", "speculative")
@@ -312,7 +312,9 @@ def _speculative(
             for step in range(depth):
                 logits = model.draft_logits(module_state[:, -1])
                 probs = None if greedy else token_probs(logits, params)
-                token = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
+                token = (
+                    greedy_tokens(logits) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
+                )
                 if planner is not None:
                     confidence = probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1)
                     if not planner.confident(float(confidence)):
@@ -349,7 +351,7 @@ def _verify(
 ) -> tuple[int, torch.Tensor]:
     """Accepted draft count and the token that follows them (batch 1)."""
     if params.greedy:
-        targets = base_logits.argmax(-1)  # [depth+1]
+        targets = greedy_tokens(base_logits)  # [depth+1]
         accepted = 0
         for token in draft_tokens:
             if int(token) != int(targets[accepted]):
