@@ -193,6 +193,19 @@ def test_planner_drafts_deeper_when_drafts_are_accepted_and_respects_the_limit()
     assert planner.plan(5) == 5 and planner.plan(2) == 2 and planner.plan(0) == 0
 
 
+def test_planner_tries_a_depth_again_after_early_misses_there() -> None:
+    planner = DraftPlanner(costs())
+    planner.acceptance, planner.observed = [0.95, 0.1], [10, 10]  # depth 2 missed early on
+    assert planner.plan(2) == 1
+    depths = []
+    for _ in range(200):  # depth 1 keeps being accepted; depth 2 is not tested while planned away
+        depth = planner.plan(2)
+        depths.append(depth)
+        planner.observe(depth, accepted=depth, dropped=False)
+    assert 2 in depths  # its estimate drifted back toward the prior, so it was verified again
+    assert depths[-1] == 2  # and, accepted there, it stays
+
+
 def test_planner_follows_step_costs() -> None:
     cheap, dear = DraftPlanner(costs(two=1.02, module=0.05)), DraftPlanner(costs(two=1.9, module=0.5))
     for planner in (cheap, dear):
