@@ -39,7 +39,7 @@ CONFIDENCE_FLOOR = 0.02
 # prior, so a depth judged bad on a few misses is tried again later. Without it, a deterministic
 # prompt that missed at depth 2 early kept SmolLM2 (int4) at one draft a cycle for every later call:
 # 1.78 tokens per full call against 2.46 in the first call.
-UNTESTED_DRIFT = 0.02
+UNTESTED_DRIFT = 0.05
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DraftPlanner:
 
     costs: StepCosts
     prior: float = 0.5  # acceptance assumed before anything was seen
-    smoothing: float = 0.25  # weight of the newest observation in the moving averages
+    smoothing: float = 0.1  # weight of the newest observation in the moving averages
     acceptance: list[float] = field(default_factory=list)  # acceptance[j-1] = a_j
     observed: list[int] = field(default_factory=list)  # how often depth j was verified
     probe_interval: int = 1
