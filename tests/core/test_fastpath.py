@@ -216,6 +216,14 @@ def test_planner_follows_step_costs() -> None:
     assert DraftPlanner.confident(0.3) and not DraftPlanner.confident(0.001)
 
 
+def test_planner_drafts_on_while_the_module_is_confident() -> None:
+    planner = DraftPlanner(costs(two=1.1, module=0.05))
+    planner.acceptance, planner.observed = [0.6] * 5, [1] * 5
+    assert planner.keep_drafting(3, chain_confidence=0.95)  # a confident chain goes on
+    assert not planner.keep_drafting(3, chain_confidence=0.05)  # an unlikely one stops
+    assert planner.worth_verifying(2, chain_confidence=0.9) and not planner.worth_verifying(2, chain_confidence=0.01)
+
+
 def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:
     bench_main(
         ["--layers", "2", "--hidden", "64", "--vocab", "128", "--prompt-length", "8", "--new-tokens", "6"]

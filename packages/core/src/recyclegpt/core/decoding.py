@@ -299,6 +299,9 @@ def _speculative(
         pending = state.length - 1  # slot of the token the base has not yet seen
         limit = min(draft_length, state.max_new_tokens - state.num_new - 1)  # +1 comes from the base
         depth = planner.plan(limit) if planner is not None else limit
+        if planner is not None and depth > 0 and not planner.probing:
+            depth = limit  # how far is decided draft by draft, from the module's confidence
+        chain_confidence = 1.0
         draft_tokens: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []
         dropped = False  # the planner judged the last draft not worth verifying
@@ -316,15 +319,19 @@ def _speculative(
                     greedy_tokens(logits) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
                 )
                 if planner is not None:
-                    confidence = probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1)
-                    if not planner.confident(float(confidence)):
+                    confidence = float(probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1))
+                    if not planner.confident(confidence):
+                        dropped = True
+                        break
+                    chain_confidence *= confidence
+                    if step > 0 and not planner.worth_verifying(step + 1, chain_confidence):
                         dropped = True
                         break
                 draft_tokens.append(token)
                 if probs is not None:
                     draft_probs.append(probs)
                 state.tokens[:, pending + 1 + step] = token
-                if step + 1 >= depth or (planner is not None and not planner.keep_drafting(step + 1)):
+                if step + 1 >= depth or (planner is not None and not planner.keep_drafting(step + 1, chain_confidence)):
                     break
                 module_state = state.module_step(module_state, pending + 1 + step, 1)
             out.drafted_tokens += len(draft_tokens)
