@@ -320,11 +320,12 @@ def _speculative(
                 )
                 if planner is not None:
                     confidence = float(probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1))
-                    if not planner.confident(confidence):
-                        dropped = True
-                        break
                     chain_confidence *= confidence
-                    if step > 0 and not planner.worth_verifying(step + 1, chain_confidence):
+                    # Too unsure to verify at all, or (past the first draft, which the plan paid
+                    # for) not worth its verified row: the draft is dropped.
+                    if not planner.confident(confidence) or (
+                        step > 0 and not planner.worth_verifying(step + 1, chain_confidence)
+                    ):
                         dropped = True
                         break
                 draft_tokens.append(token)

@@ -34,6 +34,7 @@ DRAFT_POLICIES = ("adaptive", "fixed")
 MAX_PROBE_INTERVAL = 256  # cycles; a probe re-reads every token since the last one, so it is not cheap
 COST_PROMPT_LENGTH = 32
 ACCEPTANCE_KEY = "_speculation_acceptance"  # where a model keeps what its calls learned
+COSTS_KEY = "_speculation_costs"  # where a model keeps its measured step costs
 # A draft whose module probability is below this is not verified. Measured on the demo model (1,024
 # tokens; 9.6% of its module's top probabilities fall below 0.05): 0.05 ran at 0.93x of the best fixed
 # draft length, 0.02 at 0.97x; a random module's near-uniform drafts (~1/V) stay below either.
@@ -152,9 +153,9 @@ class DraftPlanner:
     def observe(self, proposed: int, accepted: int, dropped: bool) -> None:
         """Update the averages after a verification of ``proposed`` drafts, ``accepted`` of them
         taken; ``dropped``: a further draft was made but judged too unlikely to verify."""
-        for j in range(1, min(accepted + 1, proposed) + 1):
+        tested = min(accepted + 1, proposed)  # drafts up to the first rejection were verified
+        for j in range(1, tested + 1):
             self._update(j, 1.0 if j <= accepted else 0.0)
-        tested = min(accepted + 1, proposed)
         if dropped and accepted == proposed and proposed < self.max_depth:
             self._update(proposed + 1, 0.0)  # the module itself expected a rejection here
             tested += 1
@@ -175,7 +176,7 @@ def _cost_key(model: RecycleGPT) -> tuple:
 
 def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
     """k-token step costs for k = 1..max_tokens on this machine, measured once and cached on the model."""
-    cache: dict = model.__dict__.setdefault("_speculation_costs", {})
+    cache: dict = model.__dict__.setdefault(COSTS_KEY, {})
     key = _cost_key(model)
     known = cache.get(key)
     if known is not None and known.max_tokens >= max_tokens:
@@ -218,5 +219,5 @@ def forget_acceptance(model: RecycleGPT) -> None:
 
 def forget_measurements(model: RecycleGPT) -> None:
     """Drop the cached step costs and acceptance (after the model was transformed)."""
-    model.__dict__.pop("_speculation_costs", None)
+    model.__dict__.pop(COSTS_KEY, None)
     forget_acceptance(model)
