@@ -189,6 +189,12 @@ def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
     return costs
 
 
+def pin_step_costs(model: RecycleGPT, costs: StepCosts) -> None:
+    """Plan with ``costs`` instead of measuring them on this machine (costs measured once elsewhere,
+    or a test whose planning must not depend on how fast the machine running it is)."""
+    model.__dict__.setdefault(COSTS_KEY, {})[_cost_key(model)] = costs
+
+
 def draft_planner(model: RecycleGPT, draft_length: int, remember: bool = True) -> DraftPlanner:
     """A planner for one generate call, drafts up to ``draft_length``, over the model's cached step
     costs; with ``remember`` it starts from what the model's earlier calls learned (see
