@@ -249,3 +249,18 @@ def test_greedy_tokens_pick_the_first_of_equal_maxima_as_argmax_does() -> None:
         logits = (torch.randn(5, width) * 3).round().to(torch.bfloat16)  # many exact ties
         assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
     assert greedy_tokens(torch.tensor([[1.0, 3.0, 3.0, 2.0]])).tolist() == [1]
+
+
+def test_output_hidden_states_are_the_base_states_of_the_tokens_read(tiny_model, prompts) -> None:
+    """Kept while decoding (a module's training features at no second pass): the states a full
+    forward over the output computes, in one row and in a batch."""
+    out = tiny_model.generate(prompts[2], 12, output_hidden_states=True)
+    assert out.hidden_states.shape == (1, out.sequences.shape[1] - 1, tiny_model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(out.hidden_states, tiny_model.base_hidden(out.sequences[:, :-1]))
+    batch = torch.cat([prompts[2], prompts[2].flip(1)])
+    both = tiny_model.generate(batch, 12, output_hidden_states=True)
+    torch.testing.assert_close(both.hidden_states[:1], out.hidden_states)
+    assert tiny_model.generate(prompts[2], 12).hidden_states is None
+    with pytest.raises(ValueError, match="output_hidden_states needs decoding='standard'"):
+        tiny_model.generate(prompts[2], 4, decoding="alternating", output_hidden_states=True)

@@ -44,3 +44,31 @@ def test_stdlib_heldout_text_starts_after_the_training_files() -> None:
     heldout = stdlib_heldout_text(skip_bytes=200_000, max_bytes=50_000)
     assert len(heldout) == 50_000
     assert heldout[:2000] not in training
+
+
+@pytest.mark.parametrize("case", ["text", "block_size", "no_tokenizer"])
+def test_bad_train_blocks_is_a_one_line_error(case, workdir, run_train):
+    import torch
+
+    from recyclegpt.train.data import write_blocks
+
+    from .test_frozen_base import pretrained_model
+
+    path = workdir / "blocks.safetensors"
+    args = ["--data.train_blocks", str(path), "--data.block_size", "16"]
+    if case != "no_tokenizer":
+        args += ["--model.regime", "frozen_base", "--model.pretrained", str(pretrained_model(workdir / "base"))]
+    if case == "text":
+        path.write_text("not a safetensors file\n")
+    else:
+        write_blocks(torch.zeros(4, 8 if case == "block_size" else 16, dtype=torch.long), path)
+    result = run_train(workdir, *args, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("recyclegpt-train: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    expected = {
+        "text": "cannot read token blocks",
+        "block_size": "blocks of 8 tokens",
+        "no_tokenizer": "model.pretrained",
+    }
+    assert expected[case] in errors[0]

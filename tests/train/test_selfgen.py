@@ -65,3 +65,59 @@ def test_cli_writes_text_and_rejects_bad_arguments(tmp_path: Path) -> None:
         [*command[:-1], str(tmp_path / "nope.txt"), "--out", str(out)], capture_output=True, text=True
     )
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_blocks_and_their_states_become_a_feature_cache_the_trainer_reuses(tmp_path: Path) -> None:
+    """Greedy blocks of exactly block_size tokens, not cut at EOS, with the states the base computed
+    while writing them; stored under the key the data module computes, so training reads them as is."""
+    from recyclegpt.train.data import TextDataModule, read_blocks
+    from recyclegpt.train.features import FeatureCache, cache_key
+    from recyclegpt.train.selfgen import self_generate_blocks, self_generate_training_data
+
+    source = pretrained_model(tmp_path / "base")
+    model = RecycleGPT.from_pretrained(str(source)).eval()
+    ids = torch.arange(3, 203) % model.config.vocab_size
+    prompts = corpus_prompts(ids, 5, 8, seed=2)
+    blocks, hidden, report = self_generate_blocks(model, prompts, block_size=20, batch_size=2)
+    assert blocks.shape == (5, 20) and hidden.shape == (5, 20, model.config.hidden_size) and report.new_tokens == 60
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, model.base_hidden(blocks))
+    model.tokenizer.eos_token_id = int(blocks[0, 10])  # an EOS mid-block stops nothing
+    assert torch.equal(self_generate_blocks(model, prompts, block_size=20, batch_size=2)[0], blocks)
+
+    trainer_view = RecycleGPT.from_pretrained(str(source))  # fp32, as the trainer loads it
+    written, _ = self_generate_training_data(
+        model, prompts, 20, torch.bfloat16, tmp_path / "blocks.safetensors", tmp_path / "features" / "train"
+    )
+    assert torch.equal(read_blocks(tmp_path / "blocks.safetensors", 20), written)
+    key = cache_key(trainer_view, written, "bf16", "bf16")
+    assert FeatureCache(tmp_path / "features" / "train").mismatch(key) is None
+
+    data = TextDataModule(
+        tokenizer=str(source), train_blocks=str(tmp_path / "blocks.safetensors"), block_size=20, val_fraction=0.2
+    )
+    data.setup()
+    assert torch.equal(data.train_blocks, written[:4]) and torch.equal(data.val_blocks, written[4:])
+
+
+def test_cli_writes_blocks_and_features_and_rejects_bad_combinations(tmp_path: Path) -> None:
+    base = pretrained_model(tmp_path / "base")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def main():\n    return parse(arguments)\n" * 40, encoding="utf-8")
+    command = [sys.executable, "-m", "recyclegpt.train.selfgen", "--model", str(base), "--prompts-from", str(corpus)]
+    command += ["--samples", "3", "--new-tokens", "8", "--prompt-tokens", "6"]
+    blocks = tmp_path / "blocks.safetensors"
+    result = subprocess.run(
+        [*command, "--blocks-out", str(blocks), "--feature-cache", str(tmp_path / "cache"), "--dtype", "fp32"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 blocks of 14 tokens" in result.stdout and (tmp_path / "cache" / "manifest.json").exists()
+    for extra, message in [
+        (["--feature-cache", str(tmp_path / "c2"), "--out", "x.txt"], "give --blocks-out too"),
+        (["--blocks-out", str(blocks), "--temperature", "0.7"], "drop --temperature and --quantize"),
+        ([], "give --out (text), --blocks-out (token blocks) or both"),
+    ]:
+        bad = subprocess.run([*command, *extra], capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr

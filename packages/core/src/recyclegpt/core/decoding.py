@@ -30,6 +30,10 @@ class GenerationOutput:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     prompt_length: int = 0
+    # With output_hidden_states: the base's final states [B, length - 1, d] of every token it read
+    # (all but the last), computed as it decoded; slots after a row's EOS hold the states of the
+    # tokens it wrote there, before they were replaced by padding.
+    hidden_states: torch.Tensor | None = None
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -91,6 +95,7 @@ def generate(
     pad_token_id: int | None = None,
     on_tokens: Callable[[torch.Tensor], bool | None] | None = None,
     draft_policy: str = "adaptive",
+    output_hidden_states: bool = False,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [B, P].
 
@@ -113,6 +118,8 @@ def generate(
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
+    if output_hidden_states and decoding != "standard":
+        raise ValueError(f"output_hidden_states needs decoding='standard', got {decoding!r}")
     if decoding == "speculative" and input_ids.shape[0] > 1:
         raise ValueError("decoding='speculative' supports batch size 1; use standard or alternating for batches")
     device = model.lm_head.weight.device
@@ -124,7 +131,7 @@ def generate(
     lookahead = draft_length if decoding == "speculative" else 1
     state = _DecodeState(model, input_ids, attention_mask, max_new_tokens, lookahead, on_tokens)
     if decoding == "standard":
-        _standard(state, params, eos_token_id)
+        _standard(state, params, eos_token_id, output_hidden_states)
     elif decoding == "alternating":
         _alternating(state, params, eos_token_id)
     else:
@@ -241,14 +248,19 @@ class _DecodeState:
         return self.out
 
 
-def _standard(state: _DecodeState, params: SamplingParams, eos_token_id: int | None) -> None:
+def _standard(state: _DecodeState, params: SamplingParams, eos_token_id: int | None, keep_hidden: bool = False) -> None:
     model = state.model
     hidden = state.base_step(0, state.prompt_length)
+    kept = [hidden] if keep_hidden else []
     while True:
         state.append(sample(model.lm_head(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
         if state.done:
-            return
+            break
         hidden = state.base_step(state.length - 1, 1)
+        if keep_hidden:
+            kept.append(hidden)
+    if keep_hidden:
+        state.out.hidden_states = torch.cat(kept, dim=1)
 
 
 def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int | None) -> None:

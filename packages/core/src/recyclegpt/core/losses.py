@@ -172,6 +172,7 @@ def unrolled_losses(
     distill: bool = True,
     feature_weight: float = 0.0,
     full_vocab_agreement: bool = False,
+    feature_noise: float = 0.0,
 ) -> UnrolledLosses:
     """Module losses at draft depths 1..``depth`` over a frozen base's final states ``hidden`` [B, T, d].
 
@@ -201,7 +202,11 @@ def unrolled_losses(
         else:
             in_draft = model.recycle.t2d[targets]
             draft_targets = (torch.cumsum(model.recycle.t2d.long(), 0) - 1)[targets].clamp(min=0)
-    states = unrolled_module_states(model, shift_hidden(hidden)[:, :-1], inputs, depth)
+    prev_hidden = shift_hidden(hidden)[:, :-1]
+    if feature_noise > 0:
+        scale = feature_noise * prev_hidden.float().pow(2).mean(-1, keepdim=True).sqrt()
+        prev_hidden = prev_hidden + (scale * (2 * torch.rand_like(prev_hidden, dtype=torch.float) - 1)).to(hidden.dtype)
+    states = unrolled_module_states(model, prev_hidden, inputs, depth)
     slots = torch.arange(inputs.shape[1], device=input_ids.device)
     depth_losses, agreement, accuracy = [], [], []
     for k, state in enumerate(states):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
@@ -16,6 +18,27 @@ from recyclegpt.core.precision import dtype_name, resolve_dtype
 from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, read_texts, resolve
 from recyclegpt.train.features import CacheReport, FeatureCache, FeatureDataset
 from recyclegpt.train.tokenizer import TOKENIZER_FILE, load_any_tokenizer, train_bpe_tokenizer, wrap
+
+BLOCKS_KEY = "input_ids"
+
+
+def write_blocks(blocks: torch.Tensor, path: str | Path) -> None:
+    """Token blocks [N, T] to a safetensors file (``data.train_blocks`` reads it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({BLOCKS_KEY: blocks.to(torch.long).contiguous()}, str(path))
+
+
+def read_blocks(path: str | Path, block_size: int) -> torch.Tensor:
+    """Token blocks [N, block_size] from a file :func:`write_blocks` wrote; CorpusError if it is not one."""
+    try:
+        blocks = load_file(str(path)).get(BLOCKS_KEY)
+    except (OSError, SafetensorError) as error:
+        raise CorpusError(f"cannot read token blocks from {path}: {error}") from error
+    if blocks is None or blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise CorpusError(f"{path} holds no {BLOCKS_KEY!r} tensor of token ids [blocks, tokens]")
+    if blocks.shape[1] != block_size:
+        raise CorpusError(f"{path} holds blocks of {blocks.shape[1]} tokens; data.block_size is {block_size}")
+    return blocks
 
 
 class TextDataModule(LightningDataModule):
@@ -33,6 +56,11 @@ class TextDataModule(LightningDataModule):
         feature_dtype: storage dtype of the cached states, ``bf16`` or ``fp32``.
         feature_precision: compute precision of the base while it fills the cache: ``auto`` (bf16
             autocast where the hardware has native bf16, else fp32; see recyclegpt.core.precision), ``fp32``, ``bf16``.
+        train_blocks: a safetensors file of token blocks [N, block_size] to train on instead of
+            ``train_files`` (``recyclegpt-selfgen --blocks-out`` writes one, with the base's states
+            as a ready feature cache); needs ``tokenizer``, the one that wrote its ids. Without
+            ``val_files`` the last ``val_fraction`` of the blocks validate, and a cache of all of them
+            does not match the rest (it is rebuilt).
     """
 
     def __init__(
@@ -52,6 +80,7 @@ class TextDataModule(LightningDataModule):
         feature_cache: str | None = None,
         feature_dtype: str = "bf16",
         feature_precision: str = "auto",
+        train_blocks: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -61,7 +90,14 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {block_size}")
-        check_readable(self.train_files, seed)
+        if train_blocks is not None:
+            if tokenizer is None:
+                raise CorpusError(
+                    "data.train_blocks holds a model's token ids: set model.pretrained, whose tokenizer wrote them"
+                )
+            check_readable([train_blocks], seed)
+        else:
+            check_readable(self.train_files, seed)
         if val_files is not None:
             check_readable(val_files, seed)
         self.tokenizer: PreTrainedTokenizerFast | None = None
@@ -131,6 +167,9 @@ class TextDataModule(LightningDataModule):
         if self.train_blocks is not None:
             return
         self.load_tokenizer()
+        if self.hparams.train_blocks is not None:
+            self._setup_from_blocks(read_blocks(self.hparams.train_blocks, self.hparams.block_size))
+            return
         train = self._tokens(self._train_texts())
         if self.val_files is None:
             cut = int(train.numel() * (1 - self.hparams.val_fraction))
@@ -140,6 +179,21 @@ class TextDataModule(LightningDataModule):
             val = self._tokens(read_texts(val_paths, self.hparams.max_val_bytes))
         self.train_blocks = self._blocks(train, "training")
         self.val_blocks = self._blocks(val, "validation")
+
+    def _setup_from_blocks(self, blocks: torch.Tensor) -> None:
+        """Training blocks as given; validation from ``val_files``, else the last ``val_fraction`` of them."""
+        if int(blocks.min()) < 0 or int(blocks.max()) >= len(self.tokenizer):
+            raise CorpusError(
+                f"{self.hparams.train_blocks} holds token ids outside the tokenizer's {len(self.tokenizer)}"
+            )
+        if self.val_files is not None:
+            val = self._tokens(read_texts(resolve(self.val_files, self.hparams.seed), self.hparams.max_val_bytes))
+            self.train_blocks, self.val_blocks = blocks, self._blocks(val, "validation")
+            return
+        cut = min(int(blocks.shape[0] * (1 - self.hparams.val_fraction)), blocks.shape[0] - 1)
+        if cut < 1:
+            raise CorpusError(f"{self.hparams.train_blocks} has {blocks.shape[0]} blocks; 2 are needed to hold one out")
+        self.train_blocks, self.val_blocks = blocks[:cut], blocks[cut:]
 
     def _features(self, blocks: torch.Tensor, split: str) -> FeatureDataset:
         """The trainer's frozen base over ``blocks``, from (or into) the feature cache."""

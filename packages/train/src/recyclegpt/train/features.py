@@ -45,9 +45,13 @@ def base_digest(model: RecycleGPT) -> str:
     return tensor_digest([state[k] for k in sorted(state)])
 
 
-def cache_key(model: RecycleGPT, blocks: torch.Tensor, storage: str, precision: str) -> dict[str, Any]:
+def cache_key(
+    model: RecycleGPT, blocks: torch.Tensor, storage: str, precision: str, base_sha256: str | None = None
+) -> dict[str, Any]:
+    """What determines the states of ``blocks``; ``base_sha256``: the base's digest taken earlier
+    (before it was converted to another dtype to compute them), else taken now."""
     return {
-        "base_sha256": base_digest(model),
+        "base_sha256": base_sha256 or base_digest(model),
         "blocks_sha256": tensor_digest([blocks]),
         "blocks_shape": list(blocks.shape),
         "hidden_size": model.config.hidden_size,
@@ -126,30 +130,43 @@ class FeatureCache:
         batch_size: int,
         log: Callable[[str], None],
     ) -> float:
-        """Run the base over every block into shards; the manifest (written last) marks it complete."""
+        """Run the base over every block, then store the states; seconds the base ran."""
         start = time.perf_counter()
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        self.directory.mkdir(parents=True)
         device = model.lm_head.weight.device
         dtype = STORAGE_DTYPES[self.storage]
-        shards = []
+        states = []
         was_training = model.training
         model.eval()
         try:
-            for index, first in enumerate(range(0, blocks.shape[0], self.shard_blocks)):
-                ids = blocks[first : first + self.shard_blocks]
-                states = []
-                for batch in ids.split(batch_size):
-                    with forward_context():
-                        states.append(model.base_hidden(batch.to(device)).to(dtype).cpu())
-                name = f"features-{index:05d}.safetensors"
-                save_file({"input_ids": ids.contiguous(), "hidden": torch.cat(states)}, str(self.directory / name))
-                shards.append(name)
-                log(f"feature cache: {first + ids.shape[0]}/{blocks.shape[0]} blocks")
+            for first in range(0, blocks.shape[0], batch_size):
+                with forward_context():
+                    states.append(model.base_hidden(blocks[first : first + batch_size].to(device)).to(dtype).cpu())
+                if (first // batch_size + 1) % 32 == 0:
+                    log(f"feature cache: {first + batch_size}/{blocks.shape[0]} blocks")
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
+        self.store(blocks, torch.cat(states), key, seconds)
+        return seconds
+
+    def store(self, blocks: torch.Tensor, hidden: torch.Tensor, key: dict[str, Any], seconds: float = 0.0) -> None:
+        """Write the states ``hidden`` [N, T, d] of ``blocks`` [N, T] as the cache for ``key`` (from
+        :func:`cache_key`), replacing what was there; the manifest (written last) marks it complete."""
+        if blocks.shape != hidden.shape[:2]:
+            raise ValueError(f"blocks {tuple(blocks.shape)} and hidden {tuple(hidden.shape)} differ")
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True)
+        dtype = STORAGE_DTYPES[self.storage]
+        shards = []
+        for index, first in enumerate(range(0, blocks.shape[0], self.shard_blocks)):
+            name = f"features-{index:05d}.safetensors"
+            part = {
+                "input_ids": blocks[first : first + self.shard_blocks].contiguous(),
+                "hidden": hidden[first : first + self.shard_blocks].to(dtype).contiguous(),
+            }
+            save_file(part, str(self.directory / name))
+            shards.append(name)
         manifest = {
             "key": key,
             "shards": shards,
@@ -159,8 +176,7 @@ class FeatureCache:
         }
         tmp = self.directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.replace(self.directory / MANIFEST)  # the manifest is written last: its presence means complete
-        return seconds
+        tmp.replace(self.directory / MANIFEST)
 
     def load(self, blocks: torch.Tensor) -> torch.Tensor:
         manifest = self._manifest()

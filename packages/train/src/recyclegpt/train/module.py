@@ -42,6 +42,8 @@ class RecycleLM(LightningModule):
             (joint too: the module then learns to agree with the base it is trained beside).
         draft_vocab_size: the module scores only the N most frequent tokens of the training data.
         module_init: ``base`` starts the module from the base (last layer copied, fc a pass-through of h).
+        feature_noise: in training, uniform noise of this fraction of each base state's RMS on the states
+            the module reads (EAGLE's augmentation against a module that memorises its features).
 
     In frozen_base with any of these (or with ``data.feature_cache``) the step computes the unrolled
     losses of :func:`recyclegpt.core.losses.unrolled_losses` and logs loss, agreement and accuracy per depth.
@@ -67,6 +69,7 @@ class RecycleLM(LightningModule):
         distill: bool = False,
         draft_vocab_size: int | None = None,
         module_init: ModuleInit = "random",
+        feature_noise: float = 0.0,
     ) -> None:
         super().__init__()
         if regime == "frozen_base" and pretrained is None:
@@ -175,6 +178,7 @@ class RecycleLM(LightningModule):
             distill=hp.distill,
             feature_weight=hp.feature_weight,
             full_vocab_agreement=stage == "val",
+            feature_noise=hp.feature_noise if stage == "train" else 0.0,
         )
         on_step = stage == "train"
         log = {"on_step": on_step, "on_epoch": not on_step, "sync_dist": not on_step, "batch_size": ids.shape[0]}

@@ -39,7 +39,7 @@ from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import unrolled_losses
 from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
 from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
-from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate, write_samples
+from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate_training_data, write_samples
 
 BYTES_PER_TOKEN = 4.0  # English prose through a 49k BPE (TinyStories + SmolLM2: ~4.1); only for sizing
 
@@ -129,27 +129,46 @@ def expected_accepted(agreement_by_depth: dict[str, float]) -> dict[int, float]:
 
 
 def self_generate_corpus(
-    model: RecycleGPT, prompt_files: list[str], out: Path, seconds: float, block_size: int, args: argparse.Namespace
+    model: RecycleGPT,
+    prompt_files: list[str],
+    out: Path,
+    seconds: float,
+    block_size: int,
+    feature_cache: Path | None,
+    storage: str,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """The base's greedy continuations of prompts sliced from ``prompt_files``, written to ``out``
-    within ``seconds``; decoded in the precision ``auto`` picks for this machine."""
+    """The base's greedy continuations of prompts sliced from ``prompt_files`` as token blocks
+    (``out/selfgen.safetensors``; readable in ``out/selfgen.txt``) within ``seconds``, decoded in the
+    precision ``auto`` picks for this machine; the states it computed meanwhile become the training
+    feature cache in ``feature_cache`` (None: no cache)."""
     ids = corpus_ids(model.tokenizer, prompt_files, args.selfgen_prompt_bytes)
-    prompt_tokens = 32
-    new_tokens = max(32, block_size - prompt_tokens)
+    prompt_tokens = min(32, block_size // 2)
     dtype = auto_dtype("cpu")
-    model.to(dtype).eval()
     count = args.max_tokens // block_size + 1 if args.max_tokens else 100_000  # else more than any budget reaches
     prompts = corpus_prompts(ids, count, prompt_tokens)
-    samples, report = self_generate(model, prompts, new_tokens, args.selfgen_batch, seconds=seconds)
-    characters = write_samples(model.tokenizer, samples, out)
+    blocks_path = out / "selfgen.safetensors"
+    blocks, report = self_generate_training_data(
+        model, prompts, block_size, dtype, blocks_path, feature_cache, storage, args.selfgen_batch, seconds
+    )
+    write_samples(model.tokenizer, blocks.tolist(), out / "selfgen.txt")
     return {
+        "selfgen_blocks": str(blocks_path),
         "selfgen_samples": report.samples,
         "selfgen_new_tokens": report.new_tokens,
-        "selfgen_tokens": report.new_tokens + report.samples * prompt_tokens,
-        "selfgen_characters": characters,
+        "selfgen_tokens": blocks.numel(),
         "selfgen_tokens_per_s": report.tokens_per_second,
         "selfgen_dtype": dtype_name(dtype),
+        "selfgen_cached_features": feature_cache is not None,
     }
+
+
+def _data_setting(data: dict[str, Any], fit_args: list[str], name: str) -> Any:
+    """``data.<name>`` as the fit will see it: a ``--data.<name>=`` argument, else the config's."""
+    for arg in fit_args:
+        if arg.startswith(f"--data.{name}="):
+            return arg.split("=", 1)[1]
+    return data.get(name)
 
 
 def _corpus_plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float) -> dict[str, int]:
@@ -167,20 +186,21 @@ def _corpus_plan(config: dict[str, Any], args: argparse.Namespace, base_tps: flo
 def _train_plan(
     config: dict[str, Any],
     args: argparse.Namespace,
-    corpus_tokens: int,
+    uncached_tokens: int,
     seconds_left: float,
     base_tps: float,
     module_tps: float,
 ) -> dict[str, int]:
     """Optimizer steps: ``--train-share`` of the budget, or by default the time the feature cache
-    (train and validation text through the base) and the evaluation reserve leave."""
+    (the ``uncached_tokens`` of training text and the validation text through the base) and the
+    evaluation reserve leave."""
     data, trainer = config["data"], config["trainer"]
     budget = args.minutes * 60
     if args.train_share is not None:
         train_seconds = args.train_share * budget
     else:
         val_tokens = (data.get("max_val_bytes") or 0) / BYTES_PER_TOKEN
-        cache_seconds = (corpus_tokens + val_tokens) / base_tps
+        cache_seconds = (uncached_tokens + val_tokens) / base_tps
         train_seconds = seconds_left - cache_seconds - args.eval_share * budget
     train_tokens = max(train_seconds, 0.0) * module_tps
     steps = max(20, int(train_tokens / (data["batch_size"] * data["block_size"])))
@@ -211,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--selfgen-share",
         type=float,
-        default=0.3,
-        help="share of the budget the base spends writing the training text itself (0: train on the corpus text)",
+        default=0.45,
+        help="share of the budget the base spends writing the training text itself, and with it the "
+        "training features (0: train on the corpus text)",
     )
     parser.add_argument(
         "--selfgen-batch",
@@ -266,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         source = ", ".join(train_files)
     else:
         _log(f"{', '.join(train_files)} not found: training on the embedded corpus (Python standard library)")
-        overrides += [f"--data.train_files=[{STDLIB}]", "--data.val_files=null"]
+        # validation reads the held-out stdlib text (written below), so the training blocks stay whole
+        overrides += [f"--data.train_files=[{STDLIB}]", f"--data.val_files=[{heldout}]"]
         source = "stdlib"
 
     # 2. calibrate and plan.
@@ -283,27 +305,36 @@ def main(argv: list[str] | None = None) -> None:
         skip = max(plan["max_corpus_bytes"], args.selfgen_prompt_bytes if args.selfgen_share > 0 else 0)
         heldout.write_text(stdlib_heldout_text(skip, 200_000), encoding="utf-8")
 
-    # 3. the base writes its own training text (prompts sliced from the training corpus).
+    # 3. the base writes its own training text (prompts sliced from the training corpus), keeping
+    # the states it computes meanwhile as the training feature cache.
+    cache_dir = _data_setting(data, args.fit_args, "feature_cache")
+    uncached_tokens = plan["corpus_tokens"]
     if args.selfgen_share > 0:
         start = time.perf_counter()
-        generated = out / "selfgen.txt"
         prompt_files = [STDLIB] if source == "stdlib" else train_files
         selfgen = self_generate_corpus(
-            model, prompt_files, generated, args.selfgen_share * args.minutes * 60, data["block_size"], args
+            model,
+            prompt_files,
+            out,
+            args.selfgen_share * args.minutes * 60,
+            data["block_size"],
+            Path(cache_dir, "train") if cache_dir else None,
+            _data_setting(data, args.fit_args, "feature_dtype") or "bf16",
+            args,
         )
-        overrides += [f"--data.train_files=[{generated}]"]
+        overrides += [f"--data.train_blocks={selfgen['selfgen_blocks']}"]
         plan.update(selfgen)
-        plan["max_corpus_bytes"] = selfgen["selfgen_characters"]
         plan["corpus_tokens"] = selfgen["selfgen_tokens"]
-        phases["self-generate"] = time.perf_counter() - start
+        uncached_tokens = 0 if cache_dir else plan["corpus_tokens"]
+        phases["self-generate (+ train features)"] = time.perf_counter() - start
         _log(
-            f"self-generated {selfgen['selfgen_samples']} samples, {selfgen['selfgen_new_tokens']} new tokens "
-            f"at {selfgen['selfgen_tokens_per_s']:.0f} tokens/s: {generated}"
+            f"self-generated {selfgen['selfgen_samples']} blocks, {selfgen['selfgen_new_tokens']} new tokens "
+            f"at {selfgen['selfgen_tokens_per_s']:.0f} tokens/s: {selfgen['selfgen_blocks']}"
         )
 
     del model
     seconds_left = args.minutes * 60 - (time.perf_counter() - started)
-    plan.update(_train_plan(config, args, plan["corpus_tokens"], seconds_left, base_tps, module_tps))
+    plan.update(_train_plan(config, args, uncached_tokens, seconds_left, base_tps, module_tps))
     _log(f"corpus {plan['corpus_tokens']} tokens; {plan['max_steps']} steps (~{plan['train_seconds']} s of training)")
 
     # 4. train (features cached once, then the module over them) and export.
@@ -322,15 +353,12 @@ def main(argv: list[str] | None = None) -> None:
         *args.fit_args,
     ]
     phases["fit (cache + train + export)"] = _run(fit)
-    cache_dir = data.get("feature_cache")
-    for arg in args.fit_args:
-        if arg.startswith("--data.feature_cache="):
-            cache_dir = arg.split("=", 1)[1]
     for split in ("train", "val"):
         manifest = Path(cache_dir or "", split, "manifest.json")
         if cache_dir and manifest.exists():
             stored = json.loads(manifest.read_text())
-            phases[f"  of which feature cache ({split})"] = stored.get("build_seconds", 0)
+            if not (split == "train" and plan.get("selfgen_cached_features")):  # else kept while generating
+                phases[f"  of which feature cache ({split})"] = stored.get("build_seconds", 0)
             plan[f"{split}_tokens_cached"] = stored.get("tokens", 0)
 
     # 5. evaluate on held-out text.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from typing import Any
 import torch
 
 from recyclegpt.core import RecycleGPT
-from recyclegpt.core.precision import hardware_summary
+from recyclegpt.core.precision import dtype_name, hardware_summary, resolve_dtype
 from recyclegpt.core.quantize import QUANTIZE_CHOICES
 from recyclegpt.train.corpus import CorpusError, check_readable, read_texts, resolve
+from recyclegpt.train.data import write_blocks
+from recyclegpt.train.features import FeatureCache, base_digest, cache_key
 
 
 @dataclass
@@ -55,6 +58,17 @@ def corpus_prompts(ids: torch.Tensor, count: int, prompt_tokens: int, seed: int 
     return torch.stack([ids[s : s + prompt_tokens] for s in starts.tolist()])
 
 
+def _timed_batches(prompts: torch.Tensor, batch_size: int, seconds: float | None) -> Iterator[torch.Tensor]:
+    """``prompts`` ``batch_size`` rows at a time; with ``seconds``, none after the batch that ends
+    nearest that time (a batch of 64 can take a minute on a CPU)."""
+    start = time.perf_counter()
+    for index, first in enumerate(range(0, prompts.shape[0], batch_size)):
+        yield prompts[first : first + batch_size]
+        elapsed = time.perf_counter() - start
+        if seconds is not None and elapsed + elapsed / (index + 1) / 2 >= seconds:
+            return  # one more batch would end further past ``seconds`` than stopping now ends before it
+
+
 def self_generate(
     model: RecycleGPT,
     prompts: torch.Tensor,
@@ -66,23 +80,18 @@ def self_generate(
 ) -> tuple[list[list[int]], SelfGenReport]:
     """The base's continuations of ``prompts`` [N, P], ``batch_size`` rows at a time.
 
-    Each sample is its prompt followed by what the base wrote, cut at its EOS. With ``seconds``, it
-    stops after the batch that ends nearest that time (a batch of 64 can take a minute on a CPU). Batched rows are computed exactly as lone ones in fp32;
-    in bf16 a batched matmul may round differently, which changes nothing for training data.
+    Each sample is its prompt followed by what the base wrote, cut at its EOS; ``seconds`` bounds the
+    time (see :func:`_timed_batches`). Batched rows are computed exactly as lone ones in fp32; in bf16
+    a batched matmul may round differently, which changes nothing for training data.
     """
     eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
     samples: list[list[int]] = []
     written = 0
     start = time.perf_counter()
-    for first in range(0, prompts.shape[0], batch_size):
-        batch = prompts[first : first + batch_size].to(model.lm_head.weight.device)
+    for batch in _timed_batches(prompts, batch_size, seconds):
+        batch = batch.to(model.lm_head.weight.device)
         out = model.generate(
-            batch,
-            new_tokens,
-            temperature=temperature,
-            seed=seed + first,
-            eos_token_id=eos,
-            pad_token_id=eos,
+            batch, new_tokens, temperature=temperature, seed=seed + len(samples), eos_token_id=eos, pad_token_id=eos
         )
         for row in out.sequences.tolist():
             new = row[batch.shape[1] :]
@@ -90,11 +99,61 @@ def self_generate(
                 new = new[: new.index(eos)]
             samples.append(row[: batch.shape[1]] + new)
             written += len(new)
-        elapsed = time.perf_counter() - start
-        batch_seconds = elapsed / (first // batch_size + 1)
-        if seconds is not None and elapsed + batch_seconds / 2 >= seconds:
-            break  # one more batch would end further past ``seconds`` than stopping now ends before it
     return samples, SelfGenReport(len(samples), written, time.perf_counter() - start)
+
+
+def self_generate_blocks(
+    model: RecycleGPT,
+    prompts: torch.Tensor,
+    block_size: int,
+    batch_size: int = 64,
+    seconds: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, SelfGenReport]:
+    """Greedy continuations of ``prompts`` [N, P] to blocks of exactly ``block_size`` tokens [N, T],
+    with the base's final states at every slot [N, T, d], kept while it decoded them (so a feature
+    cache of them costs no second pass of the base). An EOS does not stop a row: what the base writes
+    after it is its own text too."""
+    if prompts.shape[1] >= block_size:
+        raise ValueError(f"prompts of {prompts.shape[1]} tokens leave nothing to write in blocks of {block_size}")
+    new_tokens = block_size - prompts.shape[1] + 1  # the states of all block_size slots
+    blocks, states = [], []
+    start = time.perf_counter()
+    for batch in _timed_batches(prompts, batch_size, seconds):
+        out = model.generate(batch.to(model.lm_head.weight.device), new_tokens, output_hidden_states=True)
+        blocks.append(out.sequences[:, :block_size].cpu())
+        states.append(out.hidden_states[:, :block_size].cpu())
+    tokens = torch.cat(blocks)
+    report = SelfGenReport(
+        tokens.shape[0], tokens.shape[0] * (block_size - prompts.shape[1]), time.perf_counter() - start
+    )
+    return tokens, torch.cat(states), report
+
+
+def self_generate_training_data(
+    model: RecycleGPT,
+    prompts: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+    blocks_path: str | Path,
+    feature_cache: str | Path | None = None,
+    storage: str = "bf16",
+    batch_size: int = 64,
+    seconds: float | None = None,
+) -> tuple[torch.Tensor, SelfGenReport]:
+    """Blocks the base wrote (:func:`self_generate_blocks`) to ``blocks_path`` (``data.train_blocks``)
+    and, with ``feature_cache``, its states there as a feature cache the trainer uses as is.
+
+    ``model`` comes as the trainer loads it (its weights key the cache) and decodes in ``dtype``
+    (converted in place), the precision the cache is labelled with.
+    """
+    digest = base_digest(model)
+    model.to(dtype).eval()
+    blocks, hidden, report = self_generate_blocks(model, prompts, block_size, batch_size, seconds)
+    write_blocks(blocks, blocks_path)
+    if feature_cache is not None:
+        key = cache_key(model, blocks, storage, dtype_name(dtype), base_sha256=digest)
+        FeatureCache(feature_cache, storage).store(blocks, hidden, key, report.seconds)
+    return blocks, report
 
 
 def write_samples(tokenizer: Any, samples: list[list[int]], path: str | Path) -> int:
@@ -110,7 +169,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="recyclegpt-selfgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the base: a model directory, a .gguf file or 'smollm2'")
     parser.add_argument("--prompts-from", required=True, help="text file(s) the prompts are sliced from")
-    parser.add_argument("--out", required=True, help="output text file")
+    parser.add_argument("--out", default=None, help="output text file")
+    parser.add_argument(
+        "--blocks-out",
+        default=None,
+        help="also write token blocks of --prompt-tokens + --new-tokens (greedy, not cut at EOS) to this "
+        ".safetensors file, for data.train_blocks",
+    )
+    parser.add_argument(
+        "--feature-cache",
+        default=None,
+        help="with --blocks-out: store the base's states of the blocks, kept while decoding, in this "
+        "directory as a ready feature cache (data.feature_cache/train)",
+    )
+    parser.add_argument("--feature-dtype", default="bf16", choices=("bf16", "fp32"), help="storage of the states")
     parser.add_argument("--samples", type=int, default=512, help="prompts to continue (at most)")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much generation time")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt")
@@ -124,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-bytes", type=int, default=2_000_000, help="characters of the prompt corpus read")
     parser.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     args = parser.parse_args(argv)
+
+    def fail(message: str) -> None:
+        sys.exit(f"recyclegpt-selfgen: error: {message}")
+
     counts = {
         "--samples": args.samples,
         "--prompt-tokens": args.prompt_tokens,
@@ -132,35 +208,65 @@ def main(argv: list[str] | None = None) -> None:
     }
     for flag, value in counts.items():
         if value < 1:
-            sys.exit(f"recyclegpt-selfgen: error: {flag} must be >= 1, got {value}")
+            fail(f"{flag} must be >= 1, got {value}")
     if args.temperature < 0:
-        sys.exit(f"recyclegpt-selfgen: error: --temperature must be >= 0, got {args.temperature}")
+        fail(f"--temperature must be >= 0, got {args.temperature}")
+    if args.out is None and args.blocks_out is None:
+        fail("give --out (text), --blocks-out (token blocks) or both")
+    if args.blocks_out is not None and (args.temperature > 0 or args.quantize != "none"):
+        fail("--blocks-out writes the unquantized base's greedy blocks; drop --temperature and --quantize")
+    if args.feature_cache is not None and args.blocks_out is None:
+        fail("--feature-cache stores the states of the blocks --blocks-out writes: give --blocks-out too")
     try:
         check_readable([args.prompts_from])  # before the model loads
     except CorpusError as error:
-        sys.exit(f"recyclegpt-selfgen: error: {error}")
+        fail(str(error))
     try:
-        model = RecycleGPT.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
+        dtype = resolve_dtype(args.dtype, "cpu")
+        if args.blocks_out is not None:  # as the trainer loads it: those weights key the feature cache
+            model = RecycleGPT.from_pretrained(args.model)
+        else:
+            model = RecycleGPT.from_pretrained(args.model, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError) as error:
-        sys.exit(f"recyclegpt-selfgen: error: cannot load {args.model}: {error}")
+        fail(f"cannot load {args.model}: {error}")
     if model.tokenizer is None:
-        sys.exit(f"recyclegpt-selfgen: error: {args.model} has no tokenizer")
+        fail(f"{args.model} has no tokenizer")
     context = model.config.max_seq_len
-    if args.prompt_tokens + args.new_tokens > context:
-        sys.exit(f"recyclegpt-selfgen: error: --prompt-tokens + --new-tokens exceeds the context of {context}")
+    if args.prompt_tokens + args.new_tokens + 1 > context:
+        fail(f"--prompt-tokens + --new-tokens must stay below the context of {context}")
     try:
         ids = corpus_ids(model.tokenizer, [args.prompts_from], args.max_bytes)
         prompts = corpus_prompts(ids, args.samples, args.prompt_tokens, args.seed)
     except ValueError as error:  # CorpusError included
-        sys.exit(f"recyclegpt-selfgen: error: {error}")
+        fail(str(error))
     seconds = args.minutes * 60 if args.minutes else None
-    samples, report = self_generate(
-        model, prompts, args.new_tokens, args.batch_size, args.temperature, args.seed, seconds
-    )
-    chars = write_samples(model.tokenizer, samples, args.out)
+    if args.blocks_out is not None:
+        blocks, report = self_generate_training_data(
+            model,
+            prompts,
+            args.prompt_tokens + args.new_tokens,
+            dtype,
+            args.blocks_out,
+            args.feature_cache,
+            args.feature_dtype,
+            args.batch_size,
+            seconds,
+        )
+        samples = blocks.tolist()
+        wrote = f"{args.blocks_out} ({blocks.shape[0]} blocks of {blocks.shape[1]} tokens)"
+        if args.feature_cache is not None:
+            wrote += f" and their states in {args.feature_cache}"
+    else:
+        samples, report = self_generate(
+            model, prompts, args.new_tokens, args.batch_size, args.temperature, args.seed, seconds
+        )
+        wrote = ""
+    if args.out is not None:
+        chars = write_samples(model.tokenizer, samples, args.out)
+        wrote = f"{args.out} ({chars} characters)" + (f", {wrote}" if wrote else "")
     print(
-        f"self-generated: {args.out} ({report.samples} samples, {report.new_tokens} new tokens, {chars} characters) "
-        f"in {report.seconds:.0f} s, {report.tokens_per_second:.0f} tokens/s; {hardware_summary()}",
+        f"self-generated {report.samples} samples, {report.new_tokens} new tokens in {report.seconds:.0f} s, "
+        f"{report.tokens_per_second:.0f} tokens/s ({dtype_name(dtype)}): {wrote}; {hardware_summary()}",
         flush=True,
     )
 
