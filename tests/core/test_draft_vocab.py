@@ -161,3 +161,19 @@ def test_distillation_loss_is_lowest_when_the_module_reproduces_the_base() -> No
         teacher = torch.nn.functional.linear(hidden[:, :-1], model.draft_head_weight()).float()
         entropy = -(teacher.softmax(-1) * teacher.log_softmax(-1)).sum(-1).mean()
     assert float(out.depth_losses[0]) > float(entropy)
+
+
+def test_feature_noise_perturbs_what_the_module_reads_not_the_teacher() -> None:
+    """EAGLE's augmentation: noise of a fraction of each state's RMS on the module's input states
+    changes the loss a little, follows torch's seed, and is off at 0."""
+    model = _model(draft=32)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.base_hidden(ids)
+    clean = unrolled_losses(model, ids, hidden, depth=2, distill=True)
+    assert torch.equal(unrolled_losses(model, ids, hidden, depth=2, feature_noise=0.0).loss, clean.loss)
+    torch.manual_seed(1)
+    noisy = unrolled_losses(model, ids, hidden, depth=2, distill=True, feature_noise=0.3)
+    assert not torch.equal(noisy.loss, clean.loss) and abs(noisy.loss.item() - clean.loss.item()) < 0.5
+    torch.manual_seed(1)
+    assert torch.equal(unrolled_losses(model, ids, hidden, depth=2, distill=True, feature_noise=0.3).loss, noisy.loss)
