@@ -34,8 +34,8 @@ def read_blocks(path: str | Path, block_size: int) -> torch.Tensor:
         blocks = load_file(str(path)).get(BLOCKS_KEY)
     except (OSError, SafetensorError) as error:
         raise CorpusError(f"cannot read token blocks from {path}: {error}") from error
-    if blocks is None or blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise CorpusError(f"{path} holds no {BLOCKS_KEY!r} tensor of token ids [blocks, tokens]")
+    if blocks is None or blocks.dim() != 2 or blocks.dtype != torch.long or blocks.shape[0] == 0:
+        raise CorpusError(f"{path} holds no {BLOCKS_KEY!r} tensor of token ids [blocks >= 1, tokens]")
     if blocks.shape[1] != block_size:
         raise CorpusError(f"{path} holds blocks of {blocks.shape[1]} tokens; data.block_size is {block_size}")
     return blocks
@@ -173,12 +173,16 @@ class TextDataModule(LightningDataModule):
         train = self._tokens(self._train_texts())
         if self.val_files is None:
             cut = int(train.numel() * (1 - self.hparams.val_fraction))
-            train, val = train[:cut], train[cut:]
+            train_blocks = self._blocks(train[:cut], "training")
+            self.val_blocks = self._blocks(train[cut:], "validation")
         else:
-            val_paths = resolve(self.val_files, self.hparams.seed)
-            val = self._tokens(read_texts(val_paths, self.hparams.max_val_bytes))
-        self.train_blocks = self._blocks(train, "training")
-        self.val_blocks = self._blocks(val, "validation")
+            train_blocks = self._blocks(train, "training")
+            self.val_blocks = self._val_file_blocks()
+        self.train_blocks = train_blocks
+
+    def _val_file_blocks(self) -> torch.Tensor:
+        texts = read_texts(resolve(self.val_files, self.hparams.seed), self.hparams.max_val_bytes)
+        return self._blocks(self._tokens(texts), "validation")
 
     def _setup_from_blocks(self, blocks: torch.Tensor) -> None:
         """Training blocks as given; validation from ``val_files``, else the last ``val_fraction`` of them."""
@@ -187,8 +191,7 @@ class TextDataModule(LightningDataModule):
                 f"{self.hparams.train_blocks} holds token ids outside the tokenizer's {len(self.tokenizer)}"
             )
         if self.val_files is not None:
-            val = self._tokens(read_texts(resolve(self.val_files, self.hparams.seed), self.hparams.max_val_bytes))
-            self.train_blocks, self.val_blocks = blocks, self._blocks(val, "validation")
+            self.train_blocks, self.val_blocks = blocks, self._val_file_blocks()
             return
         cut = min(int(blocks.shape[0] * (1 - self.hparams.val_fraction)), blocks.shape[0] - 1)
         if cut < 1:
