@@ -7,7 +7,13 @@ of its drafts. So the recipe first lets the base continue prompts drawn from the
 (batched decoding, greedy by default: the decoding the evaluation and alternating use), and trains
 the module on those texts.
 
+With ``--blocks-out`` it writes token blocks for ``data.train_blocks`` instead, and with
+``--feature-cache`` also the base's final states of them, kept while it decoded, as a feature cache the
+trainer uses as is: the base reads its own text once, not twice.
+
     python -m recyclegpt.train.selfgen --model smollm2 --prompts-from corpus.txt --minutes 5 --out selfgen.txt
+    python -m recyclegpt.train.selfgen --model smollm2 --prompts-from corpus.txt --minutes 5 \
+        --blocks-out blocks.safetensors --feature-cache runs/smollm2/features/train
 """
 
 from __future__ import annotations
