@@ -52,6 +52,8 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert set(report["quality"]["agreement_by_depth"]) >= {"1", "2", "3", "4"}
     # the states the base computed while writing its text are the training cache: the fit reuses them
     plan = report["plan"]
+    assert 1 <= plan["trained_steps"] <= plan["max_steps"] == 8 and plan["train_seconds"] >= 1
+    assert "--trainer.max_time=00:00:" in result.stdout  # training stops at its share of the budget
     assert plan["selfgen_cached_features"] and plan["train_tokens_cached"] == plan["selfgen_tokens"] > 0
     assert "runs/features/train: building" not in result.stdout and "runs/features/val: building" in result.stdout
     assert "  of which feature cache (train)" not in report["phases_s"]
@@ -62,3 +64,22 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     markdown = (workdir / "runs/recipe/report.md").read_text()
     assert "| agreement (held-out) |" in markdown and "speculative@" in markdown
     assert "| agreement (on the base's own greedy text) |" in markdown
+
+
+def test_training_is_bounded_by_its_time_and_by_twice_the_calibrated_steps() -> None:
+    import argparse
+
+    from recyclegpt.train.recipe import _duration, _train_plan
+
+    config = {"data": {"batch_size": 8, "block_size": 256, "max_val_bytes": 0}, "trainer": {"val_check_interval": 250}}
+    args = argparse.Namespace(minutes=30, train_share=None, eval_share=0.2, max_steps=None, steps=None)
+    plan = _train_plan(config, args, uncached_tokens=0, seconds_left=960, base_tps=600, module_tps=2048)
+    assert plan["train_seconds"] == 600 and plan["predicted_steps"] == 600 and plan["max_steps"] == 1200
+    args.steps = 50  # a fixed step count: no time limit
+    assert _train_plan(config, args, 0, 960, 600, 2048) | {"predicted_steps": 0} == {
+        "max_steps": 50,
+        "predicted_steps": 0,
+        "val_check_interval": 50,
+        "train_seconds": 0,
+    }
+    assert _duration(3725) == "00:01:02:05" and _duration(90061) == "01:01:01:01"

@@ -110,11 +110,14 @@ class TokensPerSecond(Callback):
             pl_module.log("train/tokens_per_sec", per_device * trainer.world_size, prog_bar=True, on_step=True)
 
 
+TRAINED_LINE = "trained: "  # "trained: N optimizer steps", printed before "exported: PATH"
+
+
 class ExportModel(Callback):
     """At the end of fit, write the model directory (config.json, model.safetensors, tokenizer.json).
 
-    Rank 0 writes it with core's atomic ``save_pretrained``, prints ``exported: PATH`` and, when the
-    run logs to MLflow, uploads the directory as the run artifact ``model``.
+    Rank 0 writes it with core's atomic ``save_pretrained``, prints ``trained: N optimizer steps`` and
+    ``exported: PATH`` and, when the run logs to MLflow, uploads the directory as the run artifact ``model``.
     """
 
     def __init__(self, dirpath: str = "runs/model", log_artifact: bool = True) -> None:
@@ -132,6 +135,7 @@ class ExportModel(Callback):
         model.load_state_dict(weights)
         path = Path(self.dirpath).resolve()
         model.save_pretrained(str(path), tokenizer=pl_module.tokenizer)
+        print(f"{TRAINED_LINE}{trainer.global_step} optimizer steps", flush=True)
         print(f"exported: {path}", flush=True)
         if self.log_artifact:
             for logger in trainer.loggers:

@@ -38,6 +38,7 @@ import yaml
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import unrolled_losses
 from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
+from recyclegpt.train.callbacks import TRAINED_LINE
 from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
 from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate_training_data, write_samples
 
@@ -81,10 +82,20 @@ def module_tokens_per_second(model: RecycleGPT, batch_size: int, block_size: int
     return ids.numel() / min(times[1:])
 
 
-def _run(command: list[str]) -> float:
+def _run(command: list[str], output: list[str] | None = None) -> float:
+    """Run ``command``, its output streamed through; with ``output``, its lines are kept there too.
+    Seconds it took."""
     _log("$ " + " ".join(command))
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    if output is None:
+        subprocess.run(command, check=True)
+    else:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            for line in process.stdout:
+                print(line, end="", flush=True)
+                output.append(line.rstrip("\n"))
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command)
     return time.perf_counter() - start
 
 
@@ -191,9 +202,12 @@ def _train_plan(
     base_tps: float,
     module_tps: float,
 ) -> dict[str, int]:
-    """Optimizer steps: ``--train-share`` of the budget, or by default the time the feature cache
-    (the ``uncached_tokens`` of training text and the validation text through the base) and the
-    evaluation reserve leave."""
+    """Training time: ``--train-share`` of the budget, or by default the time the feature cache (the
+    ``uncached_tokens`` of training text and the validation text through the base) and the evaluation
+    reserve leave. Training stops at that time (``trainer.max_time``; the cosine schedule follows it)
+    or at twice the steps the calibrated speed predicts, whichever comes first: the calibration runs
+    a cold, short loop and predicted 1.4x fewer steps than SmolLM2's module then trained. ``--steps``
+    fixes the step count instead, with no time limit."""
     data, trainer = config["data"], config["trainer"]
     budget = args.minutes * 60
     if args.train_share is not None:
@@ -202,16 +216,24 @@ def _train_plan(
         val_tokens = (data.get("max_val_bytes") or 0) / BYTES_PER_TOKEN
         cache_seconds = (uncached_tokens + val_tokens) / base_tps
         train_seconds = seconds_left - cache_seconds - args.eval_share * budget
-    train_tokens = max(train_seconds, 0.0) * module_tps
-    steps = max(20, int(train_tokens / (data["batch_size"] * data["block_size"])))
+    row_tokens = data["batch_size"] * data["block_size"]
+    predicted = max(20, int(max(train_seconds, 0.0) * module_tps / row_tokens))
+    steps = args.steps or 2 * predicted
     if args.max_steps:
         steps = min(steps, args.max_steps)
-    steps = args.steps or steps
     return {
         "max_steps": steps,
+        "predicted_steps": predicted,
         "val_check_interval": min(steps, trainer.get("val_check_interval") or steps),
-        "train_seconds": int(steps * data["batch_size"] * data["block_size"] / module_tps),
+        "train_seconds": 0 if args.steps else math.ceil(max(train_seconds, 20 * row_tokens / module_tps)),
     }
+
+
+def _duration(seconds: int) -> str:
+    """Lightning's ``max_time`` format, DD:HH:MM:SS."""
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours // 24:02d}:{hours % 24:02d}:{minutes:02d}:{secs:02d}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,7 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     del model
     seconds_left = args.minutes * 60 - (time.perf_counter() - started)
     plan.update(_train_plan(config, args, uncached_tokens, seconds_left, base_tps, module_tps))
-    _log(f"corpus {plan['corpus_tokens']} tokens; {plan['max_steps']} steps (~{plan['train_seconds']} s of training)")
+    limit = f"{plan['train_seconds']} s or " if plan["train_seconds"] else ""
+    _log(
+        f"corpus {plan['corpus_tokens']} tokens; training for {limit}{plan['max_steps']} steps "
+        f"(~{plan['predicted_steps']} at the calibrated speed)"
+    )
 
     # 4. train (features cached once, then the module over them) and export.
     fit = [
@@ -348,11 +374,15 @@ def main(argv: list[str] | None = None) -> None:
         f"--trainer.max_steps={plan['max_steps']}",
         f"--trainer.val_check_interval={plan['val_check_interval']}",
         "--trainer.check_val_every_n_epoch=null",  # validation counted in steps across the many epochs
+        *([f"--trainer.max_time={_duration(plan['train_seconds'])}"] if plan["train_seconds"] else []),
         f"--data.max_corpus_bytes={plan['max_corpus_bytes']}",
         *overrides,
         *args.fit_args,
     ]
-    phases["fit (cache + train + export)"] = _run(fit)
+    fit_output: list[str] = []
+    phases["fit (cache + train + export)"] = _run(fit, fit_output)
+    trained = [line for line in fit_output if line.startswith(TRAINED_LINE)]
+    plan["trained_steps"] = int(trained[-1].removeprefix(TRAINED_LINE).split()[0]) if trained else None
     for split in ("train", "val"):
         manifest = Path(cache_dir or "", split, "manifest.json")
         if cache_dir and manifest.exists():
@@ -438,7 +468,8 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         f"Module: {model_cfg.get('module_layers', 1)} layer, unroll depth {model_cfg.get('unroll_depth', 1)}, "
         f"distill={model_cfg.get('distill', False)}, draft vocabulary {model_cfg.get('draft_vocab_size')}, "
         f"init {model_cfg.get('module_init', 'random')}; data {report['data']}; "
-        f"{report['plan']['corpus_tokens']} corpus tokens, {report['plan']['max_steps']} steps.",
+        f"{report['plan']['corpus_tokens']} corpus tokens, "
+        f"{report['plan'].get('trained_steps') or report['plan']['max_steps']} steps.",
         "",
         "| draft depth | " + " | ".join(sorted(agreement, key=int)) + " |",
         "|---|" + "---|" * len(agreement),
