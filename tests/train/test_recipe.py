@@ -62,7 +62,9 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert (workdir / "runs/recipe/selfgen.txt").stat().st_size > 0 and (workdir / plan["selfgen_blocks"]).exists()
     assert set(report["alternating"]["own_text_agreement_by_depth"]) >= {"1", "2"}
     markdown = (workdir / "runs/recipe/report.md").read_text()
-    assert "| agreement (held-out) |" in markdown and "speculative@" in markdown
+    assert (
+        "| agreement (held-out) |" in markdown and "speculative@" in markdown and "| speculative adaptive |" in markdown
+    )
     assert "| agreement (on the base's own greedy text) |" in markdown
 
 
