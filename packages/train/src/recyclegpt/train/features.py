@@ -116,9 +116,9 @@ class FeatureCache:
         if reason is None:
             return self.load(blocks), CacheReport(False, "reused", 0.0, 0)
         log(f"feature cache {self.directory}: building ({reason}); {blocks.numel()} tokens through the base")
-        seconds = self._build(model, blocks, key, forward_context, batch_size, log)
+        hidden, seconds = self._build(model, blocks, key, forward_context, batch_size, log)
         log(f"feature cache {self.directory}: {blocks.numel()} tokens in {seconds:.0f} s")
-        return self.load(blocks), CacheReport(True, reason, seconds, blocks.numel())
+        return hidden, CacheReport(True, reason, seconds, blocks.numel())
 
     @torch.no_grad()
     def _build(
@@ -129,8 +129,9 @@ class FeatureCache:
         forward_context: Callable[[], AbstractContextManager],
         batch_size: int,
         log: Callable[[str], None],
-    ) -> float:
-        """Run the base over every block, then store the states; seconds the base ran."""
+    ) -> tuple[torch.Tensor, float]:
+        """Run the base over every block and store the states; the states (in the storage dtype, as
+        :meth:`load` would read them back) and the seconds the base ran."""
         start = time.perf_counter()
         device = model.lm_head.weight.device
         dtype = STORAGE_DTYPES[self.storage]
@@ -142,12 +143,13 @@ class FeatureCache:
                 with forward_context():
                     states.append(model.base_hidden(blocks[first : first + batch_size].to(device)).to(dtype).cpu())
                 if (first // batch_size + 1) % 32 == 0:
-                    log(f"feature cache: {first + batch_size}/{blocks.shape[0]} blocks")
+                    log(f"feature cache: {min(first + batch_size, blocks.shape[0])}/{blocks.shape[0]} blocks")
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start
-        self.store(blocks, torch.cat(states), key, seconds)
-        return seconds
+        hidden = torch.cat(states)
+        self.store(blocks, hidden, key, seconds)
+        return hidden, seconds
 
     def store(self, blocks: torch.Tensor, hidden: torch.Tensor, key: dict[str, Any], seconds: float = 0.0) -> None:
         """Write the states ``hidden`` [N, T, d] of ``blocks`` [N, T] as the cache for ``key`` (from
