@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         f"--trainer.val_check_interval={plan['val_check_interval']}",
         "--trainer.check_val_every_n_epoch=null",  # validation counted in steps across the many epochs
         *([f"--trainer.max_time={_duration(plan['train_seconds'])}"] if plan["train_seconds"] else []),
-        f"--data.max_corpus_bytes={plan['max_corpus_bytes']}",
+        # training blocks written by self-generation are read whole: no corpus size to pass then
+        *([] if args.selfgen_share > 0 else [f"--data.max_corpus_bytes={plan['max_corpus_bytes']}"]),
         *overrides,
         *args.fit_args,
     ]
