@@ -77,6 +77,8 @@ def test_training_is_bounded_by_its_time_and_by_twice_the_calibrated_steps() -> 
     args = argparse.Namespace(minutes=30, train_share=None, eval_share=0.2, max_steps=None, steps=None)
     plan = _train_plan(config, args, uncached_tokens=0, seconds_left=960, base_tps=600, module_tps=2048)
     assert plan["train_seconds"] == 600 and plan["predicted_steps"] == 600 and plan["max_steps"] == 1200
+    # time the fit spends loading the base again and exporting comes out of training's share
+    assert _train_plan(config, args, 0, 960, 600, 2048, fit_overhead=60)["train_seconds"] == 540
     args.steps = 50  # a fixed step count: no time limit
     assert _train_plan(config, args, 0, 960, 600, 2048) | {"predicted_steps": 0} == {
         "max_steps": 50,
