@@ -208,10 +208,11 @@ def _train_plan(
 ) -> dict[str, int]:
     """Training time: ``--train-share`` of the budget, or by default the time the feature cache (the
     ``uncached_tokens`` of training text and the validation text through the base), the fit's own
-    ``fit_overhead`` seconds (loading the base again, exporting) and the evaluation reserve leave. Training stops at that time (``trainer.max_time``; the cosine schedule follows it)
-    or at twice the steps the calibrated speed predicts, whichever comes first: the calibration runs
-    a cold, short loop and predicted 1.4x fewer steps than SmolLM2's module then trained. ``--steps``
-    fixes the step count instead, with no time limit."""
+    ``fit_overhead`` seconds (loading the base again, exporting) and the evaluation reserve leave.
+    Training stops at that time (``trainer.max_time``; the cosine schedule follows it) or at twice
+    the steps the calibrated speed predicts, whichever comes first: the calibration runs a cold,
+    short loop and predicted 1.4x fewer steps than SmolLM2's module then trained. ``--steps`` fixes
+    the step count instead, with no time limit."""
     data, trainer = config["data"], config["trainer"]
     budget = args.minutes * 60
     if args.train_share is not None:
