@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from recyclegpt.core.precision import auto_dtype
+from recyclegpt.train.recipe import speed_quantize
 
 from .test_frozen_base import pretrained_model
 
@@ -48,6 +52,8 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert "embedded corpus" in result.stdout
     report = json.loads((workdir / "runs/recipe/report.json").read_text())
     assert report["data"] == "stdlib"
+    compute = "bf16" if auto_dtype("cpu") == torch.bfloat16 else "fp32"
+    assert report["speed_weights"] == (compute if compute == "bf16" else "fp32 + int8")  # --quantize auto
     assert report["speed"]["speculative"]["identical_to_standard"] is True
     assert set(report["quality"]["agreement_by_depth"]) >= {"1", "2", "3", "4"}
     # the states the base computed while writing its text are the training cache: the fit reuses them
@@ -87,3 +93,9 @@ def test_training_is_bounded_by_its_time_and_by_twice_the_calibrated_steps() -> 
         "train_seconds": 0,
     }
     assert _duration(3725) == "00:01:02:05" and _duration(90061) == "01:01:01:01"
+
+
+def test_speed_report_quantizes_to_int8_only_where_the_cpu_lacks_native_bf16() -> None:
+    assert speed_quantize("auto", torch.bfloat16) == "none"
+    assert speed_quantize("auto", torch.float32) == "int8"
+    assert speed_quantize("int4", torch.bfloat16) == "int4" and speed_quantize("none", torch.float32) == "none"

@@ -10,7 +10,8 @@
 4. ``recyclegpt-train fit``: features cached once, then the module trains over them for as many steps
    as the time left after the cache and the evaluation reserve (``eval_share``) allows, and is exported;
 5. ``recyclegpt-eval quality`` (agreement by chained draft depth) and ``recyclegpt-eval speed``
-   (tokens/s of every mode, accepted tokens per verification) on held-out text;
+   (tokens/s of every mode, accepted tokens per verification) on held-out text, the latter with the
+   weights ``--quantize`` names (``auto``: int8 on CPUs without native bf16, see :func:`speed_quantize`);
 6. the base's perplexity of alternating's text against standard's, the module's agreement by depth on
    the base's own greedy text, and a markdown report with the time each phase took
    (``OUT/report.md``, ``OUT/report.json``).
@@ -38,6 +39,7 @@ import yaml
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.losses import unrolled_losses
 from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
+from recyclegpt.core.quantize import QUANTIZE_CHOICES
 from recyclegpt.train.callbacks import TRAINED_LINE
 from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
 from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate_training_data, write_samples
@@ -275,6 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-bytes", type=int, default=None, help="training text read (instead of the plan)")
     parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts for speed and perplexity")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    parser.add_argument(
+        "--quantize",
+        choices=("auto", *QUANTIZE_CHOICES),
+        default="auto",
+        help="weights of the speed report (auto: int8 on CPUs without native bf16, else none)",
+    )
     parser.add_argument("--out", default=None, help="report directory (default: beside the exported model)")
     parser.add_argument("fit_args", nargs="*", help="extra recyclegpt-train fit arguments (after --)")
     args = parser.parse_args(argv)
@@ -401,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     # 5. evaluate on held-out text.
     eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
     dtype = "bf16" if cache_dtype == torch.bfloat16 else "fp32"
+    quantize = speed_quantize(args.quantize, cache_dtype)
     max_depth = max(depth + 2, 5)
     phases["eval quality"] = _run(
         [*eval_cli, "quality", "--model", str(export_dir), "--data", str(heldout), "--max-tokens", "1536"]
@@ -410,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     phases["eval speed"] = _run(
         [*eval_cli, "speed", "--model", str(export_dir), "--data", str(heldout), "--repeats", "1"]
         + ["--num-prompts", str(args.eval_prompts), "--max-new-tokens", str(args.new_tokens), "--dtype", dtype]
-        + ["--json", str(out / "speed.json")]
+        + ["--quantize", quantize, "--json", str(out / "speed.json")]
     )
 
     # 6. alternating's cost in quality, agreement on the base's own text, and the report.
@@ -433,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         "phases_s": phases,
         "quality": quality,
         "speed": speed,
+        "speed_weights": dtype if quantize == "none" else f"{dtype} + {quantize}",
         "alternating": alternating,
         "model": str(export_dir.resolve()),
     }
@@ -441,6 +451,16 @@ def main(argv: list[str] | None = None) -> None:
     (out / "report.md").write_text(markdown)
     print(markdown, flush=True)
     _log(f"model: {export_dir.resolve()}  report: {(out / 'report.md').resolve()}")
+
+
+def speed_quantize(choice: str, compute: torch.dtype) -> str:
+    """The weights the speed report decodes with. ``auto``: unquantized where the CPU computes bf16
+    natively; int8 elsewhere, because there fp32 verification is dear (AVX2: a 2-token step ~1.7x a
+    1-token one) while int8, fed bf16 activations, verifies 2 tokens for ~1.1x one and was the
+    fastest lossless speculative setting measured there (int4 verifies dearer)."""
+    if choice != "auto":
+        return choice
+    return "none" if compute == torch.bfloat16 else "int8"
 
 
 def _find(tree: Any, key: str) -> Any:
@@ -486,6 +506,8 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
     if own:
         lines += _agreement_rows("on the base's own greedy text", own)
     lines += [
+        "",
+        f"Decoding speed with {report['speed_weights']} weights:",
         "",
         "| mode | tokens/s | speedup | tokens per verify | identical to standard |",
         "|---|---|---|---|---|",
