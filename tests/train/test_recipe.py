@@ -52,8 +52,8 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert "embedded corpus" in result.stdout
     report = json.loads((workdir / "runs/recipe/report.json").read_text())
     assert report["data"] == "stdlib"
-    compute = "bf16" if auto_dtype("cpu") == torch.bfloat16 else "fp32"
-    assert report["speed_weights"] == (compute if compute == "bf16" else "fp32 + int8")  # --quantize auto
+    native_bf16 = auto_dtype("cpu") == torch.bfloat16
+    assert report["speed_weights"] == ("bf16" if native_bf16 else "fp32 + int8")  # --quantize auto
     assert report["speed"]["speculative"]["identical_to_standard"] is True
     assert set(report["quality"]["agreement_by_depth"]) >= {"1", "2", "3", "4"}
     # the states the base computed while writing its text are the training cache: the fit reuses them

@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. evaluate on held-out text.
     eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
-    dtype = "bf16" if cache_dtype == torch.bfloat16 else "fp32"
+    dtype = dtype_name(cache_dtype)
     quantize = speed_quantize(args.quantize, cache_dtype)
     max_depth = max(depth + 2, 5)
     phases["eval quality"] = _run(
