@@ -1,4 +1,4 @@
-"""The fast decode path: fused projections, weight-only int8 and int4, quantized save/reload, draft planning."""
+"""The fast decode path: fused projections, weight-only int8, int4 and fp16, quantized save/reload, draft planning."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT
+from recyclegpt.core import quantize as quantize_module
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
-from recyclegpt.core.quantize import Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4
+from recyclegpt.core.quantize import Fp16Linear, Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4
 from recyclegpt.core.speculation import MAX_PROBE_INTERVAL, DraftPlanner, StepCosts, forget_acceptance
 
 from .conftest import tiny_config
@@ -24,7 +25,7 @@ def test_quantize_weight_reconstructs_within_half_a_step() -> None:
     assert bool((error <= scales[:, None] / 2 + 1e-6).all())
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear])
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) -> None:
     torch.manual_seed(0)
@@ -37,7 +38,7 @@ def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) 
     assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations (and int4 scales) inside
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear])
 def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
     # A k-token verification must compute each row as a 1-token step would: splitting 5-7 rows into
     # kernel calls of 4 + the rest keeps that, bit for bit.
@@ -47,6 +48,30 @@ def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
     one_by_one = torch.cat([layer(x[:, i : i + 1]) for i in range(8)], dim=1)
     for rows in range(1, 9):
         assert torch.equal(layer(x[:, :rows]), one_by_one[:, :rows])
+
+
+def test_fp16_linear_computes_in_fp32_over_fp16_weights() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True)
+    layer = Fp16Linear.from_linear(linear)
+    assert layer.weight.dtype == torch.float16
+    x = torch.randn(3, 64)
+    expected = torch.nn.functional.linear(x, linear.weight.half().float(), linear.bias)
+    assert torch.allclose(layer(x), expected, atol=1e-5)  # fp32 activations and sums: no bf16 inside
+    # A bf16 model keeps the fp16 weight (no second rounding); its activations go through the fp32 kernel.
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.float16 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.weight, linear.weight.detach().half())
+    assert torch.allclose(layer(x.bfloat16()).float(), expected, atol=0.05)
+
+
+def test_fp16_linear_without_the_cpu_kernel_falls_back_to_its_weight(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layer = Fp16Linear.from_linear(torch.nn.Linear(64, 96, bias=False))
+    x = torch.randn(2, 64)
+    with_kernel = layer(x)
+    monkeypatch.setattr(quantize_module, "fp16_kernel_available", lambda: False)
+    assert torch.allclose(layer(x), with_kernel, atol=1e-5)
 
 
 def test_int4_weight_takes_half_a_byte_per_value() -> None:
@@ -149,6 +174,26 @@ def test_int4_model_speculative_equals_standard(tiny_model: RecycleGPT, prompts,
             forget_acceptance(model)
             out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
             assert torch.equal(out.sequences, standard.sequences)
+
+
+def test_fp16_model_speculative_equals_standard_and_reloads(tmp_path: Path, tiny_model: RecycleGPT, prompts) -> None:
+    model = prepare_for_decoding(tiny_model, quantize="fp16")
+    linears = [m for m in model.modules() if isinstance(m, Fp16Linear)]
+    assert len(linears) == 3 * 4 + 2 and isinstance(model.lm_head, Fp16Linear)  # every linear, head included
+    for prompt in prompts:
+        standard = model.generate(prompt, 20)
+        for g in (1, 4):
+            out = model.generate(prompt, 20, decoding="speculative", draft_length=g, draft_policy="fixed")
+            assert torch.equal(out.sequences, standard.sequences)
+    model.save_pretrained(tmp_path / "fp16")
+    loaded = RecycleGPT.from_pretrained(tmp_path / "fp16")
+    assert loaded.config.extra["decoding_setup"] == {"fuse": True, "quantize": "fp16"}
+    assert isinstance(loaded.model.layers[0].self_attn.qkv_proj, Fp16Linear)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    with pytest.raises(ValueError, match="already quantized as fp16"):
+        RecycleGPT.from_pretrained(tmp_path / "fp16", quantize="int8")
 
 
 def test_int4_keeps_int8_where_the_kernel_cannot_take_the_weight() -> None:

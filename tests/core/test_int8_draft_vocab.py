@@ -1,7 +1,8 @@
-"""The fast path (int8 head, fused layers) and a reduced draft vocabulary work together, losslessly."""
+"""The fast path (int8 or fp16 head, fused layers) and a reduced draft vocabulary work together, losslessly."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT
@@ -10,11 +11,12 @@ from recyclegpt.core.fastpath import prepare_for_decoding
 from .conftest import tiny_config
 
 
-def test_int8_head_scores_draft_rows_as_the_full_int8_head_does() -> None:
+@pytest.mark.parametrize("weights", ["int8", "fp16"])
+def test_quantized_head_scores_draft_rows_as_the_full_head_does(weights: str) -> None:
     torch.manual_seed(0)
     model = RecycleGPT(tiny_config()).eval()
     model.set_draft_vocab(torch.randperm(97)[:20])
-    prepare_for_decoding(model, quantize="int8")
+    prepare_for_decoding(model, quantize=weights)
     state = torch.randn(3, model.config.hidden_size)
     inside = model.recycle.t2d
     assert torch.equal(model.draft_logits(state)[:, inside], model.lm_head(state)[:, inside])

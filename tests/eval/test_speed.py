@@ -115,7 +115,8 @@ def test_unknown_quantize_is_a_one_line_error(tiny_model_dir, heldout_text, caps
 
 
 def test_quantize_choices_match_core():
-    from recyclegpt.core.quantize import QUANTIZE_CHOICES
+    from recyclegpt.core.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP
     from recyclegpt.eval import cli
 
-    assert cli.QUANTIZE_CHOICES == QUANTIZE_CHOICES  # the CLI keeps a copy so that --help stays fast
+    assert cli.QUANTIZE_CHOICES == QUANTIZE_CHOICES  # the CLI keeps copies so that --help stays fast
+    assert cli.QUANTIZE_HELP == QUANTIZE_HELP

@@ -3,7 +3,7 @@
 Default: a random 12-layer model. ``--model smollm2`` (or any path ``from_pretrained`` takes)
 benchmarks a real model; when it is a GGUF file and ``llama_cpp`` is importable, llama.cpp runs on
 the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no dependency). Every
-variant (``--quantize none int8 int4``) reports ms per 1, 2 and 5-token full-model steps and per module
+variant (``--quantize none int8 int4 fp16``) reports ms per 1, 2 and 5-token full-model steps and per module
 step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
 runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
 """
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft-length", type=int, default=4, help="speculative: the most tokens drafted per cycle")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"], choices=QUANTIZE_CHOICES)
+    parser.add_argument("--quantize", nargs="+", default=list(QUANTIZE_CHOICES), choices=QUANTIZE_CHOICES)
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
     parser.add_argument("--prompt", default=SMOLLM2_PROMPT, help="prompt text for a model with a tokenizer")

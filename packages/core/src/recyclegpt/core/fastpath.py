@@ -6,7 +6,10 @@ on a small model is dominated by per-operator overhead), then swaps every linear
 module and the LM head for a weight-only int8 one (:mod:`recyclegpt.core.quantize`).
 ``quantize="int4"`` gives the base's decoder layers 4-bit weights in groups of 32 (GGUF Q4_1's
 format) and keeps the module and the LM head in int8: the head is also the input embedding, which
-GGUF files keep at 8 bits, and the small module is where a draft's quality is decided. The result
+GGUF files keep at 8 bits, and the small module is where a draft's quality is decided.
+``quantize="fp16"`` gives every linear fp16 weights over fp32 activations (FBGEMM's kernel on x86
+CPUs): slower than int8 for one token, but k-token steps cost far less, and a row's result does
+not depend on the rows beside it, so speculative decoding's verification is cheap and exact. The result
 is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and
 ``from_pretrained`` rebuilds the same structure before loading the weights.
 """
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recyclegpt.core.model import MLP, Attention, RecycleGPT, apply_rotary
-from recyclegpt.core.quantize import QUANTIZE_CHOICES, Int8Linear, quantize_linears
+from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
 
 SETUP_KEY = "decoding_setup"
@@ -93,11 +96,12 @@ def fuse_projections(model: RecycleGPT) -> None:
 
 
 def quantize_model(model: RecycleGPT, quantize: str = "int8") -> int:
-    """Weight-only int8 for every linear of the module and the LM head, and int8 or int4
-    (``quantize``) for the base's decoder layers; how many linears."""
-    count = quantize_linears(model.model, bits=4 if quantize == "int4" else 8) + quantize_linears(model.recycle)
-    if not isinstance(model.lm_head, Int8Linear):
-        model.lm_head = Int8Linear.from_linear(model.lm_head)
+    """``quantize`` weights (int8, int4 or fp16) for the base's decoder layers; the module and the
+    LM head get int8 with int4, else the same; how many linears."""
+    rest = "int8" if quantize == "int4" else quantize
+    count = quantize_linears(model.model, quantize) + quantize_linears(model.recycle, rest)
+    if not isinstance(model.lm_head, QuantizedLinear):
+        model.lm_head = quantized_linear(model.lm_head, rest)
         count += 1
     return count
 
@@ -112,7 +116,8 @@ def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: b
     """Transform ``model`` in place for fast decoding and return it.
 
     ``quantize``: ``None``/``"none"`` keeps the weights, ``"int8"`` makes every linear weight-only
-    int8, ``"int4"`` the base's decoder linears int4 and the rest int8. ``fuse``: one matmul for
+    int8, ``"int4"`` the base's decoder linears int4 and the rest int8, ``"fp16"`` every linear
+    fp16. ``fuse``: one matmul for
     q/k/v and one for gate/up. Both are idempotent; neither undoes. Quantize fp32 weights where you
     can (``from_pretrained`` does): scales computed from bf16-rounded weights lose a little more.
     Greedy outputs of the three decoders keep their relations (speculative equals standard) on the

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 linears: float activations, integer weights.
+"""Weight-only int8, int4 and fp16 linears: float activations, compact weights.
 
 int8: per-output-channel symmetric weights. int4: groups of ``INT4_GROUP_SIZE`` weights along a
 row, each with a scale and a minimum (value = q * scale + min, q in 0..15): GGUF's Q4_1 format, so
@@ -12,17 +12,29 @@ packed layout is the kernel's own; the state dict keeps the plain one: two 4-bit
 Elsewhere (CUDA) the weight is dequantized into the activation dtype inside ``F.linear`` at every
 call: correct, not fast (no GPU was at hand to build and measure a CUDA kernel path).
 
+fp16: the weight rounded to fp16, multiplied by FBGEMM's packed fp16 GEMM
+(``quantized::linear_dynamic_fp16``, x86 CPUs, fp32 activations in and out, fp32 accumulation):
+it reads 2 bytes a weight and converts them as it goes. A 1-token SmolLM2 step costs ~1.2-1.35x
+int8's, but 5 rows cost ~1.3x one row (int8 ~1.85x), and each row's result does not depend on how
+many rows come with it: cheap, exact draft verification and batch-invariant batched decoding.
+
 torchao's ``Int8WeightOnlyConfig`` was measured first (torchao 0.18.0 with torch 2.13 on CPU):
 a 768x3072 linear for one row took ~36 ms against ~0.3 ms for fp32, so it is not used.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16")
+QUANTIZE_HELP = (
+    "int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fastest single "
+    "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification)"
+)
 INT8_MAX = 127
 INT4_GROUP_SIZE = 32
 INT4_MAX = 15
@@ -30,6 +42,14 @@ INT4_OUTPUT_TILE = 16  # the CPU int4 kernel packs output rows (N) in tiles of 1
 # torch's CPU int8 and int4 kernels compute activation rows in blocks of 4, and 5 to 7 rows cost
 # what 8 do (~2x 4 rows); as 4 + the rest they cost 10-25% less (measured, AVX-512 and AVX2).
 KERNEL_ROW_BLOCK = 4
+
+
+@functools.cache
+def fp16_kernel_available() -> bool:
+    """Does this torch build carry FBGEMM's fp16-weight GEMM (x86 CPUs)?"""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_prepack_fp16"
+    )
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +79,13 @@ def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
 
 
 class QuantizedLinear(nn.Module):
-    """What the int8 and int4 linears share: buffers ``weight`` (integer; it keeps its name so that
-    ``layer.weight.device`` still answers where the layer lives) and ``bias``, a CPU kernel fed bf16
-    activations over a kernel-format copy of the weight made at the first call, and elsewhere
-    (CUDA) ``F.linear`` over the dequantized weight."""
+    """What the int8, int4 and fp16 linears share: buffers ``weight`` (compact; it keeps its name so
+    that ``layer.weight.device`` still answers where the layer lives) and ``bias``, a CPU kernel fed
+    ``kernel_dtype`` activations over a kernel-format copy of the weight made at the first call, and
+    elsewhere (CUDA, or a CPU build without the kernel) ``F.linear`` over the dequantized weight."""
+
+    kernel_dtype = torch.bfloat16  # the activation dtype the CPU kernel takes
+    row_block: int | None = KERNEL_ROW_BLOCK  # run 5-7 rows as block + rest (None: never split)
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -83,31 +106,35 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
-        """bf16 [M, K] @ weight.T -> bf16 [M, N] with the CPU kernel."""
+        """[M, K] @ weight.T -> [M, N] in ``kernel_dtype`` with the CPU kernel."""
         raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] this layer computes with (before the CPU kernel's bf16 rounding)."""
         raise NotImplementedError
 
+    def has_cpu_kernel(self) -> bool:
+        return True
+
     def cpu_rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """The CPU kernel over bf16 rows [M, K], 5-7 rows as two calls (see ``KERNEL_ROW_BLOCK``)."""
-        rows = flat.shape[0]
-        if KERNEL_ROW_BLOCK < rows < 2 * KERNEL_ROW_BLOCK:
-            head = self.cpu_matmul(flat[:KERNEL_ROW_BLOCK], *self._kernel_inputs)
-            tail = self.cpu_matmul(flat[KERNEL_ROW_BLOCK:], *self._kernel_inputs)
+        """The CPU kernel over rows [M, K], 5-7 rows as two calls where ``row_block`` says so."""
+        rows, block = flat.shape[0], self.row_block
+        if block is not None and block < rows < 2 * block:
+            head = self.cpu_matmul(flat[:block], *self._kernel_inputs)
+            tail = self.cpu_matmul(flat[block:], *self._kernel_inputs)
             return torch.cat((head, tail))
         return self.cpu_matmul(flat, *self._kernel_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.has_cpu_kernel():
             if self._kernel_inputs is None:
                 self._kernel_inputs = self.make_kernel_inputs()
+            kernel_dtype = self.kernel_dtype
             flat = x.reshape(-1, self.in_features)
-            if x.dtype != torch.bfloat16:
-                flat = flat.to(torch.bfloat16)
+            if x.dtype != kernel_dtype:
+                flat = flat.to(kernel_dtype)
             out = self.cpu_rows(flat).view(*x.shape[:-1], self.out_features)
-            if x.dtype != torch.bfloat16:
+            if x.dtype != kernel_dtype:
                 out = out.to(x.dtype)
         else:
             out = F.linear(x, self.dequantized(x.dtype))
@@ -207,17 +234,75 @@ class Int4Linear(QuantizedLinear):
         )
 
 
-def quantize_linears(root: nn.Module, bits: int = 8) -> int:
-    """Replace every ``nn.Linear`` under ``root`` by an :class:`Int8Linear` (``bits=8``) or an
-    :class:`Int4Linear` (``bits=4``; a weight the int4 kernel cannot take gets int8), in place; how many."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+class Fp16Linear(QuantizedLinear):
+    """``nn.Linear`` with an fp16 weight [N, K]; on x86 CPUs FBGEMM's packed fp16 GEMM over fp32
+    activations (its packed copy lives beside the plain one, so memory is about fp32's)."""
+
+    kernel_dtype = torch.float32
+    row_block = None  # the kernel's cost grows slowly with rows; splitting would only add calls
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float16))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp16Linear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer.weight = linear.weight.detach().to(torch.float16)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        weight = self.weight
+        module = super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float16:  # .to(dtype) casts floating buffers; only the device may change
+            self.weight = weight.to(self.weight.device)
+        return module
+
+    def has_cpu_kernel(self) -> bool:
+        return fp16_kernel_available()
+
+    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None),)
+
+    def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(flat, kernel_inputs[0])
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    def select_rows(self, ids: torch.Tensor) -> Fp16Linear:
+        """An Fp16Linear over output rows ``ids`` only (a reduced draft vocabulary's head)."""
+        rows = Fp16Linear(self.in_features, ids.numel(), bias=self.bias is not None)
+        rows.weight = self.weight[ids].contiguous()
+        if self.bias is not None:
+            rows.bias = self.bias[ids].contiguous()
+        return rows
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weight-only"
+
+
+def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
+    """``linear`` with ``weights`` = ``int8``, ``int4`` (int8 where the int4 kernel cannot take the
+    shape) or ``fp16`` weights."""
+    if weights == "int8" or (weights == "int4" and not int4_fits(linear)):
+        return Int8Linear.from_linear(linear)
+    if weights == "int4":
+        return Int4Linear.from_linear(linear)
+    if weights == "fp16":
+        return Fp16Linear.from_linear(linear)
+    raise ValueError(f"weights must be int8, int4 or fp16, got {weights!r}")
+
+
+def quantize_linears(root: nn.Module, weights: str = "int8") -> int:
+    """Replace every ``nn.Linear`` under ``root`` by :func:`quantized_linear`, in place; how many."""
     count = 0
     for name, child in list(root.named_children()):
         if isinstance(child, nn.Linear):
-            use_int4 = bits == 4 and int4_fits(child)
-            setattr(root, name, Int4Linear.from_linear(child) if use_int4 else Int8Linear.from_linear(child))
+            setattr(root, name, quantized_linear(child, weights))
             count += 1
         else:
-            count += quantize_linears(child, bits)
+            count += quantize_linears(child, weights)
     return count

@@ -16,8 +16,13 @@ DTYPES = DTYPE_CHOICES
 DTYPE_HELP = (
     "weights and compute dtype; auto: bf16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX), else fp32"
 )
-# A copy of recyclegpt.core.quantize.QUANTIZE_CHOICES (not imported: keep --help fast; a test compares them).
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+# Copies of recyclegpt.core.quantize's QUANTIZE_CHOICES and QUANTIZE_HELP (not imported: keep --help
+# fast; a test compares them).
+QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16")
+QUANTIZE_HELP = (
+    "int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fastest single "
+    "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification)"
+)
 
 
 def _common(parser: ArgumentParser, command: str) -> None:
@@ -27,7 +32,7 @@ def _common(parser: ArgumentParser, command: str) -> None:
         "--quantize",
         default="none",
         choices=QUANTIZE_CHOICES,
-        help="int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fast path)",
+        help=QUANTIZE_HELP,
     )
     parser.add_argument(
         "--json", default=f"artifacts/eval/{command}.json", help="result JSON; .md (and .png) beside it"
@@ -66,9 +71,7 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--prompt", default="def main(", help="text to continue")
     samples.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per mode")
     samples.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    samples.add_argument(
-        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8 or int4 weight-only linears (fast path)"
-    )
+    samples.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     commands.add_subcommand("samples", samples)
     return parser
 

@@ -13,6 +13,7 @@ from typing import Literal
 from jsonargparse import ArgumentParser
 
 from recyclegpt.core import DECODING_MODES
+from recyclegpt.core.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP
 from recyclegpt.serve.protocol import MAX_DRAFT_LENGTH
 
 API_KEY_ENV = "RECYCLEGPT_API_KEY"
@@ -34,9 +35,9 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--quantize",
-        type=Literal["none", "int8", "int4"],
+        type=Literal[QUANTIZE_CHOICES],
         default="none",
-        help="int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fast path)",
+        help=QUANTIZE_HELP,
     )
     parser.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-queue", type=int, default=128, help="requests in flight before new ones get 503")

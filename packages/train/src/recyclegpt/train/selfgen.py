@@ -30,7 +30,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.precision import dtype_name, hardware_summary, resolve_dtype
-from recyclegpt.core.quantize import QUANTIZE_CHOICES
+from recyclegpt.core.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP
 from recyclegpt.train.corpus import CorpusError, check_readable, read_texts, resolve
 from recyclegpt.train.data import write_blocks
 from recyclegpt.train.features import FeatureCache, base_digest, cache_key
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the evaluation decodes")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16 (auto: bf16 only where native)")
-    parser.add_argument(
-        "--quantize", default="none", choices=QUANTIZE_CHOICES, help="int8 or int4: the fast decode path"
-    )
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     parser.add_argument("--max-bytes", type=int, default=2_000_000, help="characters of the prompt corpus read")
     parser.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     args = parser.parse_args(argv)
