@@ -163,8 +163,9 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     """Where ``actual`` [1, N] first leaves ``expected`` [1, N], and the base's logit gap there.
 
     A gap near zero (within the dtype's rounding) is a numerical tie that a different
-    computation order broke the other way, not a decoding bug. A quantized model's CPU kernels take
-    and give bf16 whatever its dtype, so bf16's rounding applies to it there.
+    computation order broke the other way, not a decoding bug. The int8 and int4 CPU kernels take
+    and give bf16 whatever the model's dtype, so bf16's rounding applies to them there (fp16 weights
+    compute in fp32: the model's dtype applies).
     """
     index = int((expected.cpu() != actual.cpu())[0].nonzero()[0])
     device = model.model.norm.weight.device
@@ -172,8 +173,8 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     logits = model(prefix)[0, -1].float()
     want, got = int(expected[0, index]), int(actual[0, index])
     gap = float(logits[want] - logits[got])
-    quantized_on_cpu = decoding_setup(model).get("quantize") and device.type == "cpu"
-    dtype = torch.bfloat16 if quantized_on_cpu else model.model.norm.weight.dtype
+    bf16_kernels = decoding_setup(model).get("quantize") in ("int8", "int4") and device.type == "cpu"
+    dtype = torch.bfloat16 if bf16_kernels else model.model.norm.weight.dtype
     tolerance = 4 * torch.finfo(dtype).eps * float(logits.abs().max())
     return {"new_token_index": index, "tokens": [want, got], "logit_gap": gap, "numerical_tie": abs(gap) <= tolerance}
 
