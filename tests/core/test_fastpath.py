@@ -224,10 +224,22 @@ def costs(two: float = 1.05, module: float = 0.2, depth: int = 5) -> StepCosts:
 def test_planner_stops_drafting_when_drafts_are_rejected_and_probes_rarely() -> None:
     planner = DraftPlanner(costs())
     assert planner.plan(5) >= 1  # the prior makes drafting worth a try
-    for _ in range(20):
-        planner.observe(planner.plan(5), accepted=0, dropped=False)
+    for _ in range(4 * MAX_PROBE_INTERVAL):  # as the decoder does: a verification is observed, a standard step not
+        depth = planner.plan(5)
+        if depth:
+            planner.observe(depth, accepted=0, dropped=False)
     depths = [planner.plan(5) for _ in range(2 * MAX_PROBE_INTERVAL)]
     assert max(depths) == 1 and 1 <= depths.count(1) <= 2  # standard steps, a one-token probe now and then
+
+
+def test_planner_misses_while_drafting_do_not_delay_the_next_probe() -> None:
+    planner = DraftPlanner(costs())
+    for _ in range(12):  # a bad stretch: drafts planned (not probes) and rejected
+        depth = planner.plan(5)
+        if depth and not planner.probing:
+            planner.observe(depth, accepted=0, dropped=False)
+    assert planner.probe_interval == 1
+    assert 1 in [planner.plan(5) for _ in range(2)]  # so the module is tried again at once
 
 
 def test_planner_drafts_deeper_when_drafts_are_accepted_and_respects_the_limit() -> None:
