@@ -13,9 +13,10 @@ from .conftest import ServerProcess, build_model_dir
 MODES = ("standard", "alternating", "speculative")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # Slow enough (d=256) that requests sent together overlap in the worker.
+@pytest.fixture(scope="module", params=["none", "fp16"])
+def server(request, tmp_path_factory):
+    # Slow enough (d=256) that requests sent together overlap in the worker. fp32 compute, unquantized
+    # or with fp16 weights: both compute a row the same whatever rows share its step.
     model = build_model_dir(tmp_path_factory.mktemp("batch") / "batchy", max_seq_len=256, hidden_size=256, num_layers=4)
     with ServerProcess(
         [
@@ -23,6 +24,8 @@ def server(tmp_path_factory):
             str(model),
             "--dtype",
             "fp32",
+            "--quantize",
+            request.param,
             "--cpu-threads",
             "1",
             "--max-batch-size",
