@@ -50,6 +50,20 @@ def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
         assert torch.equal(layer(x[:, :rows]), one_by_one[:, :rows])
 
 
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear])
+def test_selected_rows_compute_what_the_full_layer_gives_there(layer_type) -> None:
+    torch.manual_seed(0)
+    layer = layer_type.from_linear(torch.nn.Linear(64, 96, bias=True))
+    ids = torch.randperm(96)[:32]
+    rows = layer.select_rows(ids)
+    assert type(rows) is layer_type and rows.out_features == 32
+    x = torch.randn(3, 64)
+    assert torch.equal(rows(x), layer(x)[:, ids])
+    if layer_type is Int4Linear:
+        with pytest.raises(ValueError, match="multiple of 16"):
+            layer.select_rows(ids[:20])
+
+
 def test_fp16_linear_computes_in_fp32_over_fp16_weights() -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=True)

@@ -116,6 +116,18 @@ class QuantizedLinear(nn.Module):
     def has_cpu_kernel(self) -> bool:
         return True
 
+    def select_rows(self, ids: torch.Tensor) -> QuantizedLinear:
+        """The same kind of layer over output rows ``ids`` only (a reduced draft vocabulary's head):
+        every buffer of these layers is indexed by output row first."""
+        rows = self.empty_like(ids.numel())
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(rows, name, buffer[ids].contiguous())
+        return rows
+
+    def empty_like(self, out_features: int) -> QuantizedLinear:
+        """A layer of this kind and input size with ``out_features`` outputs (weights to be set)."""
+        return type(self)(self.in_features, out_features, bias=self.bias is not None)
+
     def cpu_rows(self, flat: torch.Tensor) -> torch.Tensor:
         """The CPU kernel over rows [M, K], 5-7 rows as two calls where ``row_block`` says so."""
         rows, block = flat.shape[0], self.row_block
@@ -169,15 +181,6 @@ class Int8Linear(QuantizedLinear):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
-    def select_rows(self, ids: torch.Tensor) -> Int8Linear:
-        """An Int8Linear over output rows ``ids`` only (a reduced draft vocabulary's head)."""
-        rows = Int8Linear(self.in_features, ids.numel(), bias=self.bias is not None)
-        rows.weight = self.weight[ids].contiguous()
-        rows.scales = self.scales[ids].contiguous()
-        if self.bias is not None:
-            rows.bias = self.bias[ids].contiguous()
-        return rows
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
@@ -206,6 +209,11 @@ class Int4Linear(QuantizedLinear):
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
+
+    def empty_like(self, out_features: int) -> Int4Linear:
+        if out_features % INT4_OUTPUT_TILE:
+            raise ValueError(f"an int4 layer needs a multiple of {INT4_OUTPUT_TILE} output rows, got {out_features}")
+        return Int4Linear(self.in_features, out_features, self.bias is not None, self.group_size)
 
     def unpacked(self) -> torch.Tensor:
         """q [N, K] as int32, 0..15."""
@@ -271,14 +279,6 @@ class Fp16Linear(QuantizedLinear):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype)
-
-    def select_rows(self, ids: torch.Tensor) -> Fp16Linear:
-        """An Fp16Linear over output rows ``ids`` only (a reduced draft vocabulary's head)."""
-        rows = Fp16Linear(self.in_features, ids.numel(), bias=self.bias is not None)
-        rows.weight = self.weight[ids].contiguous()
-        if self.bias is not None:
-            rows.bias = self.bias[ids].contiguous()
-        return rows
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weight-only"
