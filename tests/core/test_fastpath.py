@@ -79,6 +79,14 @@ def test_fp16_linear_computes_in_fp32_over_fp16_weights() -> None:
     assert torch.allclose(layer(x.bfloat16()).float(), expected, atol=0.05)
 
 
+def test_fp16_refuses_a_weight_beyond_its_range() -> None:
+    linear = torch.nn.Linear(8, 16)
+    with torch.no_grad():
+        linear.weight[3, 2] = 1e6
+    with pytest.raises(ValueError, match="exceeds fp16's range"):
+        Fp16Linear.from_linear(linear)
+
+
 def test_fp16_linear_without_the_cpu_kernel_falls_back_to_its_weight(monkeypatch) -> None:
     torch.manual_seed(0)
     layer = Fp16Linear.from_linear(torch.nn.Linear(64, 96, bias=False))

@@ -110,7 +110,8 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] this layer computes with (before the CPU kernel's bf16 rounding)."""
+        """The weight [N, K] this layer computes with (the int8 and int4 CPU kernels also round
+        activations to bf16)."""
         raise NotImplementedError
 
     def has_cpu_kernel(self) -> bool:
@@ -257,6 +258,8 @@ class Fp16Linear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear) -> Fp16Linear:
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         layer.weight = linear.weight.detach().to(torch.float16)
+        if not bool(torch.isfinite(layer.weight).all()):
+            raise ValueError(f"a weight of this {linear.out_features}x{linear.in_features} linear exceeds fp16's range")
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
