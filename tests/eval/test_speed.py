@@ -107,6 +107,20 @@ def test_quantized_speed_reports_adaptive_speculative_and_checks_losslessness(
     assert "speculative adaptive" in markdown and "exact check in fp32 on the unquantized weights: yes" in markdown
 
 
+def test_fp16_speed_in_fp32_must_equal_standard_exactly(tiny_model_dir, heldout_text, tmp_path):
+    from recyclegpt.core.quantize import rounds_to_bf16
+    from recyclegpt.eval.cli import main
+
+    assert [rounds_to_bf16(q) for q in ("int8", "int4", "fp16", "none", None)] == [True, True, False, False, False]
+    argv = ["speed", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "fp16"]
+    fast = ["--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "6", "--repeats", "1"]
+    code = main([*argv, *fast, "--dtype", "fp32", "--json", str(tmp_path / "s.json")])
+    result = json.loads((tmp_path / "s.json").read_text())
+    # fp16 weights compute in fp32: no bf16 tie excuses a difference, so no fp32 re-check is needed
+    assert code == 0 and result["speculative"]["identical_to_standard"] is True
+    assert "identical_to_standard_fp32" not in result["speculative"]
+
+
 def test_unknown_quantize_is_a_one_line_error(tiny_model_dir, heldout_text, capsys):
     from recyclegpt.eval.cli import main
 

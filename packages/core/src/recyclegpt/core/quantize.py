@@ -287,16 +287,24 @@ class Fp16Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weight-only"
 
 
+WEIGHT_LAYERS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "fp16": Fp16Linear}
+
+
 def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
     """``linear`` with ``weights`` = ``int8``, ``int4`` (int8 where the int4 kernel cannot take the
     shape) or ``fp16`` weights."""
-    if weights == "int8" or (weights == "int4" and not int4_fits(linear)):
-        return Int8Linear.from_linear(linear)
-    if weights == "int4":
-        return Int4Linear.from_linear(linear)
-    if weights == "fp16":
-        return Fp16Linear.from_linear(linear)
-    raise ValueError(f"weights must be int8, int4 or fp16, got {weights!r}")
+    if weights == "int4" and not int4_fits(linear):
+        weights = "int8"
+    if weights not in WEIGHT_LAYERS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_LAYERS)}, got {weights!r}")
+    return WEIGHT_LAYERS[weights].from_linear(linear)
+
+
+def rounds_to_bf16(quantize: str | None) -> bool:
+    """Do the CPU kernels of a model quantized as ``quantize`` take and give bf16 whatever the
+    model's dtype (int8, and int4, whose model keeps int8 elsewhere)? fp16 computes in fp32."""
+    layer = WEIGHT_LAYERS.get(quantize or "none")
+    return layer is not None and layer.kernel_dtype == torch.bfloat16
 
 
 def quantize_linears(root: nn.Module, weights: str = "int8") -> int:

@@ -11,6 +11,7 @@ import torch
 from recyclegpt.core.fastpath import decoding_setup, prepare_for_decoding
 from recyclegpt.core.precision import dtype_name, hardware_summary
 from recyclegpt.core.profiling import measure_step_cost, timed
+from recyclegpt.core.quantize import rounds_to_bf16
 from recyclegpt.eval import data, quality, report, speed
 from recyclegpt.eval.errors import EvalError
 from recyclegpt.eval.tracking import log_to_mlflow
@@ -169,8 +170,8 @@ def run_speed(
         "outputs": {"prompts": [p[0].tolist() for p in prompts], "standard": standard_outputs},
     }
     failures = []
-    # Below fp32, or quantized (CPU kernels take and give bf16), a broken logit tie is rounding, not a bug.
-    rounds_like_bf16 = dtype != "fp32" or quantize != "none"
+    # Below fp32, or int8/int4 (CPU kernels take and give bf16), a broken logit tie is rounding, not a bug.
+    rounds_like_bf16 = dtype != "fp32" or rounds_to_bf16(quantize)
     for method, bad in speed.speculative_mismatches(outputs).items():
         draft = method.split("@")[1]
         draft_length = int(draft) if draft.isdigit() else draft

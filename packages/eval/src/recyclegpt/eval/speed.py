@@ -17,6 +17,7 @@ from recyclegpt.core import RecycleGPT
 from recyclegpt.core.fastpath import decoding_setup
 from recyclegpt.core.peer import peer_generate, transformers_peer
 from recyclegpt.core.profiling import interleaved
+from recyclegpt.core.quantize import rounds_to_bf16
 from recyclegpt.core.speculation import forget_acceptance
 from recyclegpt.eval.peer import CallCounter
 
@@ -173,7 +174,7 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     logits = model(prefix)[0, -1].float()
     want, got = int(expected[0, index]), int(actual[0, index])
     gap = float(logits[want] - logits[got])
-    bf16_kernels = decoding_setup(model).get("quantize") in ("int8", "int4") and device.type == "cpu"
+    bf16_kernels = rounds_to_bf16(decoding_setup(model).get("quantize")) and device.type == "cpu"
     dtype = torch.bfloat16 if bf16_kernels else model.model.norm.weight.dtype
     tolerance = 4 * torch.finfo(dtype).eps * float(logits.abs().max())
     return {"new_token_index": index, "tokens": [want, got], "logit_gap": gap, "numerical_tie": abs(gap) <= tolerance}
