@@ -12,7 +12,14 @@ from recyclegpt.core import quantize as quantize_module
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
 from recyclegpt.core.quantize import Fp16Linear, Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4
-from recyclegpt.core.speculation import MAX_PROBE_INTERVAL, DraftPlanner, StepCosts, forget_acceptance
+from recyclegpt.core.speculation import (
+    MAX_PROBE_INTERVAL,
+    DraftPlanner,
+    StepCosts,
+    draft_planner,
+    forget_acceptance,
+    remember_acceptance,
+)
 
 from .conftest import tiny_config
 
@@ -301,6 +308,32 @@ def test_planner_drafts_on_while_the_module_is_confident() -> None:
     assert planner.keep_drafting(3, chain_confidence=0.95)  # a confident chain goes on
     assert not planner.keep_drafting(3, chain_confidence=0.05)  # an unlikely one stops
     assert planner.worth_verifying(2, chain_confidence=0.9) and not planner.worth_verifying(2, chain_confidence=0.01)
+
+
+def test_planner_learns_that_an_underconfident_module_is_accepted_and_drafts_on() -> None:
+    planner = DraftPlanner(costs(two=1.1, module=0.05))
+    planner.acceptance, planner.observed = [0.6] * 5, [1] * 5
+    assert planner.calibrated(0.08) == pytest.approx(0.075)  # before any evidence: taken at its word
+    chain = planner.calibrated(0.08) ** 2
+    assert not planner.keep_drafting(2, chain_confidence=chain)
+    for _ in range(40):  # drafts given 0.08 keep passing verification; those given 0.92 keep failing
+        planner.observe(2, accepted=2, dropped=False, confidences=[0.08, 0.08])
+        planner.observe(1, accepted=0, dropped=False, confidences=[0.92])
+    assert planner.calibrated(0.08) > 0.95 and planner.calibrated(0.92) < 0.05
+    assert planner.calibrated(0.5) == pytest.approx(0.55)  # bins without evidence keep their prior
+    assert planner.keep_drafting(2, chain_confidence=planner.calibrated(0.08) ** 2)
+
+
+def test_the_next_call_starts_from_the_learned_calibration(tiny_model: RecycleGPT) -> None:
+    planner = draft_planner(tiny_model, 3, remember=False)
+    for _ in range(10):
+        planner.observe(1, accepted=1, dropped=False, confidences=[0.08])
+    remember_acceptance(tiny_model, planner)
+    planner.observe(1, accepted=0, dropped=False, confidences=[0.08])  # after the call ended: not kept
+    assert draft_planner(tiny_model, 3).calibrated(0.08) == pytest.approx(1.0, abs=0.1)
+    assert draft_planner(tiny_model, 3, remember=False).calibrated(0.08) == pytest.approx(0.075)
+    forget_acceptance(tiny_model)
+    assert draft_planner(tiny_model, 3).calibrated(0.08) == pytest.approx(0.075)
 
 
 def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:

@@ -316,6 +316,7 @@ def _speculative(
         chain_confidence = 1.0
         draft_tokens: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []
+        confidences: list[float] = []  # the module's probability of each draft (adaptive only)
         dropped = False  # the planner judged the last draft not worth verifying
         if depth > 0:
             # Catch the module up on true states h[module_done-1 .. pending-1], then chain its own.
@@ -332,7 +333,7 @@ def _speculative(
                 )
                 if planner is not None:
                     confidence = float(probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1))
-                    chain_confidence *= confidence
+                    chain_confidence *= planner.calibrated(confidence)
                     # Too unsure to verify at all, or (past the first draft, which the plan paid
                     # for) not worth its verified row: the draft is dropped.
                     if not planner.confident(confidence) or (
@@ -341,6 +342,8 @@ def _speculative(
                         dropped = True
                         break
                 draft_tokens.append(token)
+                if planner is not None:
+                    confidences.append(confidence)
                 if probs is not None:
                     draft_probs.append(probs)
                 state.tokens[:, pending + 1 + step] = token
@@ -354,7 +357,7 @@ def _speculative(
         accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
         out.accepted_tokens += accepted
         if planner is not None and depth > 0:
-            planner.observe(len(draft_tokens), accepted, dropped)
+            planner.observe(len(draft_tokens), accepted, dropped, confidences)
         hidden_log[:, pending : pending + accepted + 1] = verify_hidden[:, : accepted + 1]
         state.base_cache.rollback(pending + accepted + 1)
         if state.module_cache is not None:
