@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT, recycle_losses
+from recyclegpt.core.model import KVCache, attention_mask_for
 from recyclegpt.core.sampling import greedy_tokens
 from recyclegpt.core.speculation import StepCosts, forget_acceptance, pin_step_costs
 
@@ -264,3 +265,20 @@ def test_output_hidden_states_are_the_base_states_of_the_tokens_read(tiny_model,
     assert tiny_model.generate(prompts[2], 12).hidden_states is None
     with pytest.raises(ValueError, match="output_hidden_states needs decoding='standard'"):
         tiny_model.generate(prompts[2], 4, decoding="alternating", output_hidden_states=True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_mask_is_causal_and_hides_padding_except_a_query_from_itself(padded: bool) -> None:
+    cache = KVCache(1, 2, 1, 8, 4, torch.float32, "cpu")
+    if padded:
+        cache.set_padding(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    assert attention_mask_for(cache, 4, 1, torch.device("cpu")) is None or padded
+    mask = attention_mask_for(cache, 3, 2, torch.device("cpu"), torch.bfloat16)  # queries at 3 and 4
+    assert mask.dtype == torch.bfloat16 and set(mask.unique().tolist()) <= {0.0, float("-inf")}
+    sees = (mask == 0).expand(2, 1, 2, 5)[:, 0]  # [row, query, key]
+    causal = torch.tensor([[True, True, True, True, False], [True] * 5])
+    assert torch.equal(sees[1], causal)
+    assert torch.equal(sees[0], causal & torch.tensor([not padded] * 2 + [True] * 3))
+    if padded:  # the prefill: a padding query sees itself only, so its softmax row is not empty
+        prefill = (attention_mask_for(cache, 0, 4, torch.device("cpu")) == 0)[0, 0]
+        assert prefill[0].tolist() == [True, False, False, False] and prefill[3].tolist() == [False, False, True, True]

@@ -98,19 +98,25 @@ class KVCache:
         self.length = length
 
 
-def attention_mask_for(cache: KVCache | None, start: int, num_new: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean [B, 1, T, L] mask (True = attend), or None when plain causal attention is exact."""
+def attention_mask_for(
+    cache: KVCache | None, start: int, num_new: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor | None:
+    """Additive [B or 1, 1, T, L] mask in ``dtype`` (0 = attend, -inf = masked), or None when plain
+    causal attention is exact. Built once per step (a boolean mask would be converted by every layer's
+    attention: ~3 us a layer on CPU)."""
     if cache is None:
         return None
     if num_new == 1 and not cache.has_padding:
         return None
     total = start + num_new
-    key_index = torch.arange(total, device=device)
-    query_index = torch.arange(start, total, device=device)
-    causal = key_index[None, :] <= query_index[:, None]
+    # Query i (position start + i) sees keys 0..start + i: -inf strictly above that diagonal.
+    mask = torch.full((num_new, total), float("-inf"), dtype=dtype, device=device).triu_(start + 1)
+    if not cache.has_padding:
+        return mask[None, None]
     # A padded query still attends to itself, so no softmax row is empty (which would give NaN).
-    valid = cache.key_valid[:, None, None, :total] | (key_index[None, :] == query_index[:, None])
-    return causal[None, None] & valid
+    own = torch.arange(total, device=device)[None, :] == torch.arange(start, total, device=device)[:, None]
+    hidden = ~cache.key_valid[:, None, None, :total] & ~own
+    return mask.masked_fill(hidden, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -202,7 +208,7 @@ class DecoderStack(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + num_new, device=x.device).unsqueeze(0)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = attention_mask_for(cache, start, num_new, x.device)
+        mask = attention_mask_for(cache, start, num_new, x.device, x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, index)
         if cache is not None:
