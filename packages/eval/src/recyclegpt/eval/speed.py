@@ -32,6 +32,7 @@ class Decoded:
     full_model_calls: int
     accepted_tokens: int = 0
     drafted_tokens: int = 0
+    module_calls: int = 0
 
 
 ADAPTIVE = "auto"  # speculative@auto: step-cost-aware drafting, up to max(DRAFT_LENGTHS) tokens
@@ -69,7 +70,7 @@ class Decoders:
             out = self.model.generate(
                 prompt, self.max_new_tokens, decoding=decoding, draft_length=int(draft or 4), draft_policy="fixed"
             )
-        return Decoded(out.new_tokens, out.full_model_calls, out.accepted_tokens, out.drafted_tokens)
+        return Decoded(out.new_tokens, out.full_model_calls, out.accepted_tokens, out.drafted_tokens, out.module_calls)
 
 
 def compare_outputs(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> list[int]:
@@ -122,15 +123,15 @@ def summarize(
             "identical_to_standard": not compare_outputs(reference, [d.new_tokens for d in decoded]),
         }
         if method.startswith("speculative@"):
-            draft = method.split("@")[1]
-            draft_length = max(DRAFT_LENGTHS) if draft == ADAPTIVE else int(draft)
             verifications = calls - len(decoded)  # every prompt's first call is the prefill
             drafted = sum(d.drafted_tokens for d in decoded)
             accepted = sum(d.accepted_tokens for d in decoded)
             entry["accepted_per_verify"] = accepted / verifications if verifications else 0.0
             entry["acceptance_rate"] = accepted / drafted if drafted else 0.0
-            # Tokens per full call over the cost of a cycle (1 full step + g module steps).
-            entry["predicted_speedup"] = (tokens / calls) / (1 + draft_length * c)
+            # Tokens per full call over what a full call cost with the module steps it needed (as many
+            # as the decoder made: g per cycle when fixed, as many as it chose when adaptive).
+            module_steps = sum(d.module_calls for d in decoded) / calls
+            entry["predicted_speedup"] = (tokens / calls) / (1 + module_steps * c)
         per_method[method] = entry
     per_method["alternating"]["predicted_speedup"] = step_cost["alternating_bound"]
     by_length = {
