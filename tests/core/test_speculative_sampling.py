@@ -8,6 +8,7 @@ import torch
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.decoding import _verify
 from recyclegpt.core.sampling import SamplingParams, token_probs
+from recyclegpt.core.speculation import StepCosts, pin_step_costs
 
 from .conftest import tiny_config
 
@@ -96,3 +97,14 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
         needed = next(k for k in range(1, 5) if probs[0, order[:k]].sum() >= top_p - 1e-6)
         assert kept.sum().item() == needed
         assert all(kept[i] for i in order[:needed])
+
+
+def test_sampled_drafts_the_module_gave_little_probability_are_still_verified() -> None:
+    """The confidence floor is for greedy drafts: a sampled draft with a small q can still pass (min(1, p/q))."""
+    torch.manual_seed(0)
+    model = RecycleGPT(tiny_config()).eval()  # vocabulary 97: a near-uniform module gives ~0.01 < the floor
+    pin_step_costs(model, StepCosts([0.0, 1.0, 1.01, 1.02, 1.03], module_ms=0.01))  # drafting pays
+    out = model.generate(
+        torch.randint(0, 97, (1, 8)), 24, decoding="speculative", draft_length=3, temperature=1.0, seed=1
+    )
+    assert out.drafted_tokens > 0

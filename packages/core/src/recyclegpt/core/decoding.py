@@ -334,9 +334,10 @@ def _speculative(
                 if planner is not None:
                     confidence = float(probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1))
                     chain_confidence *= planner.calibrated(confidence)
-                    # Too unsure to verify at all, or (past the first draft, which the plan paid
-                    # for) not worth its verified row: the draft is dropped.
-                    if not planner.confident(confidence) or (
+                    # Too unsure to verify at all (greedy: a sampled draft passes with chance
+                    # min(1, p/q), which a low q says little about), or (past the first draft, which
+                    # the plan paid for) not worth its verified row: the draft is dropped.
+                    if (greedy and not planner.confident(confidence)) or (
                         step > 0 and not planner.worth_verifying(step + 1, chain_confidence)
                     ):
                         dropped = True
