@@ -7,7 +7,7 @@ each a_j, measures the step costs once per model, dtype, device and thread count
 d (0 = a plain standard step) with the most tokens per millisecond. Once drafting pays, how far
 each cycle drafts follows the module's confidence (EAGLE-2's observation: a draft module's
 probabilities are calibrated; on SmolLM2, drafts given 0.5-0.7 were accepted 74% of the time, 0.9+
-98%): it drafts on, up to ``draft_length``, while the product of its drafts' probabilities pays for
+98%): it drafts on, up to ``draft_length``, while the product of its drafts' (calibrated) probabilities pays for
 another module step and verified row, drops a draft that does not pay for its row, and drops any
 greedy draft below ``CONFIDENCE_FLOOR``. A module's probabilities are not calibrated everywhere (the
 demo's drafts given 0.05-0.1 are accepted 44% of the time), so the planner learns, from every
@@ -67,7 +67,7 @@ class StepCosts:
         return len(self.base_ms) - 1
 
 
-# Bins of module probability in which acceptance is learned (drafts below CONFIDENCE_FLOOR are never verified).
+# Bins of module probability in which acceptance is learned (greedy drafts below CONFIDENCE_FLOOR are not verified).
 CALIBRATION_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
