@@ -101,6 +101,11 @@ class QuantizedLinear(nn.Module):
         self._kernel_inputs = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def copy_bias_from(self, linear: nn.Linear) -> None:
+        """Take ``linear``'s bias unchanged (the weight is what a subclass converts)."""
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().clone()
+
     def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
         """The CPU kernel's weight operands (built once, then cached)."""
         raise NotImplementedError
@@ -169,8 +174,7 @@ class Int8Linear(QuantizedLinear):
         device, dtype = linear.weight.device, linear.weight.dtype
         layer.weight = quantized.to(device)
         layer.scales = scales.to(device=device, dtype=dtype)
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().clone()
+        layer.copy_bias_from(linear)
         return layer
 
     def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -207,8 +211,7 @@ class Int4Linear(QuantizedLinear):
         device, dtype = linear.weight.device, linear.weight.dtype
         layer.weight = (q[:, 0::2] << 4 | q[:, 1::2]).to(device)
         layer.scales, layer.mins = scales.to(device=device, dtype=dtype), mins.to(device=device, dtype=dtype)
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().clone()
+        layer.copy_bias_from(linear)
         return layer
 
     def empty_like(self, out_features: int) -> Int4Linear:
@@ -260,8 +263,7 @@ class Fp16Linear(QuantizedLinear):
         layer.weight = linear.weight.detach().to(torch.float16)
         if not bool(torch.isfinite(layer.weight).all()):
             raise ValueError(f"a weight of this {linear.out_features}x{linear.in_features} linear exceeds fp16's range")
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().clone()
+        layer.copy_bias_from(linear)
         return layer
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
