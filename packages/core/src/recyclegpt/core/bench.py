@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         trained = "" if is_recyclegpt_dir(path) else "untrained "  # a GGUF or Hugging Face base gets a fresh module
         what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M {trained}module)"
     # Quantize the stored (fp32) weights, then cast: scales from bf16-rounded weights lose a little more.
-    quantized = {q: prepare_for_decoding(copy.deepcopy(model), quantize=q) for q in args.quantize if q != "none"}
+    # Every variant decodes on the fast path (fused projections, step kernels); "none" keeps the weights.
+    quantized = {q: prepare_for_decoding(copy.deepcopy(model), quantize=q) for q in args.quantize}
     model = model.to(device=device, dtype=dtype)
     prompt = prompt.to(device)
     hardware = hardware_summary(device)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     variants: dict[str, RecycleGPT] = {}
     for quantize in args.quantize:
         label = f"{dtype_name(dtype)}" + ("" if quantize == "none" else f"+{quantize}")
-        variants[label] = model if quantize == "none" else quantized[quantize].to(device=device, dtype=dtype)
+        variants[label] = quantized[quantize].to(device=device, dtype=dtype)
 
     runs: dict[str, Run] = {}
     skipped: list[str] = []

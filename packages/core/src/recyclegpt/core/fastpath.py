@@ -11,7 +11,9 @@ GGUF files keep at 8 bits, and the small module is where a draft's quality is de
 CPUs): slower than int8 for one token, but k-token steps cost far less, and a row's result does
 not depend on the rows beside it, so speculative decoding's verification is cheap and exact. The result
 is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and
-``from_pretrained`` rebuilds the same structure before loading the weights.
+``from_pretrained`` rebuilds the same structure before loading the weights. Fused layers also run
+their few-token CPU steps through fused C++ kernels (:mod:`recyclegpt.core.step_kernels`) where
+those build: a runtime choice, not recorded.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.core.model import MLP, Attention, RecycleGPT, apply_rotary
+from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
+from recyclegpt.core.step_kernels import KernelDecoderLayer
+from recyclegpt.core.step_kernels import available as step_kernels_available
 
 SETUP_KEY = "decoding_setup"
 
@@ -95,6 +99,19 @@ def fuse_projections(model: RecycleGPT) -> None:
                 layer.mlp = FusedMLP(layer.mlp)
 
 
+def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
+    """Run the fused layers' few-token CPU steps through the step kernels (``enabled``) or eagerly;
+    whether the kernels are in use afterwards (False where they cannot be built)."""
+    enabled = enabled and step_kernels_available()
+    for stack in _stacks(model):
+        for index, layer in enumerate(stack.layers):
+            if enabled and not isinstance(layer, KernelDecoderLayer):
+                stack.layers[index] = KernelDecoderLayer.from_layer(layer)
+            elif not enabled and isinstance(layer, KernelDecoderLayer):
+                stack.layers[index] = DecoderLayer.from_layer(layer)
+    return enabled
+
+
 def quantize_model(model: RecycleGPT, quantize: str = "int8") -> int:
     """``quantize`` weights (int8, int4 or fp16) for the base's decoder layers; the module and the
     LM head get int8 with int4, else the same; how many linears."""
@@ -112,13 +129,16 @@ def decoding_setup(model: RecycleGPT) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: bool = True) -> RecycleGPT:
+def prepare_for_decoding(
+    model: RecycleGPT, quantize: str | None = None, fuse: bool = True, step_kernels: bool = True
+) -> RecycleGPT:
     """Transform ``model`` in place for fast decoding and return it.
 
     ``quantize``: ``None``/``"none"`` keeps the weights, ``"int8"`` makes every linear weight-only
     int8, ``"int4"`` the base's decoder linears int4 and the rest int8, ``"fp16"`` every linear
     fp16. ``fuse``: one matmul for
-    q/k/v and one for gate/up. Both are idempotent; neither undoes. Quantize fp32 weights where you
+    q/k/v and one for gate/up. Both are idempotent; neither undoes. ``step_kernels`` (with ``fuse``):
+    few-token CPU steps run the fused C++ kernels where they build (``False`` turns them off again). Quantize fp32 weights where you
     can (``from_pretrained`` does): scales computed from bf16-rounded weights lose a little more.
     Greedy outputs of the three decoders keep their relations (speculative equals standard) on the
     transformed model; quantization changes the model itself (see the README for its perplexity cost).
@@ -135,6 +155,8 @@ def prepare_for_decoding(model: RecycleGPT, quantize: str | None = None, fuse: b
     if fuse:
         fuse_projections(model)
         setup["fuse"] = True
+    if setup.get("fuse"):
+        use_step_kernels(model, step_kernels)
     if quantize != "none" and done is None:
         quantize_model(model, quantize)
         setup["quantize"] = quantize

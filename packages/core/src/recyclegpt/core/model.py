@@ -189,6 +189,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, intermediate_size)
 
+    @classmethod
+    def from_layer(cls, layer: DecoderLayer) -> DecoderLayer:
+        """A layer of this class over ``layer``'s own submodules (the same weights, not copies)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in layer.named_children():
+            setattr(new, name, child)
+        return new
+
     def forward(self, x, cos, sin, mask, cache, layer_index):  # noqa: ANN001, ANN201 - hot path
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))

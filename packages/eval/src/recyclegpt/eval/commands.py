@@ -139,7 +139,7 @@ def run_speed(
     )
     text = data.read_text(data_file) if data_file else None  # read before the (slow) model load
     expected = _read_reference(reference) if reference else None
-    net = data.load_model(model, dtype, quantize)
+    net = data.load_model(model, dtype, quantize, fuse=True)  # the fast path decodes, quantized or not
     dtype = dtype_name(net.model.norm.weight.dtype)  # what 'auto' resolved to
     quantize = decoding_setup(net).get("quantize", "none")  # a directory saved quantized stays so
     if prompts_file:
@@ -149,9 +149,9 @@ def run_speed(
         prompts = data.prompts_from_ids(ids, num_prompts, prompt_tokens)
     data.check_fits(prompts, max_new_tokens, net.config.max_seq_len)
 
-    unquantized = data.load_model(model, dtype) if quantize != "none" else None  # transformers' weights
-    decoders = speed.Decoders(net, max_new_tokens, peer_model=unquantized)
-    del unquantized
+    unfused = data.load_model(model, dtype)  # transformers' layout and weights, for its generate
+    decoders = speed.Decoders(net, max_new_tokens, peer_model=unfused)
+    del unfused
     rates, outputs = speed.run_benchmark(decoders, speed.method_names(), prompts, repeats)
     step_cost = measure_step_cost(net, prompts[0])
     standard_outputs = [d.new_tokens[0].tolist() for d in outputs["standard"]]
@@ -190,7 +190,7 @@ def run_speed(
     if rounds_like_bf16:
         # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts,
         # on the unquantized weights (quantized kernels compute in bf16) in the fast path's layout.
-        exact = prepare_for_decoding(data.load_model(model, "fp32"), fuse=quantize != "none")
+        exact = prepare_for_decoding(data.load_model(model, "fp32"))
         if decoding_setup(exact).get("quantize"):
             result["speculative"]["exact_check"] = "skipped: the directory holds quantized weights only"
         else:

@@ -11,14 +11,15 @@ from recyclegpt.core import RecycleGPT
 from recyclegpt.eval.errors import EvalError
 
 
-def load_model(path: str, dtype: str = "auto", quantize: str = "none") -> RecycleGPT:
+def load_model(path: str, dtype: str = "auto", quantize: str = "none", fuse: bool = False) -> RecycleGPT:
     """A saved RecycleGPT with its tokenizer, on CUDA when available, else CPU; ``quantize`` ``int8``
-    or ``int4``: the fast decode path with quantized weights (:func:`recyclegpt.core.fastpath.prepare_for_decoding`)."""
+    or ``int4`` (or ``fuse``): the fast decode path, with quantized weights where asked
+    (:func:`recyclegpt.core.fastpath.prepare_for_decoding`)."""
     if not Path(path).exists():
         raise EvalError(f"model directory {path} does not exist")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = RecycleGPT.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
+        model = RecycleGPT.from_pretrained(path, dtype=dtype, device=device, quantize=quantize, fuse=fuse)
     except (OSError, ValueError) as error:
         raise EvalError(f"cannot load model from {path}: {error}") from error
     if model.tokenizer is None:

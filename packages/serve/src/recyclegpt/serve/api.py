@@ -64,7 +64,9 @@ class RecycleGPTAPI(ls.LitAPI):
         if device == "cpu":
             torch.set_num_threads(self.cpu_threads or default_cpu_threads())
         dtype = resolve_dtype(self.dtype, device)
-        model = RecycleGPT.from_pretrained(self.model_dir, dtype=dtype, device=device, quantize=self.quantize)
+        model = RecycleGPT.from_pretrained(
+            self.model_dir, dtype=dtype, device=device, quantize=self.quantize, fuse=True
+        )
         self.engine = Engine(model, model.tokenizer)
         rows = batch_rows(model, self.batch_limit, self.max_kv_mb)
         self.scheduler = Scheduler(self.engine, rows)

@@ -106,7 +106,7 @@ def direct_generate_seconds(
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = RecycleGPT.from_pretrained(model_dir, dtype=resolve_dtype(dtype, device), device=device)
+    model = RecycleGPT.from_pretrained(model_dir, dtype=resolve_dtype(dtype, device), device=device, fuse=True)
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     seconds = []

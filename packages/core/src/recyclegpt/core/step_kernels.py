@@ -1,0 +1,113 @@
+"""Fused CPU step kernels for decoding, and the decoder layer that uses them.
+
+A decode step of a small model on a CPU is per-operator overhead: around its four matmuls an eager
+SmolLM2 layer runs ~160 small operators (~150 us). :class:`KernelDecoderLayer` runs the same layer
+with four fused calls from ``step_kernels.cpp`` (RMSNorm; rotary embedding + cache write +
+attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. The kernels compute
+each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
+speculative decoding stays equal to standard), and round where the eager layer rounds.
+
+The extension is compiled once per machine at first use (~1 minute; torch's ``cpp_extension``, a
+C++ compiler and ``ninja``) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be
+built, or with ``RECYCLEGPT_STEP_KERNELS=0``, layers run the eager code, which computes the same
+model (within rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from recyclegpt.core.model import DecoderLayer, KVCache
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("step_kernels.cpp")
+FUNCTIONS = ["rms_norm", "add_rms_norm", "silu_mul", "rope_attend"]
+MAX_STEP_TOKENS = 16  # longer inputs (prompts) are compute, not overhead: eager's kernels are faster there
+ENV_SWITCH = "RECYCLEGPT_STEP_KERNELS"
+NO_MASK = torch.empty(0)  # rope_attend's "causal, no mask"
+
+
+def enabled_by_environment() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels, or None (with one logged line saying why) where they cannot be built."""
+    if not enabled_by_environment():
+        return None
+    try:
+        import ninja  # noqa: PLC0415 - only the build needs it
+        from torch.utils import cpp_extension  # noqa: PLC0415
+
+        # torch looks for the ninja executable on PATH; a venv's bin directory may not be on it.
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return cpp_extension.load_inline(
+            name="recyclegpt_step_kernels",
+            cpp_sources=[SOURCE.read_text()],
+            functions=FUNCTIONS,
+            extra_cflags=["-O3", "-ffp-contract=off"],
+        )
+    except Exception as err:  # noqa: BLE001 - any build failure means: decode with eager layers
+        log.warning("step kernels unavailable (%s: %s); decoding with eager layers", type(err).__name__, err)
+        return None
+
+
+def available() -> bool:
+    return load() is not None
+
+
+class KernelDecoderLayer(DecoderLayer):
+    """A fused decoder layer (``qkv_proj``, ``gate_up_proj``) whose few-token steps over a KV cache
+    on CPU run the step kernels; anything else (prompts, training, no cache, CUDA) runs eager."""
+
+    def uses_kernels(self, x: torch.Tensor, cache: KVCache | None) -> bool:
+        return (
+            cache is not None
+            and x.device.type == "cpu"
+            and x.shape[1] <= MAX_STEP_TOKENS
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype == cache.keys.dtype == self.input_layernorm.weight.dtype
+            and not torch.is_grad_enabled()
+        )
+
+    def step_parts(self) -> tuple:
+        """The submodules a kernel step calls, looked up once: ``nn.Module`` attribute lookups and
+        ``__call__`` cost about a microsecond each, a sizeable share of a small model's step (the
+        step calls the linears' ``forward`` directly: decoding registers no hooks)."""
+        parts = self.__dict__.get("_step_parts")
+        if parts is None:
+            attention, mlp = self.self_attn, self.mlp
+            parts = (
+                self.input_layernorm,
+                self.post_attention_layernorm,
+                attention.qkv_proj,
+                attention.o_proj,
+                mlp.gate_up_proj,
+                mlp.down_proj,
+                attention.num_heads,
+                attention.num_kv_heads,
+            )
+            self.__dict__["_step_parts"] = parts
+        return parts
+
+    def forward(self, x, cos, sin, mask, cache, layer_index):  # noqa: ANN001, ANN201 - hot path
+        if not self.uses_kernels(x, cache):
+            return super().forward(x, cos, sin, mask, cache, layer_index)
+        keys, values = cache.keys[layer_index], cache.values[layer_index]
+        if not (keys.is_contiguous() and values.is_contiguous()):
+            return super().forward(x, cos, sin, mask, cache, layer_index)
+        kernels = load()
+        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads = self.step_parts()
+        x = x.contiguous()
+        qkv = qkv_proj.forward(kernels.rms_norm(x, norm1.weight, norm1.eps)).contiguous()
+        mask = NO_MASK if mask is None else mask
+        attended = kernels.rope_attend(qkv, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
+        x, normed = kernels.add_rms_norm(x, o_proj.forward(attended).contiguous(), norm2.weight, norm2.eps)
+        return x + down_proj.forward(kernels.silu_mul(gate_up_proj.forward(normed).contiguous()))
