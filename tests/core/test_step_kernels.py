@@ -11,9 +11,9 @@ import torch
 
 from recyclegpt.core import RecycleGPT, step_kernels
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
-from recyclegpt.core.model import DecoderLayer
+from recyclegpt.core.model import DecoderLayer, RMSNorm
 from recyclegpt.core.quantize import fp16_kernel_available
-from recyclegpt.core.step_kernels import KernelDecoderLayer
+from recyclegpt.core.step_kernels import KernelDecoderLayer, KernelRMSNorm
 
 from .conftest import tiny_config
 
@@ -49,6 +49,7 @@ def test_kernel_step_computes_the_eager_layer(dtype: torch.dtype, tolerance: flo
     eager, eager_cache = step(model, prompt, new, kernels=False)
     fused, fused_cache = step(model, prompt, new, kernels=True)
     assert isinstance(model.recycle.layers[0], KernelDecoderLayer)
+    assert isinstance(model.model.norm, KernelRMSNorm) and isinstance(model.recycle.norm, KernelRMSNorm)
     torch.testing.assert_close(fused, eager, atol=tolerance, rtol=tolerance)
     end = 9 + new_tokens
     for fused_part, eager_part in ((fused_cache.keys, eager_cache.keys), (fused_cache.values, eager_cache.values)):
@@ -162,6 +163,7 @@ def test_kernels_turn_off_over_the_same_weights() -> None:
     attention = model.model.layers[0].self_attn
     prepare_for_decoding(model, step_kernels=False)
     assert type(model.model.layers[0]) is DecoderLayer and type(model.recycle.layers[0]) is DecoderLayer
+    assert type(model.model.norm) is RMSNorm and type(model.recycle.norm) is RMSNorm
     assert model.model.layers[0].self_attn is attention
     with torch.no_grad():
         assert torch.equal(model(ids), fused)  # no cache: the eager layer ran either way

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, apply_rotary
+from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, RMSNorm, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
-from recyclegpt.core.step_kernels import KernelDecoderLayer
+from recyclegpt.core.step_kernels import KernelDecoderLayer, KernelRMSNorm
 from recyclegpt.core.step_kernels import available as step_kernels_available
 
 SETUP_KEY = "decoding_setup"
@@ -104,6 +104,10 @@ def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
     whether the kernels are in use afterwards (False where they cannot be built)."""
     enabled = enabled and step_kernels_available()
     for stack in _stacks(model):
+        if enabled and not isinstance(stack.norm, KernelRMSNorm):
+            stack.norm = KernelRMSNorm.from_norm(stack.norm)
+        elif not enabled and isinstance(stack.norm, KernelRMSNorm):
+            stack.norm = RMSNorm.from_norm(stack.norm)
         for index, layer in enumerate(stack.layers):
             if enabled and not isinstance(layer, KernelDecoderLayer):
                 stack.layers[index] = KernelDecoderLayer.from_layer(layer)

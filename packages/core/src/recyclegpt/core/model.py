@@ -28,6 +28,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    @classmethod
+    def from_norm(cls, norm: RMSNorm) -> RMSNorm:
+        """A norm of this class over ``norm``'s own weight (shared, not copied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight, new.eps = norm.weight, norm.eps
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, round to x's dtype, then scale: transformers' LlamaRMSNorm to the bit
         # (F.rms_norm alone scales before rounding, which differs in bf16).

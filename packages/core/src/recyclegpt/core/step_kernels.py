@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from recyclegpt.core.model import DecoderLayer, KVCache
+from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("step_kernels.cpp")
@@ -63,19 +63,33 @@ def available() -> bool:
     return load() is not None
 
 
+def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Is ``x`` [B, T, d] a few-token inference step on CPU in ``weight``'s dtype (fp32 or bf16)?"""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 3
+        and x.shape[1] <= MAX_STEP_TOKENS
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_grad_enabled()
+    )
+
+
+class KernelRMSNorm(RMSNorm):
+    """A stack's final norm, through the kernel on few-token CPU steps (eager elsewhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if few_token_cpu_step(x, self.weight):
+            return load().rms_norm(x.contiguous(), self.weight, self.eps)
+        return super().forward(x)
+
+
 class KernelDecoderLayer(DecoderLayer):
     """A fused decoder layer (``qkv_proj``, ``gate_up_proj``) whose few-token steps over a KV cache
     on CPU run the step kernels; anything else (prompts, training, no cache, CUDA) runs eager."""
 
     def uses_kernels(self, x: torch.Tensor, cache: KVCache | None) -> bool:
-        return (
-            cache is not None
-            and x.device.type == "cpu"
-            and x.shape[1] <= MAX_STEP_TOKENS
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and x.dtype == cache.keys.dtype == self.input_layernorm.weight.dtype
-            and not torch.is_grad_enabled()
-        )
+        return cache is not None and few_token_cpu_step(x, self.input_layernorm.weight) and cache.keys.dtype == x.dtype
 
     def step_parts(self) -> tuple:
         """The submodules a kernel step calls, looked up once: ``nn.Module`` attribute lookups and
