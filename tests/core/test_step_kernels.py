@@ -179,3 +179,13 @@ def test_the_environment_switch_turns_kernels_off(monkeypatch) -> None:
         monkeypatch.delenv(step_kernels.ENV_SWITCH)
         step_kernels.load.cache_clear()
     assert step_kernels.available()
+
+
+def test_quantizing_a_model_already_on_the_kernels_decodes_with_the_quantized_weights(prompts) -> None:
+    model = kernel_model(torch.float32)
+    model.generate(prompts[2], 4)  # a kernel step has looked its linears up
+    prepare_for_decoding(model, quantize="int8")
+    torch.manual_seed(0)
+    fresh = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), quantize="int8")
+    prompt, new = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 1))
+    assert torch.equal(step(model, prompt, new, kernels=True)[0], step(fresh, prompt, new, kernels=True)[0])

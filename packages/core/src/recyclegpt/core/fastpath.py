@@ -109,10 +109,8 @@ def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
         elif not enabled and isinstance(stack.norm, KernelRMSNorm):
             stack.norm = RMSNorm.from_norm(stack.norm)
         for index, layer in enumerate(stack.layers):
-            if enabled and not isinstance(layer, KernelDecoderLayer):
-                stack.layers[index] = KernelDecoderLayer.from_layer(layer)
-            elif not enabled and isinstance(layer, KernelDecoderLayer):
-                stack.layers[index] = DecoderLayer.from_layer(layer)
+            # A fresh layer object either way: a kernel layer's cached submodules may predate quantization.
+            stack.layers[index] = (KernelDecoderLayer if enabled else DecoderLayer).from_layer(layer)
     return enabled
 
 
@@ -142,8 +140,9 @@ def prepare_for_decoding(
     int8, ``"int4"`` the base's decoder linears int4 and the rest int8, ``"fp16"`` every linear
     fp16. ``fuse``: one matmul for
     q/k/v and one for gate/up. Both are idempotent; neither undoes. ``step_kernels`` (with ``fuse``):
-    few-token CPU steps run the fused C++ kernels where they build (``False`` turns them off again). Quantize fp32 weights where you
-    can (``from_pretrained`` does): scales computed from bf16-rounded weights lose a little more.
+    few-token CPU steps run the fused C++ kernels where they build (``False`` turns them off again).
+    Quantize fp32 weights where you can (``from_pretrained`` does): scales computed from bf16-rounded
+    weights lose a little more.
     Greedy outputs of the three decoders keep their relations (speculative equals standard) on the
     transformed model; quantization changes the model itself (see the README for its perplexity cost).
     """
@@ -159,11 +158,11 @@ def prepare_for_decoding(
     if fuse:
         fuse_projections(model)
         setup["fuse"] = True
-    if setup.get("fuse"):
-        use_step_kernels(model, step_kernels)
     if quantize != "none" and done is None:
         quantize_model(model, quantize)
         setup["quantize"] = quantize
+    if setup.get("fuse"):
+        use_step_kernels(model, step_kernels)
     model.requires_grad_(False)
     if setup:
         model.config.extra[SETUP_KEY] = setup

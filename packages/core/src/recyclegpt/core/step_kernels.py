@@ -7,8 +7,8 @@ attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. T
 each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
 speculative decoding stays equal to standard), and round where the eager layer rounds.
 
-The extension is compiled once per machine at first use (~1 minute; torch's ``cpp_extension``, a
-C++ compiler and ``ninja``) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be
+The extension is compiled once per machine at first use (~30 s on 2 cores; torch's
+``cpp_extension``, a C++ compiler and ``ninja``) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be
 built, or with ``RECYCLEGPT_STEP_KERNELS=0``, layers run the eager code, which computes the same
 model (within rounding).
 """
@@ -94,7 +94,8 @@ class KernelDecoderLayer(DecoderLayer):
     def step_parts(self) -> tuple:
         """The submodules a kernel step calls, looked up once: ``nn.Module`` attribute lookups and
         ``__call__`` cost about a microsecond each, a sizeable share of a small model's step (the
-        step calls the linears' ``forward`` directly: decoding registers no hooks)."""
+        step calls the linears' ``forward`` directly: decoding registers no hooks). Replacing a
+        submodule afterwards (quantizing) needs a fresh layer: ``fastpath.use_step_kernels`` makes one."""
         parts = self.__dict__.get("_step_parts")
         if parts is None:
             attention, mlp = self.self_attn, self.mlp
