@@ -189,3 +189,30 @@ def test_quantizing_a_model_already_on_the_kernels_decodes_with_the_quantized_we
     fresh = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), quantize="int8")
     prompt, new = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 1))
     assert torch.equal(step(model, prompt, new, kernels=True)[0], step(fresh, prompt, new, kernels=True)[0])
+
+
+def test_kernels_are_built_at_the_first_cpu_step_and_a_failed_build_decodes_eagerly(monkeypatch, caplog) -> None:
+    from torch.utils import cpp_extension
+
+    torch.manual_seed(0)
+    eager = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), step_kernels=False)
+    ids = torch.randint(0, 97, (1, 5))
+    expected = eager.generate(ids, 10).sequences
+    builds = []
+
+    def failing_build(*args, **kwargs):
+        builds.append(kwargs["name"])
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    step_kernels.load.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model = prepare_for_decoding(RecycleGPT(tiny_config()).eval())
+        assert isinstance(model.model.layers[0], KernelDecoderLayer) and builds == []  # nothing built yet
+        with caplog.at_level("WARNING", logger=step_kernels.__name__):
+            assert torch.equal(model.generate(ids, 10).sequences, expected)
+        assert builds == ["recyclegpt_step_kernels"]  # tried once, then eager
+        assert "step kernels unavailable (RuntimeError: no compiler here)" in caplog.text
+    finally:
+        step_kernels.load.cache_clear()

@@ -28,7 +28,7 @@ from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, RMSN
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
 from recyclegpt.core.step_kernels import KernelDecoderLayer, KernelRMSNorm
-from recyclegpt.core.step_kernels import available as step_kernels_available
+from recyclegpt.core.step_kernels import enabled_by_environment as step_kernels_enabled
 
 SETUP_KEY = "decoding_setup"
 
@@ -100,9 +100,11 @@ def fuse_projections(model: RecycleGPT) -> None:
 
 
 def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
-    """Run the fused layers' few-token CPU steps through the step kernels (``enabled``) or eagerly;
-    whether the kernels are in use afterwards (False where they cannot be built)."""
-    enabled = enabled and step_kernels_available()
+    """Run the fused layers' few-token CPU steps through the step kernels (``enabled``, unless the
+    environment switches them off) or eagerly; whether kernel layers are in place afterwards. The
+    kernels are built at the first CPU step that needs them (a model that only runs on CUDA never
+    builds them); where they cannot be built, kernel layers run eagerly."""
+    enabled = enabled and step_kernels_enabled()
     for stack in _stacks(model):
         if enabled and not isinstance(stack.norm, KernelRMSNorm):
             stack.norm = KernelRMSNorm.from_norm(stack.norm)

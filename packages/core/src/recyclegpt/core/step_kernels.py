@@ -7,10 +7,10 @@ attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. T
 each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
 speculative decoding stays equal to standard), and round where the eager layer rounds.
 
-The extension is compiled once per machine at first use (~30 s on 2 cores; torch's
-``cpp_extension``, a C++ compiler and ``ninja``) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be
-built, or with ``RECYCLEGPT_STEP_KERNELS=0``, layers run the eager code, which computes the same
-model (within rounding).
+The extension is compiled once per machine at the first CPU step that uses it (~30 s on 2 cores;
+torch's ``cpp_extension``, a C++ compiler and ``ninja``) and cached by torch
+(``TORCH_EXTENSIONS_DIR``). Where it cannot be built, or with ``RECYCLEGPT_STEP_KERNELS=0``,
+layers run the eager code, which computes the same model (within rounding).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def available() -> bool:
 
 
 def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Is ``x`` [B, T, d] a few-token inference step on CPU in ``weight``'s dtype (fp32 or bf16)?"""
+    """Is ``x`` [B, T, d] a few-token inference step on CPU in ``weight``'s dtype (fp32 or bf16), and
+    are the kernels built (building them at the first such step)?"""
     return (
         x.device.type == "cpu"
         and x.dim() == 3
@@ -72,6 +73,7 @@ def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.bfloat16)
         and not torch.is_grad_enabled()
+        and load() is not None
     )
 
 
