@@ -19,8 +19,6 @@
 
 namespace {
 
-using c10::BFloat16;
-
 template <typename T>
 inline float f32(T v) {
   return static_cast<float>(v);
@@ -38,25 +36,14 @@ inline float rnd(float v) {
 
 constexpr int kLanes = 8;  // partial sums: a fixed summation order that the compiler can vectorise
 
-template <typename T>
-inline float sum_of_squares(const T* x, int64_t n) {
+// sum of a[i] * b[i] in fp32, in a fixed order (also a row's sum of squares: dot(x, x, n)).
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
   float acc[kLanes] = {0.f};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += f32(x[i + l]) * f32(x[i + l]);
-  for (; i < n; ++i) acc[0] += f32(x[i]) * f32(x[i]);
-  float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
-
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += q[i + l] * f32(k[i + l]);
-  for (; i < n; ++i) acc[0] += q[i] * f32(k[i]);
+    for (int l = 0; l < kLanes; ++l) acc[l] += f32(a[i + l]) * f32(b[i + l]);
+  for (; i < n; ++i) acc[0] += f32(a[i]) * f32(b[i]);
   float total = 0.f;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
@@ -65,7 +52,7 @@ inline float dot(const float* q, const T* k, int64_t n) {
 // fp32: x * rsqrt(mean(x^2) + eps) * w. bf16: w * bf16(x * rsqrt(mean(x^2) + eps)), rounded.
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t d, float eps) {
-  const float inv = 1.f / std::sqrt(sum_of_squares(x, d) / static_cast<float>(d) + eps);
+  const float inv = 1.f / std::sqrt(dot(x, x, d) / static_cast<float>(d) + eps);
   for (int64_t i = 0; i < d; ++i) {
     if constexpr (std::is_same_v<T, float>) {
       out[i] = x[i] * inv * w[i];
@@ -171,7 +158,7 @@ torch::Tensor rope_attend(
   const int64_t total = start + steps, half = hd / 2;
   if (has_mask) {
     TORCH_CHECK(mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
-                    mask.size(-2) == steps,
+                    mask.size(-2) == steps && (mask.size(0) == 1 || mask.size(0) == batch),
                 "mask must be additive [B or 1, 1, T, start + T] in qkv's dtype");
   }
   const int64_t rope_batch_stride = cos.size(0) == 1 ? 0 : steps * hd;

@@ -59,10 +59,6 @@ def load() -> ModuleType | None:
         return None
 
 
-def available() -> bool:
-    return load() is not None
-
-
 def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Is ``x`` [B, T, d] a few-token inference step on CPU in ``weight``'s dtype (fp32 or bf16), and
     are the kernels built (building them at the first such step)?"""
