@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from recyclegpt.core import RecycleGPT, step_kernels
+from recyclegpt.core import RecycleGPT, cpu_kernels, quant_kernels, step_kernels
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.model import DecoderLayer, RMSNorm
 from recyclegpt.core.quantize import fp16_kernel_available
@@ -205,14 +205,17 @@ def test_kernels_are_built_at_the_first_cpu_step_and_a_failed_build_decodes_eage
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
-    step_kernels.load.cache_clear()
+    caches = (step_kernels.load, cpu_kernels.build, quant_kernels.available)
+    for cache in caches:
+        cache.cache_clear()
     try:
         torch.manual_seed(0)
         model = prepare_for_decoding(RecycleGPT(tiny_config()).eval())
         assert isinstance(model.model.layers[0], KernelDecoderLayer) and builds == []  # nothing built yet
-        with caplog.at_level("WARNING", logger=step_kernels.__name__):
+        with caplog.at_level("WARNING", logger=cpu_kernels.__name__):
             assert torch.equal(model.generate(ids, 10).sequences, expected)
-        assert builds == ["recyclegpt_step_kernels"]  # tried once, then eager
-        assert "step kernels unavailable (RuntimeError: no compiler here)" in caplog.text
+        assert builds == ["recyclegpt_cpu_kernels"]  # tried once, then eager
+        assert "CPU kernels unavailable (RuntimeError: no compiler here)" in caplog.text
     finally:
-        step_kernels.load.cache_clear()
+        for cache in caches:
+            cache.cache_clear()

@@ -4,13 +4,16 @@ int8: per-output-channel symmetric weights. int4: groups of ``INT4_GROUP_SIZE`` 
 row, each with a scale and a minimum (value = q * scale + min, q in 0..15): GGUF's Q4_1 format, so
 a Q4_1 checkpoint's linears come back exactly, up to the bf16 rounding of scales and minimums.
 
-On CPU the matmul is torch's own ``aten._weight_int8pack_mm``, fed bf16 activations (its fast
-path on every x86 CPU, AVX2 included; with fp32 activations the same op is ~10x slower), so an
-fp32 model casts activations to bf16 around each int8 matmul and everything else stays fp32.
-int4 runs ``aten._weight_int4pack_mm_for_cpu`` on a packed copy made at the first call (the
-packed layout is the kernel's own; the state dict keeps the plain one: two 4-bit values a byte).
-Elsewhere (CUDA) the weight is dequantized into the activation dtype inside ``F.linear`` at every
-call: correct, not fast (no GPU was at hand to build and measure a CUDA kernel path).
+On AVX-512 CPUs the int8 and int4 matmuls are this project's own
+(:mod:`recyclegpt.core.quant_kernels`): one pass over the weight serves up to eight activation
+rows, each row's result independent of the others, in the activations' own dtype. They run on a
+packed copy of the weight made at the first call (the state dict keeps the plain one). Elsewhere
+(AVX2 CPUs, where they measured slower) torch's own run: ``aten._weight_int8pack_mm`` and
+``aten._weight_int4pack_mm_for_cpu``, fed bf16 activations (their fast path; with fp32
+activations the int8 op is ~10x slower), so an fp32 model then casts activations to bf16 around
+each matmul. On CUDA the weight is dequantized into the activation dtype inside
+``F.linear`` at every call: correct, not fast (no GPU was at hand to build and measure a CUDA
+kernel path).
 
 fp16: the weight rounded to fp16, multiplied by FBGEMM's packed fp16 GEMM
 (``quantized::linear_dynamic_fp16``, x86 CPUs, fp32 activations in and out, fp32 accumulation):
@@ -25,10 +28,13 @@ a 768x3072 linear for one row took ~36 ms against ~0.3 ms for fp32, so it is not
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recyclegpt.core import quant_kernels
 
 QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16")
 QUANTIZE_HELP = (
@@ -80,25 +86,25 @@ def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
 
 class QuantizedLinear(nn.Module):
     """What the int8, int4 and fp16 linears share: buffers ``weight`` (compact; it keeps its name so
-    that ``layer.weight.device`` still answers where the layer lives) and ``bias``, a CPU kernel fed
-    ``kernel_dtype`` activations over a kernel-format copy of the weight made at the first call, and
-    elsewhere (CUDA, or a CPU build without the kernel) ``F.linear`` over the dequantized weight."""
+    that ``layer.weight.device`` still answers where the layer lives) and ``bias``, a CPU kernel
+    over a kernel-format copy of the weight made at the first call, and elsewhere (CUDA, or a CPU
+    build without the kernel) ``F.linear`` over the dequantized weight."""
 
-    kernel_dtype = torch.bfloat16  # the activation dtype the CPU kernel takes
+    kernel_dtype = torch.bfloat16  # the activation dtype torch's CPU kernel takes
     row_block: int | None = KERNEL_ROW_BLOCK  # run 5-7 rows as block + rest (None: never split)
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._kernel_inputs: tuple[torch.Tensor, ...] | None = None
+        self._kernel: tuple | None = None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._kernel_inputs = None  # .to(...) moved or cast the buffers the kernel copy came from
+        self._kernel = None  # .to(...) moved or cast the buffers the kernel copy came from
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._kernel_inputs = None
+        self._kernel = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def copy_bias_from(self, linear: nn.Linear) -> None:
@@ -106,16 +112,27 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             self.bias = linear.bias.detach().clone()
 
-    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
-        """The CPU kernel's weight operands (built once, then cached)."""
+    def make_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
+        """``(matmul, *operands)``: the CPU matmul, called as ``matmul(x, *operands)`` on x [..., K],
+        and its weight operands in the kernel's layout (built at the first call, then cached).
+        This project's packed kernel where it runs here, else torch's (:meth:`torch_kernel`)."""
+        packed = self.packed_kernel()
+        return packed if packed is not None else (self.torch_kernel, *self.torch_kernel_inputs())
+
+    def packed_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
+        """``(matmul, *operands)`` of :mod:`recyclegpt.core.quant_kernels`, or None."""
+        return None
+
+    def torch_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+        """torch's CPU kernel's weight operands."""
         raise NotImplementedError
 
     def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
-        """[M, K] @ weight.T -> [M, N] in ``kernel_dtype`` with the CPU kernel."""
+        """[M, K] @ weight.T -> [M, N] in ``kernel_dtype`` with torch's CPU kernel."""
         raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight [N, K] this layer computes with (the int8 and int4 CPU kernels also round
+        """The weight [N, K] this layer computes with (torch's int8 and int4 CPU kernels also round
         activations to bf16)."""
         raise NotImplementedError
 
@@ -134,26 +151,27 @@ class QuantizedLinear(nn.Module):
         """A layer of this kind and input size with ``out_features`` outputs (weights to be set)."""
         return type(self)(self.in_features, out_features, bias=self.bias is not None)
 
-    def cpu_rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """The CPU kernel over rows [M, K], 5-7 rows as two calls where ``row_block`` says so."""
+    def torch_kernel(self, x: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
+        """torch's CPU kernel on x [..., K] in ``kernel_dtype``, 5-7 rows as two calls where
+        ``row_block`` says so; the result in x's dtype."""
+        flat = x.reshape(-1, self.in_features)
+        if x.dtype != self.kernel_dtype:
+            flat = flat.to(self.kernel_dtype)
         rows, block = flat.shape[0], self.row_block
         if block is not None and block < rows < 2 * block:
-            head = self.cpu_matmul(flat[:block], *self._kernel_inputs)
-            tail = self.cpu_matmul(flat[block:], *self._kernel_inputs)
-            return torch.cat((head, tail))
-        return self.cpu_matmul(flat, *self._kernel_inputs)
+            out = torch.cat(
+                (self.cpu_matmul(flat[:block], *kernel_inputs), self.cpu_matmul(flat[block:], *kernel_inputs))
+            )
+        else:
+            out = self.cpu_matmul(flat, *kernel_inputs)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self.has_cpu_kernel():
-            if self._kernel_inputs is None:
-                self._kernel_inputs = self.make_kernel_inputs()
-            kernel_dtype = self.kernel_dtype
-            flat = x.reshape(-1, self.in_features)
-            if x.dtype != kernel_dtype:
-                flat = flat.to(kernel_dtype)
-            out = self.cpu_rows(flat).view(*x.shape[:-1], self.out_features)
-            if x.dtype != kernel_dtype:
-                out = out.to(x.dtype)
+            if self._kernel is None:
+                self._kernel = self.make_kernel()
+            matmul, *operands = self._kernel
+            out = matmul(x, *operands)
         else:
             out = F.linear(x, self.dequantized(x.dtype))
         return out if self.bias is None else out + self.bias.to(out.dtype)
@@ -177,7 +195,13 @@ class Int8Linear(QuantizedLinear):
         layer.copy_bias_from(linear)
         return layer
 
-    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+    def packed_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
+        if not (quant_kernels.available() and quant_kernels.int8_fits(self.in_features)):
+            return None
+        packed, scales = quant_kernels.pack_int8(self.weight, self.scales)
+        return quant_kernels.build().int8_matmul, packed, scales, self.out_features
+
+    def torch_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.scales.to(torch.bfloat16),)
 
     def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
@@ -229,7 +253,13 @@ class Int4Linear(QuantizedLinear):
         weight = groups * self.scales.float()[..., None] + self.mins.float()[..., None]
         return weight.view(self.out_features, self.in_features).to(dtype)
 
-    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+    def packed_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
+        if not (quant_kernels.available() and self.group_size == quant_kernels.GROUP):
+            return None
+        packed, scale_min = quant_kernels.pack_int4(self.unpacked(), self.scales, self.mins)
+        return quant_kernels.build().int4_matmul, packed, scale_min, self.out_features
+
+    def torch_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
         zeros = self.mins.float() + (INT4_MAX + 1) // 2 * self.scales.float()  # the kernel: (q - 8) * s + z
         scales_zeros = torch.stack((self.scales.float(), zeros), dim=-1).transpose(0, 1).contiguous()
@@ -276,7 +306,7 @@ class Fp16Linear(QuantizedLinear):
     def has_cpu_kernel(self) -> bool:
         return fp16_kernel_available()
 
-    def make_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+    def torch_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None),)
 
     def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
@@ -304,9 +334,10 @@ def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
 
 def rounds_to_bf16(quantize: str | None) -> bool:
     """Do the CPU kernels of a model quantized as ``quantize`` take and give bf16 whatever the
-    model's dtype (int8, and int4, whose model keeps int8 elsewhere)? fp16 computes in fp32."""
+    model's dtype? torch's int8 and int4 kernels do (where this project's packed kernels cannot
+    run); fp16 computes in fp32."""
     layer = WEIGHT_LAYERS.get(quantize or "none")
-    return layer is not None and layer.kernel_dtype == torch.bfloat16
+    return layer is not None and layer.kernel_dtype == torch.bfloat16 and not quant_kernels.available()
 
 
 def quantize_linears(root: nn.Module, weights: str = "int8") -> int:

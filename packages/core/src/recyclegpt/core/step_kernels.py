@@ -7,56 +7,36 @@ attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. T
 each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
 speculative decoding stays equal to standard), and round where the eager layer rounds.
 
-The extension is compiled once per machine at the first CPU step that uses it (~30 s on 2 cores;
-torch's ``cpp_extension``, a C++ compiler and ``ninja``) and cached by torch
-(``TORCH_EXTENSIONS_DIR``). Where it cannot be built, or with ``RECYCLEGPT_STEP_KERNELS=0``,
-layers run the eager code, which computes the same model (within rounding).
+The extension (:mod:`recyclegpt.core.cpu_kernels`) is compiled once per machine at the first CPU
+step that uses it and cached by torch. Where it cannot be built, or with
+``RECYCLEGPT_STEP_KERNELS=0``, layers run the eager code, which computes the same model (within
+rounding).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from recyclegpt.core.cpu_kernels import build, switched_on
 from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("step_kernels.cpp")
-FUNCTIONS = ["rms_norm", "add_rms_norm", "silu_mul", "rope_attend"]
 MAX_STEP_TOKENS = 16  # longer inputs (prompts) are compute, not overhead: eager's kernels are faster there
 ENV_SWITCH = "RECYCLEGPT_STEP_KERNELS"
 NO_MASK = torch.empty(0)  # rope_attend's "causal, no mask"
 
 
 def enabled_by_environment() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(ENV_SWITCH)
 
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled kernels, or None (with one logged line saying why) where they cannot be built."""
-    if not enabled_by_environment():
-        return None
-    try:
-        import ninja  # noqa: PLC0415 - only the build needs it
-        from torch.utils import cpp_extension  # noqa: PLC0415
-
-        # torch looks for the ninja executable on PATH; a venv's bin directory may not be on it.
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return cpp_extension.load_inline(
-            name="recyclegpt_step_kernels",
-            cpp_sources=[SOURCE.read_text()],
-            functions=FUNCTIONS,
-            extra_cflags=["-O3", "-ffp-contract=off"],
-        )
-    except Exception as err:  # noqa: BLE001 - any build failure means: decode with eager layers
-        log.warning("step kernels unavailable (%s: %s); decoding with eager layers", type(err).__name__, err)
-        return None
+    """The compiled kernels (:func:`recyclegpt.core.cpu_kernels.build`), or None where they cannot be
+    built or ``RECYCLEGPT_STEP_KERNELS=0`` switches them off."""
+    return build() if enabled_by_environment() else None
 
 
 def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor) -> bool:

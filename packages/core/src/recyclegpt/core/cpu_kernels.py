@@ -1,0 +1,49 @@
+"""The project's C++ CPU kernels, built once per machine at first use.
+
+One extension holds the decode-step kernels (``step_kernels.cpp``) and the weight-only int8/int4
+matmuls (``quant_kernels.cpp``). torch's ``cpp_extension`` compiles it (~30-40 s on 2 cores; a C++
+compiler and ``ninja``) and caches it (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, the
+callers fall back to eager PyTorch and torch's own kernels, after one logged warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+SOURCES = [HERE / "step_kernels.cpp", HERE / "quant_kernels.cpp"]
+FUNCTIONS = ["rms_norm", "add_rms_norm", "silu_mul", "rope_attend", "int8_matmul", "int4_matmul"]
+
+
+def switched_on(variable: str) -> bool:
+    """Is the environment switch ``variable`` unset or on (anything but 0/false/no/off)?"""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def build() -> ModuleType | None:
+    """The compiled extension, or None (with one logged line saying why) where it cannot be built."""
+    try:
+        import ninja  # noqa: PLC0415 - only the build needs it
+        from torch.utils import cpp_extension  # noqa: PLC0415
+
+        # torch looks for the ninja executable on PATH; a venv's bin directory may not be on it.
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return cpp_extension.load_inline(
+            name="recyclegpt_cpu_kernels",
+            cpp_sources=[source.read_text() for source in SOURCES],
+            functions=FUNCTIONS,
+            # The step kernels round exactly where eager PyTorch rounds: no fused multiply-adds
+            # (the quant kernels turn them back on for their own functions).
+            extra_cflags=["-O3", "-ffp-contract=off"],
+        )
+    except Exception as err:  # noqa: BLE001 - any build failure means: run without them
+        log.warning(
+            "CPU kernels unavailable (%s: %s); running eager PyTorch and torch's kernels", type(err).__name__, err
+        )
+        return None
