@@ -1,5 +1,5 @@
-"""This project's packed int8/int4 AVX-512 matmuls: the quantized weight's product in fp32, every
-row computed as it would be alone (bit for bit), and torch's kernels where they are switched off."""
+"""This project's packed int8 AVX-512 matmul: the quantized weight's product in fp32, every row
+computed as it would be alone (bit for bit), and torch's kernels where it is switched off."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from recyclegpt.core import RecycleGPT, quant_kernels
 from recyclegpt.core.cpu_kernels import build
 from recyclegpt.core.fastpath import prepare_for_decoding
-from recyclegpt.core.quantize import Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4, rounds_to_bf16
+from recyclegpt.core.quantize import Int4Linear, Int8Linear, quantize_weight, rounds_to_bf16
 
 from .conftest import tiny_config
 
@@ -22,7 +22,7 @@ def kernels_built() -> None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the packed kernels cannot be built here (torch's kernels run)")
     if not quant_kernels.available():
-        pytest.skip(f"CPU capability {torch.backends.cpu.get_cpu_capability()}: the packed kernels need AVX-512")
+        pytest.skip(f"CPU capability {torch.backends.cpu.get_cpu_capability()}: the packed kernel needs AVX-512")
 
 
 def int8_case(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,63 +32,55 @@ def int8_case(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.
     return (q.double() * scales.double()[:, None]), packed, packed_scales
 
 
-def int4_case(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    q, scales, mins = quantize_weight_int4(torch.randn(out_features, in_features))
-    packed, scale_min = quant_kernels.pack_int4(q, scales, mins)
-    groups = q.view(out_features, -1, 32).double() * scales.double()[..., None] + mins.double()[..., None]
-    return groups.view(out_features, in_features), packed, scale_min
-
-
-def matmul(kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int):
-    return getattr(build(), f"{kind}_matmul")(x, packed, scales, out_features)
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+    return build().int8_matmul(x, packed, scales, out_features)
 
 
 # Shapes: whole tiles of 64 outputs, and not (zero rows pad the last tile).
-@pytest.mark.parametrize(
-    "kind, shape", [("int8", (128, 64)), ("int8", (40, 96)), ("int4", (96, 64)), ("int4", (64, 128))]
-)
-def test_packed_matmul_computes_the_quantized_product_row_by_row(kind: str, shape) -> None:
+@pytest.mark.parametrize("shape", [(128, 64), (40, 96), (200, 32)])
+def test_packed_matmul_computes_the_quantized_product_row_by_row(shape) -> None:
     out_features, in_features = shape
-    weight, packed, scales = (int8_case if kind == "int8" else int4_case)(out_features, in_features)
+    weight, packed, scales = int8_case(out_features, in_features)
     x = torch.randn(2, 11, in_features)  # 22 rows: passes of 8, 8 and 6
-    out = matmul(kind, x, packed, scales, out_features)
+    out = matmul(x, packed, scales, out_features)
     assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), x.double() @ weight.T, atol=1e-4, rtol=1e-5)  # fp32, no bf16 rounding
     flat = x.view(-1, in_features)
-    alone = torch.cat([matmul(kind, flat[i : i + 1], packed, scales, out_features) for i in range(22)])
+    alone = torch.cat([matmul(flat[i : i + 1], packed, scales, out_features) for i in range(22)])
     assert torch.equal(out.view(-1, out_features), alone)
     for rows in range(1, 10):
-        assert torch.equal(matmul(kind, flat[:rows], packed, scales, out_features), alone[:rows])
-    in_bf16 = matmul(kind, x.bfloat16(), packed, scales, out_features)
+        assert torch.equal(matmul(flat[:rows], packed, scales, out_features), alone[:rows])
+    in_bf16 = matmul(x.bfloat16(), packed, scales, out_features)
     assert in_bf16.dtype == torch.bfloat16
-    assert torch.equal(in_bf16, matmul(kind, x.bfloat16().float(), packed, scales, out_features).bfloat16())
+    assert torch.equal(in_bf16, matmul(x.bfloat16().float(), packed, scales, out_features).bfloat16())
 
 
 def test_a_layout_that_does_not_match_is_refused() -> None:
     _, packed, scales = int8_case(32, 64)
-    with pytest.raises(RuntimeError, match="int8 weight must be"):
-        matmul("int8", torch.randn(1, 48), packed, scales, 32)
-    with pytest.raises(RuntimeError, match="int4 weight must be"):
-        matmul("int4", torch.randn(1, 64), packed, scales, 32)
+    with pytest.raises(RuntimeError, match="int8 weight must be packed tiles"):
+        matmul(torch.randn(1, 48), packed, scales, 32)
+    with pytest.raises(RuntimeError, match="scales must be fp32"):
+        matmul(torch.randn(1, 64), packed, scales[:32], 32)
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
-        matmul("int8", torch.randn(1, 64).double(), packed, scales, 32)
+        matmul(torch.randn(1, 64).double(), packed, scales, 32)
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear])
-def test_layers_use_the_packed_kernel_and_torchs_when_it_is_switched_off(monkeypatch, layer_type) -> None:
+def test_int8_layers_use_the_packed_kernel_and_torchs_when_it_is_switched_off(monkeypatch) -> None:
     torch.manual_seed(0)
-    layer = layer_type.from_linear(torch.nn.Linear(64, 96, bias=True))
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 96, bias=True))
     x = torch.randn(3, 64)
     packed = layer(x)
-    assert layer._kernel[0].__name__ == f"{'int8' if layer_type is Int8Linear else 'int4'}_matmul"
-    assert not rounds_to_bf16("int8") and not rounds_to_bf16("int4")
+    assert layer._kernel[0].__name__ == "int8_matmul"
+    assert not rounds_to_bf16("int8") and rounds_to_bf16("int4")  # int4 runs torch's kernel
+    int4 = Int4Linear.from_linear(torch.nn.Linear(64, 96))
+    int4(x)
+    assert int4._kernel[0] == int4.torch_kernel
     monkeypatch.setenv(quant_kernels.ENV_SWITCH, "0")
     quant_kernels.available.cache_clear()
     try:
-        fresh = layer_type.from_linear(torch.nn.Linear(64, 96, bias=True))
+        fresh = Int8Linear.from_linear(torch.nn.Linear(64, 96, bias=True))
         fresh.load_state_dict(layer.state_dict())
-        assert rounds_to_bf16("int8") and rounds_to_bf16("int4")
+        assert rounds_to_bf16("int8")
         torch.testing.assert_close(fresh(x), packed, atol=0.05, rtol=0.02)  # torch's: bf16 activations
         assert fresh._kernel[0] == fresh.torch_kernel
     finally:

@@ -109,7 +109,7 @@ def test_quantized_speed_reports_adaptive_speculative_and_checks_losslessness(
         assert code == 0 and result["speculative"]["identical_up_to_ties"]  # any difference is a bf16 tie
         assert "exact check in fp32 on the unquantized weights: yes" in markdown
     else:
-        # The packed AVX-512 kernels keep fp32 activations: speculative must equal standard exactly.
+        # The packed AVX-512 int8 kernel keeps fp32 activations: speculative must equal standard exactly.
         assert code == 0 and result["speculative"]["identical_to_standard"] is True
         assert "identical_to_standard_fp32" not in result["speculative"]
 
@@ -119,8 +119,8 @@ def test_fp16_speed_in_fp32_must_equal_standard_exactly(tiny_model_dir, heldout_
     from recyclegpt.core.quantize import rounds_to_bf16
     from recyclegpt.eval.cli import main
 
-    torchs = not quant_kernels.available()  # torch's int8/int4 kernels round activations to bf16
-    assert [rounds_to_bf16(q) for q in ("int8", "int4", "fp16", "none", None)] == [torchs, torchs, False, False, False]
+    torchs = not quant_kernels.available()  # torch's int8 kernel rounds activations to bf16; int4 always runs torch's
+    assert [rounds_to_bf16(q) for q in ("int8", "int4", "fp16", "none", None)] == [torchs, True, False, False, False]
     argv = ["speed", "--model", str(tiny_model_dir), "--data", str(heldout_text), "--quantize", "fp16"]
     fast = ["--num-prompts", "2", "--prompt-tokens", "8", "--max-new-tokens", "6", "--repeats", "1"]
     code = main([*argv, *fast, "--dtype", "fp32", "--json", str(tmp_path / "s.json")])

@@ -4,14 +4,13 @@ int8: per-output-channel symmetric weights. int4: groups of ``INT4_GROUP_SIZE`` 
 row, each with a scale and a minimum (value = q * scale + min, q in 0..15): GGUF's Q4_1 format, so
 a Q4_1 checkpoint's linears come back exactly, up to the bf16 rounding of scales and minimums.
 
-On AVX-512 CPUs the int8 and int4 matmuls are this project's own
-(:mod:`recyclegpt.core.quant_kernels`): one pass over the weight serves up to eight activation
-rows, each row's result independent of the others, in the activations' own dtype. They run on a
-packed copy of the weight made at the first call (the state dict keeps the plain one). Elsewhere
-(AVX2 CPUs, where they measured slower) torch's own run: ``aten._weight_int8pack_mm`` and
-``aten._weight_int4pack_mm_for_cpu``, fed bf16 activations (their fast path; with fp32
-activations the int8 op is ~10x slower), so an fp32 model then casts activations to bf16 around
-each matmul. On CUDA the weight is dequantized into the activation dtype inside
+On AVX-512 CPUs the int8 matmul is this project's own (:mod:`recyclegpt.core.quant_kernels`):
+one pass over the weight serves up to eight activation rows, each row's result independent of the
+others, in the activations' own dtype, on a packed copy of the weight made at the first call (the
+state dict keeps the plain one). Elsewhere (AVX2 CPUs, where it measured slower), and for int4,
+torch's own kernels run: ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``,
+fed bf16 activations (their fast path; with fp32 activations the int8 op is ~10x slower), so an
+fp32 model then casts activations to bf16 around each of those matmuls. On CUDA the weight is dequantized into the activation dtype inside
 ``F.linear`` at every call: correct, not fast (no GPU was at hand to build and measure a CUDA
 kernel path).
 
@@ -253,12 +252,6 @@ class Int4Linear(QuantizedLinear):
         weight = groups * self.scales.float()[..., None] + self.mins.float()[..., None]
         return weight.view(self.out_features, self.in_features).to(dtype)
 
-    def packed_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
-        if not (quant_kernels.available() and self.group_size == quant_kernels.GROUP):
-            return None
-        packed, scale_min = quant_kernels.pack_int4(self.unpacked(), self.scales, self.mins)
-        return quant_kernels.build().int4_matmul, packed, scale_min, self.out_features
-
     def torch_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
         zeros = self.mins.float() + (INT4_MAX + 1) // 2 * self.scales.float()  # the kernel: (q - 8) * s + z
@@ -334,10 +327,11 @@ def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
 
 def rounds_to_bf16(quantize: str | None) -> bool:
     """Do the CPU kernels of a model quantized as ``quantize`` take and give bf16 whatever the
-    model's dtype? torch's int8 and int4 kernels do (where this project's packed kernels cannot
-    run); fp16 computes in fp32."""
-    layer = WEIGHT_LAYERS.get(quantize or "none")
-    return layer is not None and layer.kernel_dtype == torch.bfloat16 and not quant_kernels.available()
+    model's dtype? torch's int8 and int4 kernels do; the packed int8 kernel (AVX-512) and fp16's
+    compute in fp32."""
+    if quantize == "int8":
+        return not quant_kernels.available()
+    return quantize == "int4"
 
 
 def quantize_linears(root: nn.Module, weights: str = "int8") -> int:
