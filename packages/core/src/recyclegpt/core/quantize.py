@@ -10,9 +10,9 @@ others, in the activations' own dtype, on a packed copy of the weight made at th
 state dict keeps the plain one). Elsewhere (AVX2 CPUs, where it measured slower), and for int4,
 torch's own kernels run: ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``,
 fed bf16 activations (their fast path; with fp32 activations the int8 op is ~10x slower), so an
-fp32 model then casts activations to bf16 around each of those matmuls. On CUDA the weight is dequantized into the activation dtype inside
-``F.linear`` at every call: correct, not fast (no GPU was at hand to build and measure a CUDA
-kernel path).
+fp32 model then casts activations to bf16 around each of those matmuls. On CUDA the weight is
+dequantized into the activation dtype inside ``F.linear`` at every call: correct, not fast (no GPU
+was at hand to build and measure a CUDA kernel path).
 
 fp16: the weight rounded to fp16, multiplied by FBGEMM's packed fp16 GEMM
 (``quantized::linear_dynamic_fp16``, x86 CPUs, fp32 activations in and out, fp32 accumulation):
