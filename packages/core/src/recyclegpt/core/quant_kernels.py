@@ -43,8 +43,7 @@ def tiles(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def int8_fits(in_features: int) -> bool:
-    """Can the packed int8 kernel take weights with ``in_features`` columns (whole lanes of four)?
-    (An int4 weight is whole groups of 32 already.)"""
+    """Can the packed int8 kernel take weights with ``in_features`` columns (whole lanes of four)?"""
     return in_features % 4 == 0
 
 
