@@ -20,8 +20,9 @@ what a call learned of acceptance: the next call starts from it (a server's stea
 module that never agrees costs a probe now and then, not a relearning per request). A seeded
 sampling call starts from the prior instead, so that it always repeats itself. None of this changes
 the output in fp32: greedy speculative equals standard whatever the depth, and sampling follows the
-full model. In bf16, or quantized on CPU, the depth decides how an exact logit tie rounds, so a
-greedy call's tokens at such a tie can depend on the calls before it.
+full model. In bf16, or on CPU kernels that round to bf16 (int4; int8 without AVX-512), the depth
+decides how an exact logit tie rounds, so a greedy call's tokens at such a tie can depend on the
+calls before it.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def run_speed(
         "outputs": {"prompts": [p[0].tolist() for p in prompts], "standard": standard_outputs},
     }
     failures = []
-    # Below fp32, or int8/int4 (CPU kernels take and give bf16), a broken logit tie is rounding, not a bug.
+    # Below fp32, or where torch's int8/int4 CPU kernels take and give bf16, a broken logit tie is rounding.
     rounds_like_bf16 = dtype != "fp32" or rounds_to_bf16(quantize)
     for method, bad in speed.speculative_mismatches(outputs).items():
         draft = method.split("@")[1]
@@ -189,7 +189,7 @@ def run_speed(
             )
     if rounds_like_bf16:
         # Losslessness is a property of the algorithm: check it exactly in fp32 on the same prompts,
-        # on the unquantized weights (quantized kernels compute in bf16) in the fast path's layout.
+        # on the unquantized weights (those quantized kernels compute in bf16) in the fast path's layout.
         exact = prepare_for_decoding(data.load_model(model, "fp32"))
         if decoding_setup(exact).get("quantize"):
             result["speculative"]["exact_check"] = "skipped: the directory holds quantized weights only"

@@ -165,9 +165,10 @@ def divergence(model: RecycleGPT, prompt: torch.Tensor, expected: torch.Tensor, 
     """Where ``actual`` [1, N] first leaves ``expected`` [1, N], and the base's logit gap there.
 
     A gap near zero (within the dtype's rounding) is a numerical tie that a different
-    computation order broke the other way, not a decoding bug. The int8 and int4 CPU kernels take
-    and give bf16 whatever the model's dtype, so bf16's rounding applies to them there (fp16 weights
-    compute in fp32: the model's dtype applies).
+    computation order broke the other way, not a decoding bug. torch's int8 and int4 CPU kernels
+    take and give bf16 whatever the model's dtype, so bf16's rounding applies where they run
+    (:func:`recyclegpt.core.quantize.rounds_to_bf16`; the packed int8 kernel and fp16 weights compute
+    in fp32: the model's dtype applies).
     """
     index = int((expected.cpu() != actual.cpu())[0].nonzero()[0])
     device = model.model.norm.weight.device
