@@ -129,9 +129,12 @@ AVX512_TARGET void run_tiles(const Problem& pr, int64_t begin, int64_t end) {
 }
 
 bool avx512_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  static const bool supported = [] {  // asked once, not at every call on the decode path
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  }();
+  return supported;
 }
 
 #undef INLINE

@@ -4,9 +4,10 @@ It reads each weight tile once for up to eight activation rows and computes ever
 fixed-order fp32 sum, so a k-token step gives exactly what k one-token steps give, and fp32
 activations stay fp32 (torch's ``_weight_int8pack_mm`` rounds them to bf16). Measured on a 2-core
 AMD EPYC with AVX-512 BF16, SmolLM2-135M in bf16, in one process, two runs: a 1-token step
-10.2-12.4 ms against 13.4-16.9 with torch's kernel, standard decoding 1.19-1.23x faster. An int4 kernel of the same design was level with torch's ``_weight_int4pack_mm_for_cpu`` at
-best, and an 8-wide AVX2 build of this one slower than torch's for one row, so int4 weights, AVX2
-CPUs, and any run with ``RECYCLEGPT_QUANT_KERNELS=0`` use torch's kernels.
+10.2-12.4 ms against 13.4-16.9 with torch's kernel, standard decoding 1.19-1.23x faster. An int4
+kernel of the same design was level with torch's ``_weight_int4pack_mm_for_cpu`` at best, and an
+8-wide AVX2 build of this one slower than torch's for one row, so int4 weights, AVX2 CPUs, and any
+run with ``RECYCLEGPT_QUANT_KERNELS=0`` use torch's kernels.
 
 Packed layout (a copy a layer keeps beside its plain weight): tiles of 64 output channels, each
 one contiguous run of 32-bit lanes, one lane per channel for every 4 values along K,
