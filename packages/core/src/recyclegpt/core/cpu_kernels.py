@@ -40,7 +40,10 @@ def build() -> ModuleType | None:
             functions=FUNCTIONS,
             # The step kernels round exactly where eager PyTorch rounds: no fused multiply-adds
             # (the int8 matmul turns them back on for its own functions).
-            extra_cflags=["-O3", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+            # at::parallel_for is inline OpenMP: without -fopenmp it runs every loop on one thread.
+            # The extension then shares the OpenMP runtime torch has loaded (libgomp.so.1).
+            extra_ldflags=["-fopenmp"],
         )
     except Exception as err:  # noqa: BLE001 - any build failure means: run without them
         log.warning(
