@@ -1,4 +1,4 @@
-"""The fast decode path: fused projections, weight-only int8, int4 and fp16, quantized save/reload, draft planning."""
+"""The fast decode path: fused projections, weight-only int8, int4 and fp16, w8a8, quantized save/reload, draft planning."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from recyclegpt.core import RecycleGPT
+from recyclegpt.core import RecycleGPT, quant_kernels
 from recyclegpt.core import quantize as quantize_module
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
-from recyclegpt.core.quantize import Fp16Linear, Int4Linear, Int8Linear, quantize_weight, quantize_weight_int4
+from recyclegpt.core.quantize import (
+    Fp16Linear,
+    Int4Linear,
+    Int8Linear,
+    W8A8Linear,
+    quantize_activations,
+    quantize_weight,
+    quantize_weight_int4,
+)
 from recyclegpt.core.speculation import (
     MAX_PROBE_INTERVAL,
     DraftPlanner,
@@ -32,7 +40,7 @@ def test_quantize_weight_reconstructs_within_half_a_step() -> None:
     assert bool((error <= scales[:, None] / 2 + 1e-6).all())
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear])
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) -> None:
     torch.manual_seed(0)
@@ -45,7 +53,7 @@ def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) 
     assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations (and int4 scales) inside
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear])
 def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
     # A k-token verification must compute each row as a 1-token step would: splitting 5-7 rows into
     # kernel calls of 4 + the rest keeps that, bit for bit.
@@ -57,7 +65,7 @@ def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
         assert torch.equal(layer(x[:, :rows]), one_by_one[:, :rows])
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear])
 def test_selected_rows_compute_what_the_full_layer_gives_there(layer_type) -> None:
     torch.manual_seed(0)
     layer = layer_type.from_linear(torch.nn.Linear(64, 96, bias=True))
@@ -101,6 +109,64 @@ def test_fp16_linear_without_the_cpu_kernel_falls_back_to_its_weight(monkeypatch
     with_kernel = layer(x)
     monkeypatch.setattr(quantize_module, "fp16_kernel_available", lambda: False)
     assert torch.allclose(layer(x), with_kernel, atol=1e-5)
+
+
+def test_activations_round_to_int8_levels_in_blocks_of_32() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 96) * torch.logspace(-3, 2, 96)  # blocks of very different sizes
+    x[1, 32:64] = 0.0
+    rounded = quantize_activations(x)
+    blocks, got = x.view(3, 3, 32), rounded.view(3, 3, 32)
+    step = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    assert bool(((got - blocks).abs() <= step / 2 * (1 + 1e-5)).all())  # within half a level of its block
+    levels = got / torch.where(step > 0, step, 1.0)
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and bool((levels.abs() <= 127 + 1e-3).all())
+    assert torch.equal(got[1, 1], torch.zeros(32))  # an all-zero block stays zero (no 0/0)
+    assert quantize_activations(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_w8a8_layer_computes_the_rounded_activations_product_with_or_without_its_kernel(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layer = W8A8Linear.from_linear(torch.nn.Linear(64, 96, bias=True))
+    x = torch.randn(4, 64)
+    expected = torch.nn.functional.linear(quantize_activations(x), layer.dequantized(), layer.bias)
+    tolerance = {"atol": 0.05, "rtol": 0.02} if quantize_module.rounds_to_bf16("w8a8") else {"atol": 1e-4, "rtol": 1e-5}
+    torch.testing.assert_close(layer(x), expected, **tolerance)
+    monkeypatch.setenv(quant_kernels.ENV_SWITCH, "0")  # torch's int8 kernel on the rounded activations
+    for cached in (quant_kernels.available, quant_kernels.dynamic_available):
+        cached.cache_clear()
+    try:
+        fresh = W8A8Linear.from_linear(torch.nn.Linear(64, 96, bias=True))
+        fresh.load_state_dict(layer.state_dict())
+        assert fresh.make_kernel()[0].args == (fresh.torch_kernel,)
+        torch.testing.assert_close(fresh(x), expected, atol=0.05, rtol=0.02)  # bf16 activations there
+    finally:
+        monkeypatch.delenv(quant_kernels.ENV_SWITCH)
+        for cached in (quant_kernels.available, quant_kernels.dynamic_available):
+            cached.cache_clear()
+
+
+def test_w8a8_model_speculative_equals_standard_and_reloads(tmp_path: Path, prompts) -> None:
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(intermediate_size=40)).eval(), quantize="w8a8")
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.gate_up_proj, W8A8Linear) and isinstance(model.lm_head, W8A8Linear)
+    assert type(mlp.down_proj) is Int8Linear  # K = 40: not whole blocks of 32, so int8 weight-only
+    for prompt in prompts:
+        standard = model.generate(prompt, 20)
+        for policy in ("fixed", "adaptive"):
+            forget_acceptance(model)
+            out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
+            assert torch.equal(out.sequences, standard.sequences)
+    model.save_pretrained(tmp_path / "w8a8")
+    loaded = RecycleGPT.from_pretrained(tmp_path / "w8a8")
+    assert loaded.config.extra["decoding_setup"] == {"fuse": True, "quantize": "w8a8"}
+    assert isinstance(loaded.model.layers[1].self_attn.qkv_proj, W8A8Linear)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    with pytest.raises(ValueError, match="already quantized as w8a8"):
+        RecycleGPT.from_pretrained(tmp_path / "w8a8", quantize="int8")
 
 
 def test_int4_weight_takes_half_a_byte_per_value() -> None:

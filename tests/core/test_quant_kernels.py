@@ -1,5 +1,6 @@
-"""This project's packed int8 AVX-512 matmul: the quantized weight's product in fp32, every row
-computed as it would be alone (bit for bit), and torch's kernels where it is switched off."""
+"""This project's packed int8 AVX-512 matmuls: the quantized weight's product in fp32 (with int8
+activations for w8a8's), every row computed as it would be alone (bit for bit), and torch's kernels
+where they are switched off."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 from recyclegpt.core import RecycleGPT, quant_kernels
 from recyclegpt.core.cpu_kernels import build
 from recyclegpt.core.fastpath import prepare_for_decoding
-from recyclegpt.core.quantize import Int4Linear, Int8Linear, quantize_weight, rounds_to_bf16
+from recyclegpt.core.quantize import (
+    Int4Linear,
+    Int8Linear,
+    W8A8Linear,
+    quantize_activations,
+    quantize_weight,
+    rounds_to_bf16,
+)
 
 from .conftest import tiny_config
 
@@ -88,7 +96,47 @@ def test_int8_layers_use_the_packed_kernel_and_torchs_when_it_is_switched_off(mo
         quant_kernels.available.cache_clear()
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def needs_vnni() -> None:
+    if not quant_kernels.dynamic_available():
+        pytest.skip("this CPU lacks AVX-512 VNNI: w8a8 rounds its activations before the int8 kernel instead")
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (40, 96), (200, 32)])
+def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shape) -> None:
+    needs_vnni()
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    q, scales = quantize_weight(torch.randn(out_features, in_features))
+    packed, packed_scales = quant_kernels.pack_int8(q, scales, offset=True)
+
+    def dynamic(x: torch.Tensor) -> torch.Tensor:
+        return build().int8_dynamic_matmul(x, packed, packed_scales, out_features)
+
+    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 3 and 1
+    out = dynamic(x)
+    assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
+    weight = q.double() * scales.double()[:, None]
+    torch.testing.assert_close(out.double(), quantize_activations(x).double() @ weight.T, atol=1e-4, rtol=1e-5)
+    flat = x.view(-1, in_features)
+    alone = torch.cat([dynamic(flat[i : i + 1]) for i in range(22)])
+    assert torch.equal(out.view(-1, out_features), alone)
+    for rows in range(1, 10):
+        assert torch.equal(dynamic(flat[:rows]), alone[:rows])
+    in_bf16 = dynamic(x.bfloat16())
+    assert in_bf16.dtype == torch.bfloat16
+    assert torch.equal(in_bf16, dynamic(x.bfloat16().float()).bfloat16())
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        build().int8_dynamic_matmul(torch.randn(1, 48), packed, packed_scales, out_features)
+
+
+def test_w8a8_layers_use_the_dynamic_kernel() -> None:
+    needs_vnni()
+    layer = W8A8Linear.from_linear(torch.nn.Linear(64, 96))
+    layer(torch.randn(2, 64))
+    assert layer._kernel[0].__name__ == "int8_dynamic_matmul" and not rounds_to_bf16("w8a8")
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8"])
 def test_a_verification_step_computes_what_one_token_steps_do(quantize: str) -> None:
     torch.manual_seed(0)
     model = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), quantize=quantize)

@@ -1,7 +1,7 @@
 """The project's C++ CPU kernels, built once per machine at first use.
 
-One extension holds the decode-step kernels (``step_kernels.cpp``) and the weight-only int8
-matmul (``quant_kernels.cpp``). torch's ``cpp_extension`` compiles it (~30-40 s on 2 cores; a C++
+One extension holds the decode-step kernels (``step_kernels.cpp``) and the int8 matmuls
+(``quant_kernels.cpp``). torch's ``cpp_extension`` compiles it (~30-40 s on 2 cores; a C++
 compiler and ``ninja``) and caches it (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, the
 callers fall back to eager PyTorch and torch's own kernels, after one logged warning.
 """
@@ -17,7 +17,15 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "step_kernels.cpp", HERE / "quant_kernels.cpp"]
-FUNCTIONS = ["rms_norm", "add_rms_norm", "silu_mul", "rope_attend", "int8_matmul"]
+FUNCTIONS = [
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "rope_attend",
+    "int8_matmul",
+    "int8_dynamic_matmul",
+    "int8_dynamic_supported",
+]
 
 
 def switched_on(variable: str) -> bool:

@@ -1,22 +1,31 @@
-// Weight-only int8 matmul for x86 CPUs with AVX-512, built for decode steps: a few activation rows
-// against a weight that is read once for all of them.
-//
-// Each pass over a weight tile serves up to kMaxRows rows, and each output is one fixed-order sum
-// over k in fp32 (fused multiply-adds, k ascending, then scaled), whatever the number of rows
-// computed with it: a k-token step gives exactly what k one-token steps give.
+// Int8 matmuls for x86 CPUs with AVX-512, built for decode steps: a few activation rows against a
+// weight that is read once for all of them. Each row's result never depends on the rows computed
+// with it, so a k-token step gives exactly what k one-token steps give.
 //
 // Packed layout (recyclegpt.core.quant_kernels makes it): tiles of 64 output channels, each one
 // contiguous run of 32-bit lanes, 64 lanes (one per channel) for every 4 values of k, so a pass
 // over a tile is one sequential read. weight [N/64, K/4, 64] int32, byte j of a lane = q[k + j];
-// scales [N/64 * 64] fp32; y = scale * sum_k x[k] * q[k].
-// Activations come in fp32 or bf16, are computed in fp32, and go out in their own dtype.
+// scales [N/64 * 64] fp32.
+//
+// int8_matmul (weight-only): y = scale * sum_k x[k] * q[k], one fused multiply-add sum in fp32 over
+// k ascending. Activations come in fp32 or bf16, are computed in fp32, and go out in their dtype.
+//
+// int8_dynamic_matmul (int8 weights and activations, AVX-512 VNNI): activations are quantized on the
+// fly in blocks of 32 along k (d = max|x| / 127, x ~= d * a, a in -127..127, as llama.cpp's Q8_0),
+// each block's sum of a * q is exact in int32 (vpdpbusd: four byte products a lane per
+// instruction), and y = scale * sum over blocks (ascending) of d * block sum, in fp32. Bytes of its
+// weight lanes hold q + 128 (vpdpbusd multiplies unsigned by signed bytes); every block sum starts at
+// -128 * sum(a) to take that back.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+
+#include <immintrin.h>
 
 namespace packed {  // named: the step kernels' file shares this translation unit
 
@@ -128,6 +137,113 @@ AVX512_TARGET void run_tiles(const Problem& pr, int64_t begin, int64_t end) {
   }
 }
 
+// --- int8 weights, int8 activations (AVX-512 VNNI) ---
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+constexpr int kBlock = 32;                // activation values one scale covers
+constexpr int kBlockLanes = kBlock / 4;   // lane rows of a tile per block
+constexpr int kMaxDynamicRows = 3;        // rows a pass serves: 3 x 4 panels x 2 sums fit in 32 registers
+
+// Activations [M, K] -> int8 a [M, K], scales d and -128 * sum(a) [M, K/32], block by block.
+void quantize_activations(const float* x, int64_t blocks, int8_t* a, float* d, int32_t* offset) {
+  at::parallel_for(0, blocks, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* xb = x + b * kBlock;
+      float amax = 0.0f;
+      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(xb[j] * inverse)), -127, 127);
+        a[b * kBlock + j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      d[b] = amax / 127.0f;
+      offset[b] = -128 * sum;
+    }
+  });
+}
+
+struct DynamicProblem {
+  const int8_t* a;        // [M, K]
+  const float* d;         // [M, K/32]
+  const int32_t* offset;  // [M, K/32]
+  const uint32_t* w;      // [tiles, K/4, 64] lanes of q + 128
+  const float* scales;
+  float* y;  // [M, tiles * 64]
+  int64_t M, K, tiles;
+};
+
+// R rows x P panels of one tile: w the first panel's lanes, scales its first channel's; a, d and
+// offset at the first row; y [R, ldy] from the first panel's channel on.
+template <int R, int P>
+VNNI_TARGET INLINE void dynamic_tile_rows(const uint32_t* w, const float* scales, const DynamicProblem& pr,
+                                          int64_t row, float* y, int64_t ldy) {
+  const int64_t K = pr.K, blocks = K / kBlock;
+  __m512 out[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) out[r][p] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i sum[R][P];
+    for (int r = 0; r < R; ++r) {
+      const __m512i start = _mm512_set1_epi32(pr.offset[(row + r) * blocks + b]);
+      for (int p = 0; p < P; ++p) sum[r][p] = start;
+    }
+    const uint32_t* at = w + b * kBlockLanes * kTile;
+    for (int g = 0; g < kBlockLanes; ++g) {
+      __m512i lanes[P];
+      for (int p = 0; p < P; ++p) lanes[p] = _mm512_loadu_si512(at + g * kTile + p * kPanel);
+      for (int r = 0; r < R; ++r) {
+        int32_t four;  // a[k .. k+3] of row r, broadcast to every lane
+        std::memcpy(&four, pr.a + (row + r) * K + b * kBlock + g * 4, sizeof(four));
+        const __m512i x = _mm512_set1_epi32(four);
+        for (int p = 0; p < P; ++p) sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], lanes[p], x);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 d = _mm512_set1_ps(pr.d[(row + r) * blocks + b]);
+      for (int p = 0; p < P; ++p) out[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), d, out[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p)
+      _mm512_storeu_ps(y + r * ldy + p * kPanel, _mm512_mul_ps(out[r][p], _mm512_loadu_ps(scales + p * kPanel)));
+}
+
+// Rows [row, row + R) of tile t, all four panels at once. (More rows go in further passes over the
+// tile, which then comes from cache: four panels for 6 rows need more sums than registers hold, and
+// two passes of two panels each read every cache line of the tile from memory twice.)
+template <int R>
+VNNI_TARGET INLINE void dynamic_run_tile(const DynamicProblem& pr, int64_t row, int64_t t) {
+  const int64_t ldy = pr.tiles * kTile;
+  dynamic_tile_rows<R, kTile / kPanel>(pr.w + t * (pr.K / 4) * kTile, pr.scales + t * kTile, pr, row,
+                                       pr.y + row * ldy + t * kTile, ldy);
+}
+
+VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int64_t end) {
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t row = 0; row < pr.M;) {
+      const int64_t rows = std::min<int64_t>(pr.M - row, kMaxDynamicRows);
+      switch (rows) {
+        case 1: dynamic_run_tile<1>(pr, row, t); break;
+        case 2: dynamic_run_tile<2>(pr, row, t); break;
+        default: dynamic_run_tile<3>(pr, row, t); break;
+      }
+      row += rows;
+    }
+  }
+}
+
+bool vnni_supported() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+  }();
+  return supported;
+}
+
+#undef VNNI_TARGET
+
 bool avx512_supported() {
   static const bool supported = [] {  // asked once, not at every call on the decode path
     __builtin_cpu_init();
@@ -164,6 +280,44 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, c
   const int64_t bytes_per_tile = K * kTile;
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / bytes_per_tile),
                    [&](int64_t begin, int64_t end) { run_tiles(pr, begin, end); });
+  auto out = out_features == tiles * kTile ? y : y.narrow(1, 0, out_features);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return out.to(x.scalar_type()).reshape(sizes);
+}
+
+// Does this CPU run int8_dynamic_matmul (AVX-512 with VNNI)?
+bool int8_dynamic_supported() { return packed::avx512_supported() && packed::vnni_supported(); }
+
+// x [..., K] (fp32 or bf16, K a multiple of 32) against a packed weight of q + 128 bytes, activations
+// quantized to int8 in blocks of 32 on the fly; [..., out_features] in x's dtype.
+torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                                  int64_t out_features) {
+  using namespace packed;
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be an fp32 or bf16 CPU tensor");
+  TORCH_CHECK(int8_dynamic_supported(), "this kernel needs AVX-512 with VNNI (avx512f/bw/vl/dq, avx512vnni)");
+  const int64_t K = x.size(-1), tiles = weight.size(0);
+  TORCH_CHECK(K % kBlock == 0, "the dynamic int8 kernel needs in_features a multiple of 32, got ", K);
+  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
+                  weight.size(1) * 4 == K && weight.size(2) == kTile,
+              "int8 weight must be packed tiles [N/64, K/4, 64] of int32 lanes (K a multiple of 4)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
+              "scales must be fp32 [N/64 * 64]");
+  TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
+  const auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), blocks = M * (K / kBlock);
+  auto a = torch::empty({M, K}, xf.options().dtype(at::kChar));
+  auto d = torch::empty({blocks}, xf.options());
+  auto offset = torch::empty({blocks}, xf.options().dtype(at::kInt));
+  quantize_activations(xf.data_ptr<float>(), blocks, a.data_ptr<int8_t>(), d.data_ptr<float>(),
+                       offset.data_ptr<int32_t>());
+  auto y = torch::empty({M, tiles * kTile}, xf.options());
+  const DynamicProblem pr{a.data_ptr<int8_t>(), d.data_ptr<float>(), offset.data_ptr<int32_t>(),
+                          reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), scales.data_ptr<float>(),
+                          y.data_ptr<float>(), M, K, tiles};
+  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / (K * kTile)),
+                   [&](int64_t begin, int64_t end) { dynamic_run_tiles(pr, begin, end); });
   auto out = out_features == tiles * kTile ? y : y.narrow(1, 0, out_features);
   auto sizes = x.sizes().vec();
   sizes.back() = out_features;

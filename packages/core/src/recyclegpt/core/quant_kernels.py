@@ -24,6 +24,7 @@ from recyclegpt.core.cpu_kernels import build, switched_on
 
 ENV_SWITCH = "RECYCLEGPT_QUANT_KERNELS"
 TILE = 64  # output channels a packed tile holds
+ACTIVATION_BLOCK = 32  # activation values one int8 scale covers (int8_dynamic_matmul)
 
 
 @functools.cache
@@ -43,14 +44,31 @@ def tiles(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1, TILE, *tensor.shape[1:])
 
 
+@functools.cache
+def dynamic_available() -> bool:
+    """Does the int8-activation kernel run here: :func:`available`, and a CPU with AVX-512 VNNI?"""
+    return available() and bool(build().int8_dynamic_supported())
+
+
+def dynamic_fits(in_features: int) -> bool:
+    """Can the int8-activation kernel take ``in_features`` columns (whole blocks of 32)?"""
+    return in_features % ACTIVATION_BLOCK == 0
+
+
 def int8_fits(in_features: int) -> bool:
     """Can the packed int8 kernel take weights with ``in_features`` columns (whole lanes of four)?"""
     return in_features % 4 == 0
 
 
-def pack_int8(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 ``weight`` [N, K] and ``scales`` [N] -> the kernel's ``[N/64, K/4, 64]`` lanes and fp32 scales."""
+def pack_int8(
+    weight: torch.Tensor, scales: torch.Tensor, offset: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``weight`` [N, K] and ``scales`` [N] -> the kernel's ``[N/64, K/4, 64]`` lanes and fp32
+    scales; ``offset``: bytes of q + 128 (:func:`int8_dynamic_matmul`'s unsigned operand)."""
     rows, cols = weight.shape
-    lanes = weight.cpu().contiguous().view(torch.int32)  # four consecutive k of a row in each lane
+    weight = weight.cpu().contiguous()
+    if offset:
+        weight = weight.view(torch.uint8) ^ 0x80  # two's complement q, top bit flipped: q + 128
+    lanes = weight.view(torch.int32)  # four consecutive k of a row in each lane
     packed = tiles(lanes.view(rows, cols // 4)).transpose(1, 2).contiguous()
     return packed, tiles(scales.detach().cpu().float()).reshape(-1).contiguous()

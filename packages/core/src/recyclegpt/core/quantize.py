@@ -1,4 +1,5 @@
-"""Weight-only int8, int4 and fp16 linears: float activations, compact weights.
+"""Weight-only int8, int4 and fp16 linears (float activations, compact weights), and w8a8: int8
+weights with activations quantized to int8 on the fly.
 
 int8: per-output-channel symmetric weights. int4: groups of ``INT4_GROUP_SIZE`` weights along a
 row, each with a scale and a minimum (value = q * scale + min, q in 0..15): GGUF's Q4_1 format, so
@@ -20,6 +21,14 @@ it reads 2 bytes a weight and converts them as it goes. A 1-token SmolLM2 step c
 int8's, but 5 rows cost ~1.3x one row (int8 ~1.85x), and each row's result does not depend on how
 many rows come with it: cheap, exact draft verification and batch-invariant batched decoding.
 
+w8a8: int8 weights as int8's, and every activation row rounded, in blocks of 32 along K, to
+``d * a`` (``d = max|x| / 127``, ``a`` in -127..127: llama.cpp's Q8_0) so that the matmul runs on
+integer dot products (AVX-512 VNNI, :func:`recyclegpt.core.quant_kernels.dynamic_available`): the
+weight is read once for all rows and a row costs a quarter of the fused multiply-adds, so a k-token
+step costs much less than int8's. Its price is that rounding of the activations (perplexity: see
+the README). Each row's result is its own, as with the packed int8 kernel. Where that kernel does
+not run, the same rounding comes before int8's matmul (correct, not fast).
+
 torchao's ``Int8WeightOnlyConfig`` was measured first (torchao 0.18.0 with torch 2.13 on CPU):
 a 768x3072 linear for one row took ~36 ms against ~0.3 ms for fp32, so it is not used.
 """
@@ -35,12 +44,15 @@ from torch import nn
 
 from recyclegpt.core import quant_kernels
 
-QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16")
+QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16", "w8a8")
 QUANTIZE_HELP = (
     "int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fastest single "
-    "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification)"
+    "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification); "
+    "w8a8: int8 weights and int8 activations in blocks of 32 (AVX-512 VNNI CPUs: cheap multi-token steps, "
+    "the best for speculative decoding there)"
 )
 INT8_MAX = 127
+ACTIVATION_BLOCK = quant_kernels.ACTIVATION_BLOCK  # w8a8: activation values one scale covers
 INT4_GROUP_SIZE = 32
 INT4_MAX = 15
 INT4_OUTPUT_TILE = 16  # the CPU int4 kernel packs output rows (N) in tiles of 16
@@ -63,6 +75,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = weight.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
     quantized = torch.round(weight / scales[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return quantized, scales
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] rounded as w8a8's kernel rounds it: each block of 32 along K to ``d * a`` with
+    ``d = max|x| / 127`` and ``a = round(x * 127 / max|x|)`` (half to even), in x's dtype."""
+    blocks = x.float().unflatten(-1, (-1, ACTIVATION_BLOCK))
+    peak = blocks.abs().amax(dim=-1, keepdim=True)
+    levels = torch.round(blocks * torch.where(peak > 0, INT8_MAX / peak, 0.0)).clamp(-INT8_MAX, INT8_MAX)
+    return (levels * (peak / INT8_MAX)).flatten(-2).to(x.dtype)
 
 
 def quantize_weight_int4(
@@ -213,6 +234,35 @@ class Int8Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+class W8A8Linear(Int8Linear):
+    """:class:`Int8Linear` (same buffers) whose activations are quantized to int8 too, in blocks of 32
+    along K (:func:`quantize_activations`): an integer matmul on AVX-512 VNNI CPUs, elsewhere that
+    rounding before int8's matmul."""
+
+    def make_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
+        if quant_kernels.dynamic_available():
+            packed, scales = quant_kernels.pack_int8(self.weight, self.scales, offset=True)
+            return quant_kernels.build().int8_dynamic_matmul, packed, scales, self.out_features
+        matmul, *operands = super().make_kernel()
+        return functools.partial(with_quantized_activations, matmul), *operands
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            x = quantize_activations(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int8 weights, int8 activations in blocks of {ACTIVATION_BLOCK}"
+        )
+
+
+def with_quantized_activations(matmul: Callable[..., torch.Tensor], x: torch.Tensor, *operands) -> torch.Tensor:  # noqa: ANN002
+    """``matmul`` (a weight-only int8 kernel) on x rounded as w8a8 rounds it."""
+    return matmul(quantize_activations(x), *operands)
+
+
 class Int4Linear(QuantizedLinear):
     """``nn.Linear`` with a 4-bit weight in groups: ``weight`` [N, K/2] uint8, two values a byte,
     high nibble first; ``scales`` and ``mins`` [N, K / group_size]. On CPU the kernel's packed copy
@@ -312,13 +362,20 @@ class Fp16Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weight-only"
 
 
-WEIGHT_LAYERS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "fp16": Fp16Linear}
+WEIGHT_LAYERS: dict[str, type[QuantizedLinear]] = {
+    "int8": Int8Linear,
+    "int4": Int4Linear,
+    "fp16": Fp16Linear,
+    "w8a8": W8A8Linear,
+}
 
 
 def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
     """``linear`` with ``weights`` = ``int8``, ``int4`` (int8 where the int4 kernel cannot take the
-    shape) or ``fp16`` weights."""
-    if weights == "int4" and not int4_fits(linear):
+    shape), ``fp16`` or ``w8a8`` (int8 where K is not a multiple of 32) weights."""
+    if (weights == "int4" and not int4_fits(linear)) or (
+        weights == "w8a8" and not quant_kernels.dynamic_fits(linear.in_features)
+    ):
         weights = "int8"
     if weights not in WEIGHT_LAYERS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_LAYERS)}, got {weights!r}")
@@ -327,9 +384,11 @@ def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
 
 def rounds_to_bf16(quantize: str | None) -> bool:
     """Do the CPU kernels of a model quantized as ``quantize`` take and give bf16 whatever the
-    model's dtype? torch's int8 and int4 kernels do; the packed int8 kernel (AVX-512) and fp16's
+    model's dtype? torch's int8 and int4 kernels do; the packed int8 kernels (AVX-512) and fp16's
     compute in fp32."""
-    if quantize == "int8":
+    if quantize == "w8a8" and quant_kernels.dynamic_available():
+        return False
+    if quantize in ("int8", "w8a8"):
         return not quant_kernels.available()
     return quantize == "int4"
 
