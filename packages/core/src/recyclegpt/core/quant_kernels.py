@@ -60,9 +60,7 @@ def int8_fits(in_features: int) -> bool:
     return in_features % 4 == 0
 
 
-def pack_int8(
-    weight: torch.Tensor, scales: torch.Tensor, offset: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int8(weight: torch.Tensor, scales: torch.Tensor, offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 ``weight`` [N, K] and ``scales`` [N] -> the kernel's ``[N/64, K/4, 64]`` lanes and fp32
     scales; ``offset``: bytes of q + 128 (:func:`int8_dynamic_matmul`'s unsigned operand)."""
     rows, cols = weight.shape
