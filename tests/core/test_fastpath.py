@@ -15,6 +15,7 @@ from recyclegpt.core.quantize import (
     Fp16Linear,
     Int4Linear,
     Int8Linear,
+    W4A8Linear,
     W8A8Linear,
     quantize_activations,
     quantize_weight,
@@ -40,7 +41,7 @@ def test_quantize_weight_reconstructs_within_half_a_step() -> None:
     assert bool((error <= scales[:, None] / 2 + 1e-6).all())
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear, W4A8Linear])
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) -> None:
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def test_quantized_linear_matches_its_dequantized_weight(rows: int, layer_type) 
     assert torch.allclose(out, expected, atol=0.05, rtol=0.02)  # bf16 activations (and int4 scales) inside
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear, W4A8Linear])
 def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
     # A k-token verification must compute each row as a 1-token step would: splitting 5-7 rows into
     # kernel calls of 4 + the rest keeps that, bit for bit.
@@ -65,7 +66,7 @@ def test_quantized_rows_do_not_depend_on_their_neighbours(layer_type) -> None:
         assert torch.equal(layer(x[:, :rows]), one_by_one[:, :rows])
 
 
-@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear])
+@pytest.mark.parametrize("layer_type", [Int8Linear, Int4Linear, Fp16Linear, W8A8Linear, W4A8Linear])
 def test_selected_rows_compute_what_the_full_layer_gives_there(layer_type) -> None:
     torch.manual_seed(0)
     layer = layer_type.from_linear(torch.nn.Linear(64, 96, bias=True))
@@ -74,7 +75,7 @@ def test_selected_rows_compute_what_the_full_layer_gives_there(layer_type) -> No
     assert type(rows) is layer_type and rows.out_features == 32
     x = torch.randn(3, 64)
     assert torch.equal(rows(x), layer(x)[:, ids])
-    if layer_type is Int4Linear:
+    if issubclass(layer_type, Int4Linear):
         with pytest.raises(ValueError, match="multiple of 16"):
             layer.select_rows(ids[:20])
 
@@ -146,27 +147,30 @@ def test_w8a8_layer_computes_the_rounded_activations_product_with_or_without_its
             cached.cache_clear()
 
 
-def test_w8a8_model_speculative_equals_standard_and_reloads(tmp_path: Path, prompts) -> None:
+@pytest.mark.parametrize("quantize", ["w8a8", "w4a8"])
+def test_int8_activation_models_speculative_equals_standard_and_reloads(tmp_path: Path, prompts, quantize: str) -> None:
     torch.manual_seed(0)
-    model = prepare_for_decoding(RecycleGPT(tiny_config(intermediate_size=40)).eval(), quantize="w8a8")
-    mlp = model.model.layers[0].mlp
-    assert isinstance(mlp.gate_up_proj, W8A8Linear) and isinstance(model.lm_head, W8A8Linear)
-    assert type(mlp.down_proj) is Int8Linear  # K = 40: not whole blocks of 32, so int8 weight-only
+    model = prepare_for_decoding(RecycleGPT(tiny_config(intermediate_size=40)).eval(), quantize=quantize)
+    layer = model.model.layers[0]
+    base_type = W4A8Linear if quantize == "w4a8" else W8A8Linear
+    assert type(layer.mlp.gate_up_proj) is base_type and type(layer.self_attn.qkv_proj) is base_type
+    assert type(model.lm_head) is W8A8Linear and type(model.recycle.layers[0].mlp.gate_up_proj) is W8A8Linear
+    assert type(layer.mlp.down_proj) is Int8Linear  # K = 40: not whole blocks of 32, so int8 weight-only
     for prompt in prompts:
         standard = model.generate(prompt, 20)
         for policy in ("fixed", "adaptive"):
             forget_acceptance(model)
             out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
             assert torch.equal(out.sequences, standard.sequences)
-    model.save_pretrained(tmp_path / "w8a8")
-    loaded = RecycleGPT.from_pretrained(tmp_path / "w8a8")
-    assert loaded.config.extra["decoding_setup"] == {"fuse": True, "quantize": "w8a8"}
-    assert isinstance(loaded.model.layers[1].self_attn.qkv_proj, W8A8Linear)
+    model.save_pretrained(tmp_path / quantize)
+    loaded = RecycleGPT.from_pretrained(tmp_path / quantize)
+    assert loaded.config.extra["decoding_setup"] == {"fuse": True, "quantize": quantize}
+    assert type(loaded.model.layers[1].self_attn.qkv_proj) is base_type
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
-    with pytest.raises(ValueError, match="already quantized as w8a8"):
-        RecycleGPT.from_pretrained(tmp_path / "w8a8", quantize="int8")
+    with pytest.raises(ValueError, match=f"already quantized as {quantize}"):
+        RecycleGPT.from_pretrained(tmp_path / quantize, quantize="int8")
 
 
 def test_int4_weight_takes_half_a_byte_per_value() -> None:

@@ -16,9 +16,11 @@ from recyclegpt.core.fastpath import prepare_for_decoding
 from recyclegpt.core.quantize import (
     Int4Linear,
     Int8Linear,
+    W4A8Linear,
     W8A8Linear,
     quantize_activations,
     quantize_weight,
+    quantize_weight_int4,
     rounds_to_bf16,
 )
 
@@ -129,14 +131,44 @@ def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shap
         build().int8_dynamic_matmul(torch.randn(1, 48), packed, packed_scales, out_features)
 
 
-def test_w8a8_layers_use_the_dynamic_kernel() -> None:
+@pytest.mark.parametrize("shape", [(64, 64), (40, 96), (200, 32)])
+def test_int4_dynamic_matmul_computes_q4_1_groups_against_int8_activations(shape) -> None:
     needs_vnni()
-    layer = W8A8Linear.from_linear(torch.nn.Linear(64, 96))
-    layer(torch.randn(2, 64))
-    assert layer._kernel[0].__name__ == "int8_dynamic_matmul" and not rounds_to_bf16("w8a8")
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    q, scales, mins = quantize_weight_int4(torch.randn(out_features, in_features))
+    packed = quant_kernels.pack_int4(q, scales, mins)
+
+    def dynamic(x: torch.Tensor) -> torch.Tensor:
+        return build().int4_dynamic_matmul(x, *packed, out_features)
+
+    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 4 and 2
+    out = dynamic(x)
+    assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
+    groups = q.double().view(out_features, -1, 32)
+    weight = groups * scales.half().double()[..., None] + mins.half().double()[..., None]  # fp16 scales inside
+    expected = quantize_activations(x).double() @ weight.view(out_features, in_features).T
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    flat = x.view(-1, in_features)
+    alone = torch.cat([dynamic(flat[i : i + 1]) for i in range(22)])
+    assert torch.equal(out.view(-1, out_features), alone)
+    for rows in range(1, 10):
+        assert torch.equal(dynamic(flat[:rows]), alone[:rows])
+    with pytest.raises(RuntimeError, match="int4 scales and minimums must be fp16"):
+        build().int4_dynamic_matmul(x, packed[0], packed[1].float(), packed[2], out_features)
+    assert quant_kernels.pack_int4(q, scales * 1e6, mins) is None  # beyond fp16: the layer uses torch's kernel
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8"])
+def test_int8_activation_layers_use_the_dynamic_kernels() -> None:
+    needs_vnni()
+    w8a8, w4a8 = W8A8Linear.from_linear(torch.nn.Linear(64, 96)), W4A8Linear.from_linear(torch.nn.Linear(64, 96))
+    for layer in (w8a8, w4a8):
+        layer(torch.randn(2, 64))
+    assert w8a8._kernel[0].__name__ == "int8_dynamic_matmul" and w4a8._kernel[0].__name__ == "int4_dynamic_matmul"
+    assert not rounds_to_bf16("w8a8") and not rounds_to_bf16("w4a8")
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8", "w4a8"])
 def test_a_verification_step_computes_what_one_token_steps_do(quantize: str) -> None:
     torch.manual_seed(0)
     model = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), quantize=quantize)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from recyclegpt.core import quant_kernels
 from recyclegpt.core.precision import auto_dtype
 from recyclegpt.train.recipe import speed_quantize
 
@@ -95,7 +96,13 @@ def test_training_is_bounded_by_its_time_and_by_twice_the_calibrated_steps() -> 
     assert _duration(3725) == "00:01:02:05" and _duration(90061) == "01:01:01:01"
 
 
-def test_speed_report_quantizes_to_int8_only_where_the_cpu_lacks_native_bf16() -> None:
+def test_speed_report_quantizes_to_w8a8_with_vnni_else_to_int8_only_where_the_cpu_lacks_native_bf16(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: False)
     assert speed_quantize("auto", torch.bfloat16) == "none"
     assert speed_quantize("auto", torch.float32) == "int8"
+    monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: True)
+    expected = "none" if torch.cuda.is_available() else "w8a8"
+    assert speed_quantize("auto", torch.bfloat16) == expected
     assert speed_quantize("int4", torch.bfloat16) == "int4" and speed_quantize("none", torch.float32) == "none"

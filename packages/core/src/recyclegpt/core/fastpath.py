@@ -11,7 +11,9 @@ GGUF files keep at 8 bits, and the small module is where a draft's quality is de
 CPUs): slower than int8 for one token, but k-token steps cost far less, and a row's result does
 not depend on the rows beside it, so speculative decoding's verification is cheap and exact.
 ``quantize="w8a8"`` gives every linear int8 weights and int8 activations (blocks of 32): on AVX-512
-VNNI CPUs both one-token and k-token steps are the cheapest of all, at a small cost in perplexity. The result
+VNNI CPUs both one-token and k-token steps are cheaper than int8's, at a small cost in perplexity, and
+``quantize="w4a8"`` does the same with the base's decoder linears int4 (as llama.cpp runs a Q4_1
+file: the fastest there). The result
 is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and
 ``from_pretrained`` rebuilds the same structure before loading the weights. Fused layers also run
 their few-token CPU steps through fused C++ kernels (:mod:`recyclegpt.core.step_kernels`) where
@@ -119,9 +121,9 @@ def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
 
 
 def quantize_model(model: RecycleGPT, quantize: str = "int8") -> int:
-    """``quantize`` weights (int8, int4, fp16 or w8a8) for the base's decoder layers; the module and the
-    LM head get int8 with int4, else the same; how many linears."""
-    rest = "int8" if quantize == "int4" else quantize
+    """``quantize`` weights (int8, int4, fp16, w8a8 or w4a8) for the base's decoder layers; the module
+    and the LM head get int8 with int4, w8a8 with w4a8, else the same; how many linears."""
+    rest = {"int4": "int8", "w4a8": "w8a8"}.get(quantize, quantize)
     count = quantize_linears(model.model, quantize) + quantize_linears(model.recycle, rest)
     if not isinstance(model.lm_head, QuantizedLinear):
         model.lm_head = quantized_linear(model.lm_head, rest)
@@ -142,7 +144,8 @@ def prepare_for_decoding(
 
     ``quantize``: ``None``/``"none"`` keeps the weights, ``"int8"`` makes every linear weight-only
     int8, ``"int4"`` the base's decoder linears int4 and the rest int8, ``"fp16"`` every linear
-    fp16, ``"w8a8"`` every linear int8 with int8 activations. ``fuse``: one matmul for
+    fp16, ``"w8a8"`` every linear int8 with int8 activations, ``"w4a8"`` as int4 with int8 activations.
+    ``fuse``: one matmul for
     q/k/v and one for gate/up. Both are idempotent; neither undoes. ``step_kernels`` (with ``fuse``):
     few-token CPU steps run the fused C++ kernels where they build (``False`` turns them off again).
     Quantize fp32 weights where you can (``from_pretrained`` does): scales computed from bf16-rounded

@@ -234,6 +234,94 @@ VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int6
   }
 }
 
+// --- int4 weights in groups of 32 (Q4_1: w = q * s + m, q in 0..15), int8 activations ---
+//
+// Layout: tiles of 32 output channels (two panels), [N/32, K/8, 32] int32 lanes, lane byte j = q[k + j]
+// in its low nibble and q[k + 4 + j] in its high one; scales and minimums [N/32, K/32, 32] fp16. A
+// group of the weight is a block of the activations, so y = sum over blocks of
+// d * (s * sum(a * q) + m * sum(a)), sum(a * q) exact in int32 (q unsigned: no offset).
+
+constexpr int kInt4Tile = 32;
+constexpr int kMaxInt4Rows = 4;  // rows a pass serves: 4 x 2 panels x 2 sums + operands fit in registers
+
+struct Int4Problem {
+  const int8_t* a;
+  const float* d;
+  const int32_t* offset;  // -128 * sum(a) per block
+  const uint32_t* w;      // [tiles, K/8, 32]
+  const uint16_t* scales;  // [tiles, K/32, 32] fp16
+  const uint16_t* mins;
+  float* y;  // [M, tiles * 32]
+  int64_t M, K, tiles;
+};
+
+template <int R>
+VNNI_TARGET INLINE void int4_tile_rows(const Int4Problem& pr, int64_t row, int64_t t) {
+  constexpr int P = kInt4Tile / kPanel;
+  const int64_t K = pr.K, blocks = K / kBlock, ldy = pr.tiles * kInt4Tile;
+  const uint32_t* w = pr.w + t * (K / 8) * kInt4Tile;
+  const uint16_t* scales = pr.scales + t * blocks * kInt4Tile;
+  const uint16_t* mins = pr.mins + t * blocks * kInt4Tile;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 out[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) out[r][p] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i sum[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) sum[r][p] = _mm512_setzero_si512();
+    for (int o = 0; o < kBlock / 8; ++o) {
+      const uint32_t* at = w + (b * (kBlock / 8) + o) * kInt4Tile;
+      __m512i low[P], high[P];
+      for (int p = 0; p < P; ++p) {
+        const __m512i lanes = _mm512_loadu_si512(at + p * kPanel);
+        low[p] = _mm512_and_si512(lanes, nibble);
+        high[p] = _mm512_and_si512(_mm512_srli_epi32(lanes, 4), nibble);
+      }
+      for (int r = 0; r < R; ++r) {
+        int32_t first, second;  // a[k .. k+3] and a[k+4 .. k+7] of row r
+        const int8_t* a = pr.a + (row + r) * K + b * kBlock + o * 8;
+        std::memcpy(&first, a, sizeof(first));
+        std::memcpy(&second, a + 4, sizeof(second));
+        const __m512i x0 = _mm512_set1_epi32(first), x1 = _mm512_set1_epi32(second);
+        for (int p = 0; p < P; ++p)
+          sum[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][p], low[p], x0), high[p], x1);
+      }
+    }
+    __m512 s[P], m[P];
+    for (int p = 0; p < P; ++p) {
+      s[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kInt4Tile + p * kPanel)));
+      m[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + b * kInt4Tile + p * kPanel)));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (row + r) * blocks + b;
+      const __m512 d = _mm512_set1_ps(pr.d[at]);
+      const __m512 asum = _mm512_set1_ps(static_cast<float>(pr.offset[at] / -128));
+      for (int p = 0; p < P; ++p) {
+        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), s[p], _mm512_mul_ps(m[p], asum));
+        out[r][p] = _mm512_fmadd_ps(block, d, out[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(pr.y + (row + r) * ldy + t * kInt4Tile + p * kPanel, out[r][p]);
+}
+
+VNNI_TARGET void int4_run_tiles(const Int4Problem& pr, int64_t begin, int64_t end) {
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t row = 0; row < pr.M;) {
+      const int64_t rows = std::min<int64_t>(pr.M - row, kMaxInt4Rows);
+      switch (rows) {
+        case 1: int4_tile_rows<1>(pr, row, t); break;
+        case 2: int4_tile_rows<2>(pr, row, t); break;
+        case 3: int4_tile_rows<3>(pr, row, t); break;
+        default: int4_tile_rows<4>(pr, row, t); break;
+      }
+      row += rows;
+    }
+  }
+}
+
 bool vnni_supported() {
   static const bool supported = [] {
     __builtin_cpu_init();
@@ -289,37 +377,88 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, c
 // Does this CPU run int8_dynamic_matmul (AVX-512 with VNNI)?
 bool int8_dynamic_supported() { return packed::avx512_supported() && packed::vnni_supported(); }
 
+namespace {
+
+// x [..., K] as int8 blocks (packed::quantize_activations), checked for the int8-activation kernels.
+struct QuantizedRows {
+  torch::Tensor a, d, offset;
+  int64_t M;
+};
+
+QuantizedRows quantized_rows(const torch::Tensor& x) {
+  using namespace packed;
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be an fp32 or bf16 CPU tensor");
+  TORCH_CHECK(int8_dynamic_supported(), "this kernel needs AVX-512 with VNNI (avx512f/bw/vl/dq, avx512vnni)");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K % kBlock == 0, "int8 activations need in_features a multiple of 32, got ", K);
+  const auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), blocks = M * (K / kBlock);
+  QuantizedRows rows{torch::empty({M, K}, xf.options().dtype(at::kChar)), torch::empty({blocks}, xf.options()),
+                     torch::empty({blocks}, xf.options().dtype(at::kInt)), M};
+  quantize_activations(xf.data_ptr<float>(), blocks, rows.a.data_ptr<int8_t>(), rows.d.data_ptr<float>(),
+                       rows.offset.data_ptr<int32_t>());
+  return rows;
+}
+
+// y [M, padded] -> [..., out_features] in x's dtype.
+torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x, int64_t out_features) {
+  auto out = out_features == y.size(1) ? y : y.narrow(1, 0, out_features);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  return out.to(x.scalar_type()).reshape(sizes);
+}
+
+}  // namespace
+
 // x [..., K] (fp32 or bf16, K a multiple of 32) against a packed weight of q + 128 bytes, activations
 // quantized to int8 in blocks of 32 on the fly; [..., out_features] in x's dtype.
 torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                                   int64_t out_features) {
   using namespace packed;
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be an fp32 or bf16 CPU tensor");
-  TORCH_CHECK(int8_dynamic_supported(), "this kernel needs AVX-512 with VNNI (avx512f/bw/vl/dq, avx512vnni)");
+  const QuantizedRows rows = quantized_rows(x);  // checks x first
   const int64_t K = x.size(-1), tiles = weight.size(0);
-  TORCH_CHECK(K % kBlock == 0, "the dynamic int8 kernel needs in_features a multiple of 32, got ", K);
   TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
                   weight.size(1) * 4 == K && weight.size(2) == kTile,
               "int8 weight must be packed tiles [N/64, K/4, 64] of int32 lanes (K a multiple of 4)");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
               "scales must be fp32 [N/64 * 64]");
   TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
-  const auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), blocks = M * (K / kBlock);
-  auto a = torch::empty({M, K}, xf.options().dtype(at::kChar));
-  auto d = torch::empty({blocks}, xf.options());
-  auto offset = torch::empty({blocks}, xf.options().dtype(at::kInt));
-  quantize_activations(xf.data_ptr<float>(), blocks, a.data_ptr<int8_t>(), d.data_ptr<float>(),
-                       offset.data_ptr<int32_t>());
-  auto y = torch::empty({M, tiles * kTile}, xf.options());
-  const DynamicProblem pr{a.data_ptr<int8_t>(), d.data_ptr<float>(), offset.data_ptr<int32_t>(),
+  auto y = torch::empty({rows.M, tiles * kTile}, rows.d.options());
+  const DynamicProblem pr{rows.a.data_ptr<int8_t>(), rows.d.data_ptr<float>(), rows.offset.data_ptr<int32_t>(),
                           reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), scales.data_ptr<float>(),
-                          y.data_ptr<float>(), M, K, tiles};
+                          y.data_ptr<float>(), rows.M, K, tiles};
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / (K * kTile)),
                    [&](int64_t begin, int64_t end) { dynamic_run_tiles(pr, begin, end); });
-  auto out = out_features == tiles * kTile ? y : y.narrow(1, 0, out_features);
-  auto sizes = x.sizes().vec();
-  sizes.back() = out_features;
-  return out.to(x.scalar_type()).reshape(sizes);
+  return shaped_like(y, x, out_features);
+}
+
+// x [..., K] (fp32 or bf16) against packed int4 groups of 32 (Q4_1), activations quantized to int8
+// in blocks of 32 on the fly; [..., out_features] in x's dtype.
+torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                                  const torch::Tensor& mins, int64_t out_features) {
+  using namespace packed;
+  const QuantizedRows rows = quantized_rows(x);  // checks x first
+  const int64_t K = x.size(-1), tiles = weight.size(0);
+  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
+                  weight.size(1) * 8 == K && weight.size(2) == kInt4Tile,
+              "int4 weight must be packed tiles [N/32, K/8, 32] of int32 lanes");
+  for (const auto* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == tiles * (K / kBlock) * kInt4Tile,
+                "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
+  TORCH_CHECK(out_features <= tiles * kInt4Tile, "out_features exceeds the packed tiles");
+  auto y = torch::empty({rows.M, tiles * kInt4Tile}, rows.d.options());
+  const Int4Problem pr{rows.a.data_ptr<int8_t>(),
+                       rows.d.data_ptr<float>(),
+                       rows.offset.data_ptr<int32_t>(),
+                       reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()),
+                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                       reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()),
+                       y.data_ptr<float>(),
+                       rows.M,
+                       K,
+                       tiles};
+  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 15) / (K * kInt4Tile / 2)),
+                   [&](int64_t begin, int64_t end) { int4_run_tiles(pr, begin, end); });
+  return shaped_like(y, x, out_features);
 }

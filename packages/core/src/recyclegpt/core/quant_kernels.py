@@ -24,6 +24,7 @@ from recyclegpt.core.cpu_kernels import build, switched_on
 
 ENV_SWITCH = "RECYCLEGPT_QUANT_KERNELS"
 TILE = 64  # output channels a packed tile holds
+INT4_TILE = 32  # the same for int4_dynamic_matmul
 ACTIVATION_BLOCK = 32  # activation values one int8 scale covers (int8_dynamic_matmul)
 
 
@@ -36,12 +37,12 @@ def available() -> bool:
     return build() is not None
 
 
-def tiles(tensor: torch.Tensor) -> torch.Tensor:
-    """[N, ...] -> [ceil(N / 64), 64, ...], zero rows appended where N is not a multiple of 64."""
-    extra = -tensor.shape[0] % TILE
+def tiles(tensor: torch.Tensor, width: int = TILE) -> torch.Tensor:
+    """[N, ...] -> [ceil(N / width), width, ...], zero rows appended where N is not a multiple of it."""
+    extra = -tensor.shape[0] % width
     if extra:
         tensor = torch.cat((tensor, tensor.new_zeros(extra, *tensor.shape[1:])))
-    return tensor.view(-1, TILE, *tensor.shape[1:])
+    return tensor.view(-1, width, *tensor.shape[1:])
 
 
 @functools.cache
@@ -70,3 +71,19 @@ def pack_int8(weight: torch.Tensor, scales: torch.Tensor, offset: bool = False) 
     lanes = weight.view(torch.int32)  # four consecutive k of a row in each lane
     packed = tiles(lanes.view(rows, cols // 4)).transpose(1, 2).contiguous()
     return packed, tiles(scales.detach().cpu().float()).reshape(-1).contiguous()
+
+
+def pack_int4(
+    q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Q4_1 groups of 32 (``q`` [N, K] in 0..15, ``scales`` and ``mins`` [N, K/32]) -> the lanes
+    ``[N/32, K/8, 32]`` of :func:`int4_dynamic_matmul` (byte j: q[k + j] low, q[k + 4 + j] high) and
+    fp16 scales and minimums ``[N/32, K/32, 32]``; None where one of those exceeds fp16's range."""
+    rows, cols = q.shape
+    octets = q.cpu().to(torch.uint8).view(rows, cols // 8, 2, 4)
+    lanes = (octets[:, :, 0] | octets[:, :, 1] << 4).contiguous().view(torch.int32).view(rows, cols // 8)
+    halves = [values.detach().cpu().to(torch.float16) for values in (scales, mins)]
+    if not all(bool(torch.isfinite(h).all()) for h in halves):
+        return None
+    packed_scales, packed_mins = (tiles(h, INT4_TILE).transpose(1, 2).contiguous() for h in halves)
+    return tiles(lanes, INT4_TILE).transpose(1, 2).contiguous(), packed_scales, packed_mins

@@ -1,5 +1,5 @@
-"""Weight-only int8, int4 and fp16 linears (float activations, compact weights), and w8a8: int8
-weights with activations quantized to int8 on the fly.
+"""Weight-only int8, int4 and fp16 linears (float activations, compact weights), and w8a8 / w4a8:
+int8 / int4 weights with activations quantized to int8 on the fly.
 
 int8: per-output-channel symmetric weights. int4: groups of ``INT4_GROUP_SIZE`` weights along a
 row, each with a scale and a minimum (value = q * scale + min, q in 0..15): GGUF's Q4_1 format, so
@@ -27,7 +27,8 @@ integer dot products (AVX-512 VNNI, :func:`recyclegpt.core.quant_kernels.dynamic
 weight is read once for all rows and a row costs a quarter of the fused multiply-adds, so a k-token
 step costs much less than int8's. Its price is that rounding of the activations (perplexity: see
 the README). Each row's result is its own, as with the packed int8 kernel. Where that kernel does
-not run, the same rounding comes before int8's matmul (correct, not fast).
+not run, the same rounding comes before int8's matmul (correct, not fast). w4a8 does the same with
+int4 weights (Q4_1 groups of 32, one group per activation block, as llama.cpp runs a Q4_1 file).
 
 torchao's ``Int8WeightOnlyConfig`` was measured first (torchao 0.18.0 with torch 2.13 on CPU):
 a 768x3072 linear for one row took ~36 ms against ~0.3 ms for fp32, so it is not used.
@@ -44,12 +45,13 @@ from torch import nn
 
 from recyclegpt.core import quant_kernels
 
-QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16", "w8a8")
+QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16", "w8a8", "w4a8")
 QUANTIZE_HELP = (
     "int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fastest single "
     "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification); "
     "w8a8: int8 weights and int8 activations in blocks of 32 (AVX-512 VNNI CPUs: cheap multi-token steps, "
-    "the best for speculative decoding there)"
+    "the best for speculative decoding there); w4a8: w8a8 with the base's decoder linears int4 (the fastest "
+    "on AVX-512 VNNI CPUs)"
 )
 INT8_MAX = 127
 ACTIVATION_BLOCK = quant_kernels.ACTIVATION_BLOCK  # w8a8: activation values one scale covers
@@ -290,7 +292,7 @@ class Int4Linear(QuantizedLinear):
     def empty_like(self, out_features: int) -> Int4Linear:
         if out_features % INT4_OUTPUT_TILE:
             raise ValueError(f"an int4 layer needs a multiple of {INT4_OUTPUT_TILE} output rows, got {out_features}")
-        return Int4Linear(self.in_features, out_features, self.bias is not None, self.group_size)
+        return type(self)(self.in_features, out_features, self.bias is not None, self.group_size)
 
     def unpacked(self) -> torch.Tensor:
         """q [N, K] as int32, 0..15."""
@@ -317,6 +319,29 @@ class Int4Linear(QuantizedLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"int4 weight-only, groups of {self.group_size}"
         )
+
+
+class W4A8Linear(Int4Linear):
+    """:class:`Int4Linear` (same buffers) whose activations are quantized to int8 in blocks of 32, as
+    llama.cpp runs Q4_1 weights: integer dot products on AVX-512 VNNI CPUs (groups of 32 only; the
+    kernel reads scales and minimums rounded to fp16, as GGUF stores them), elsewhere that rounding
+    before int4's matmul."""
+
+    def make_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
+        if quant_kernels.dynamic_available() and self.group_size == ACTIVATION_BLOCK:
+            packed = quant_kernels.pack_int4(self.unpacked(), self.scales, self.mins)
+            if packed is not None:
+                return quant_kernels.build().int4_dynamic_matmul, *packed, self.out_features
+        matmul, *operands = super().make_kernel()
+        return functools.partial(with_quantized_activations, matmul), *operands
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            x = quantize_activations(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", int8 activations in blocks of {ACTIVATION_BLOCK}"
 
 
 class Fp16Linear(QuantizedLinear):
@@ -367,15 +392,19 @@ WEIGHT_LAYERS: dict[str, type[QuantizedLinear]] = {
     "int4": Int4Linear,
     "fp16": Fp16Linear,
     "w8a8": W8A8Linear,
+    "w4a8": W4A8Linear,
 }
 
 
 def quantized_linear(linear: nn.Linear, weights: str) -> QuantizedLinear:
     """``linear`` with ``weights`` = ``int8``, ``int4`` (int8 where the int4 kernel cannot take the
-    shape), ``fp16`` or ``w8a8`` (int8 where K is not a multiple of 32) weights."""
-    if (weights == "int4" and not int4_fits(linear)) or (
-        weights == "w8a8" and not quant_kernels.dynamic_fits(linear.in_features)
-    ):
+    shape), ``fp16``, ``w8a8`` or ``w4a8`` (w8a8 where int4 cannot take the shape; int8 where K is
+    not a multiple of 32) weights."""
+    if weights == "w4a8" and not int4_fits(linear):
+        weights = "w8a8"
+    if weights == "int4" and not int4_fits(linear):
+        weights = "int8"
+    if weights in ("w8a8", "w4a8") and not quant_kernels.dynamic_fits(linear.in_features):
         weights = "int8"
     if weights not in WEIGHT_LAYERS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_LAYERS)}, got {weights!r}")
@@ -386,11 +415,11 @@ def rounds_to_bf16(quantize: str | None) -> bool:
     """Do the CPU kernels of a model quantized as ``quantize`` take and give bf16 whatever the
     model's dtype? torch's int8 and int4 kernels do; the packed int8 kernels (AVX-512) and fp16's
     compute in fp32."""
-    if quantize == "w8a8" and quant_kernels.dynamic_available():
+    if quantize in ("w8a8", "w4a8") and quant_kernels.dynamic_available():
         return False
     if quantize in ("int8", "w8a8"):
         return not quant_kernels.available()
-    return quantize == "int4"
+    return quantize in ("int4", "w4a8")
 
 
 def quantize_linears(root: nn.Module, weights: str = "int8") -> int:
