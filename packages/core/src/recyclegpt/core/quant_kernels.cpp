@@ -242,7 +242,7 @@ VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int6
 // d * (s * sum(a * q) + m * sum(a)), sum(a * q) exact in int32 (q unsigned: no offset).
 
 constexpr int kInt4Tile = 32;
-constexpr int kMaxInt4Rows = 4;  // rows a pass serves: 4 x 2 panels x 2 sums + operands fit in registers
+constexpr int kMaxInt4Rows = 3;  // rows a pass serves: 3 x 2 panels x 3 sums + operands fit in registers
 
 struct Int4Problem {
   const int8_t* a;
@@ -267,9 +267,9 @@ VNNI_TARGET INLINE void int4_tile_rows(const Int4Problem& pr, int64_t row, int64
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) out[r][p] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512i sum[R][P];
+    __m512i sum[R][P], sum_high[R][P];  // two chains a panel: half the wait on each product's latency
     for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) sum[r][p] = _mm512_setzero_si512();
+      for (int p = 0; p < P; ++p) sum[r][p] = sum_high[r][p] = _mm512_setzero_si512();
     for (int o = 0; o < kBlock / 8; ++o) {
       const uint32_t* at = w + (b * (kBlock / 8) + o) * kInt4Tile;
       __m512i low[P], high[P];
@@ -284,8 +284,10 @@ VNNI_TARGET INLINE void int4_tile_rows(const Int4Problem& pr, int64_t row, int64
         std::memcpy(&first, a, sizeof(first));
         std::memcpy(&second, a + 4, sizeof(second));
         const __m512i x0 = _mm512_set1_epi32(first), x1 = _mm512_set1_epi32(second);
-        for (int p = 0; p < P; ++p)
-          sum[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][p], low[p], x0), high[p], x1);
+        for (int p = 0; p < P; ++p) {
+          sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], low[p], x0);
+          sum_high[r][p] = _mm512_dpbusd_epi32(sum_high[r][p], high[p], x1);
+        }
       }
     }
     __m512 s[P], m[P];
@@ -298,7 +300,8 @@ VNNI_TARGET INLINE void int4_tile_rows(const Int4Problem& pr, int64_t row, int64
       const __m512 d = _mm512_set1_ps(pr.d[at]);
       const __m512 asum = _mm512_set1_ps(static_cast<float>(pr.offset[at] / -128));
       for (int p = 0; p < P; ++p) {
-        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), s[p], _mm512_mul_ps(m[p], asum));
+        const __m512i total = _mm512_add_epi32(sum[r][p], sum_high[r][p]);
+        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), s[p], _mm512_mul_ps(m[p], asum));
         out[r][p] = _mm512_fmadd_ps(block, d, out[r][p]);
       }
     }
@@ -314,8 +317,7 @@ VNNI_TARGET void int4_run_tiles(const Int4Problem& pr, int64_t begin, int64_t en
       switch (rows) {
         case 1: int4_tile_rows<1>(pr, row, t); break;
         case 2: int4_tile_rows<2>(pr, row, t); break;
-        case 3: int4_tile_rows<3>(pr, row, t); break;
-        default: int4_tile_rows<4>(pr, row, t); break;
+        default: int4_tile_rows<3>(pr, row, t); break;
       }
       row += rows;
     }
