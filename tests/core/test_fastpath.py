@@ -33,6 +33,16 @@ from recyclegpt.core.speculation import (
 from .conftest import tiny_config
 
 
+def assert_speculative_equals_standard(model: RecycleGPT, prompts: list[torch.Tensor]) -> None:
+    """Greedy speculative decoding, fixed and adaptive draft lengths, gives standard's tokens."""
+    for prompt in prompts:
+        standard = model.generate(prompt, 20)
+        for policy in ("fixed", "adaptive"):
+            forget_acceptance(model)
+            out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
+            assert torch.equal(out.sequences, standard.sequences)
+
+
 def test_quantize_weight_reconstructs_within_half_a_step() -> None:
     weight = torch.randn(64, 48)
     quantized, scales = quantize_weight(weight)
@@ -156,12 +166,7 @@ def test_int8_activation_models_speculative_equals_standard_and_reloads(tmp_path
     assert type(layer.mlp.gate_up_proj) is base_type and type(layer.self_attn.qkv_proj) is base_type
     assert type(model.lm_head) is W8A8Linear and type(model.recycle.layers[0].mlp.gate_up_proj) is W8A8Linear
     assert type(layer.mlp.down_proj) is Int8Linear  # K = 40: not whole blocks of 32, so int8 weight-only
-    for prompt in prompts:
-        standard = model.generate(prompt, 20)
-        for policy in ("fixed", "adaptive"):
-            forget_acceptance(model)
-            out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
-            assert torch.equal(out.sequences, standard.sequences)
+    assert_speculative_equals_standard(model, prompts)
     model.save_pretrained(tmp_path / quantize)
     loaded = RecycleGPT.from_pretrained(tmp_path / quantize)
     assert loaded.config.extra["decoding_setup"] == {"fuse": True, "quantize": quantize}
@@ -267,12 +272,7 @@ def test_int4_model_speculative_equals_standard(tiny_model: RecycleGPT, prompts,
     assert all(isinstance(layer.mlp.gate_up_proj, Int4Linear) for layer in model.model.layers)
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, Int4Linear)
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.recycle.layers[0].mlp.down_proj, Int8Linear)
-    for prompt in prompts:
-        standard = model.generate(prompt, 20)
-        for policy in ("fixed", "adaptive"):
-            forget_acceptance(model)
-            out = model.generate(prompt, 20, decoding="speculative", draft_length=3, draft_policy=policy)
-            assert torch.equal(out.sequences, standard.sequences)
+    assert_speculative_equals_standard(model, prompts)
 
 
 def test_fp16_model_speculative_equals_standard_and_reloads(tmp_path: Path, tiny_model: RecycleGPT, prompts) -> None:

@@ -16,6 +16,9 @@
 // instruction), and y = scale * sum over blocks (ascending) of d * block sum, in fp32. Bytes of its
 // weight lanes hold q + 128 (vpdpbusd multiplies unsigned by signed bytes); every block sum starts at
 // -128 * sum(a) to take that back.
+//
+// int4_dynamic_matmul (int4 weights in Q4_1 groups of 32, int8 activations, AVX-512 VNNI): the same
+// activation blocks against the weight's groups (its own layout, below).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -142,7 +145,7 @@ AVX512_TARGET void run_tiles(const Problem& pr, int64_t begin, int64_t end) {
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 constexpr int kBlock = 32;                // activation values one scale covers
 constexpr int kBlockLanes = kBlock / 4;   // lane rows of a tile per block
-constexpr int kMaxDynamicRows = 3;        // rows a pass serves: 3 x 4 panels x 2 sums fit in 32 registers
+constexpr int kMaxDynamicRows = 3;        // rows a pass serves: their sums and operands fit in 32 registers
 
 // Activations [M, K] -> int8 a [M, K], scales d and -128 * sum(a) [M, K/32], block by block.
 void quantize_activations(const float* x, int64_t blocks, int8_t* a, float* d, int32_t* offset) {
@@ -220,18 +223,32 @@ VNNI_TARGET INLINE void dynamic_run_tile(const DynamicProblem& pr, int64_t row, 
                                        pr.y + row * ldy + t * kTile, ldy);
 }
 
-VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int64_t end) {
+// Tiles [begin, end), every row, in passes of up to kMaxDynamicRows rows: Tile::run<R>(problem,
+// first row, tile) computes R rows of one tile.
+template <typename Tile, typename Problem>
+VNNI_TARGET INLINE void run_row_passes(const Problem& pr, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     for (int64_t row = 0; row < pr.M;) {
       const int64_t rows = std::min<int64_t>(pr.M - row, kMaxDynamicRows);
       switch (rows) {
-        case 1: dynamic_run_tile<1>(pr, row, t); break;
-        case 2: dynamic_run_tile<2>(pr, row, t); break;
-        default: dynamic_run_tile<3>(pr, row, t); break;
+        case 1: Tile::template run<1>(pr, row, t); break;
+        case 2: Tile::template run<2>(pr, row, t); break;
+        default: Tile::template run<3>(pr, row, t); break;
       }
       row += rows;
     }
   }
+}
+
+struct Int8Tile {
+  template <int R>
+  VNNI_TARGET INLINE static void run(const DynamicProblem& pr, int64_t row, int64_t t) {
+    dynamic_run_tile<R>(pr, row, t);
+  }
+};
+
+VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int64_t end) {
+  run_row_passes<Int8Tile>(pr, begin, end);
 }
 
 // --- int4 weights in groups of 32 (Q4_1: w = q * s + m, q in 0..15), int8 activations ---
@@ -242,7 +259,6 @@ VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int6
 // d * (s * sum(a * q) + m * sum(a)), sum(a * q) exact in int32 (q unsigned: no offset).
 
 constexpr int kInt4Tile = 32;
-constexpr int kMaxInt4Rows = 3;  // rows a pass serves: 3 x 2 panels x 3 sums + operands fit in registers
 
 struct Int4Problem {
   const int8_t* a;
@@ -310,18 +326,15 @@ VNNI_TARGET INLINE void int4_tile_rows(const Int4Problem& pr, int64_t row, int64
     for (int p = 0; p < P; ++p) _mm512_storeu_ps(pr.y + (row + r) * ldy + t * kInt4Tile + p * kPanel, out[r][p]);
 }
 
-VNNI_TARGET void int4_run_tiles(const Int4Problem& pr, int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) {
-    for (int64_t row = 0; row < pr.M;) {
-      const int64_t rows = std::min<int64_t>(pr.M - row, kMaxInt4Rows);
-      switch (rows) {
-        case 1: int4_tile_rows<1>(pr, row, t); break;
-        case 2: int4_tile_rows<2>(pr, row, t); break;
-        default: int4_tile_rows<3>(pr, row, t); break;
-      }
-      row += rows;
-    }
+struct Int4Tile {
+  template <int R>
+  VNNI_TARGET INLINE static void run(const Int4Problem& pr, int64_t row, int64_t t) {
+    int4_tile_rows<R>(pr, row, t);
   }
+};
+
+VNNI_TARGET void int4_run_tiles(const Int4Problem& pr, int64_t begin, int64_t end) {
+  run_row_passes<Int4Tile>(pr, begin, end);
 }
 
 bool vnni_supported() {

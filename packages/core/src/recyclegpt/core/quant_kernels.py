@@ -1,17 +1,25 @@
-"""Weight-only int8 matmul for decoding on AVX-512 CPUs (``quant_kernels.cpp``).
+"""Int8 matmuls for decoding on AVX-512 CPUs (``quant_kernels.cpp``).
 
-It reads each weight tile once for up to eight activation rows and computes every output as one
-fixed-order fp32 sum, so a k-token step gives exactly what k one-token steps give, and fp32
-activations stay fp32 (torch's ``_weight_int8pack_mm`` rounds them to bf16). Measured on a 2-core
-AMD EPYC with AVX-512 BF16, SmolLM2-135M in bf16, in one process, two runs: a 1-token step
-10.2-12.4 ms against 13.4-16.9 with torch's kernel, standard decoding 1.19-1.23x faster. An int4
-kernel of the same design was level with torch's ``_weight_int4pack_mm_for_cpu`` at best, and an
-8-wide AVX2 build of this one slower than torch's for one row, so int4 weights, AVX2 CPUs, and any
-run with ``RECYCLEGPT_QUANT_KERNELS=0`` use torch's kernels.
+``int8_matmul`` (weight-only int8) reads each weight tile once for up to eight activation rows and
+computes every output as one fixed-order fp32 sum, so a k-token step gives exactly what k one-token
+steps give, and fp32 activations stay fp32 (torch's ``_weight_int8pack_mm`` rounds them to bf16).
+Measured on a 2-core AMD EPYC with AVX-512 BF16, SmolLM2-135M in bf16, in one process, two runs: a
+1-token step 10.2-12.4 ms against 13.4-16.9 with torch's kernel, standard decoding 1.19-1.23x
+faster (then still on one thread: see ``cpu_kernels``). An int4 kernel of the same design was level
+with torch's ``_weight_int4pack_mm_for_cpu`` at best, and an 8-wide AVX2 build of this one slower
+than torch's for one row, so weight-only int4, AVX2 CPUs, and any run with
+``RECYCLEGPT_QUANT_KERNELS=0`` use torch's kernels.
 
-Packed layout (a copy a layer keeps beside its plain weight): tiles of 64 output channels, each
-one contiguous run of 32-bit lanes, one lane per channel for every 4 values along K,
-``[N/64, K/4, 64]`` (byte j = q[k + j]), with fp32 scales ``[N/64 * 64]``.
+``int8_dynamic_matmul`` (w8a8) and ``int4_dynamic_matmul`` (w4a8) quantize the activations to int8
+in blocks of 32 and sum with AVX-512 VNNI integer dot products (:func:`dynamic_available`): a row
+costs a quarter of the fp32 multiply-adds, so k-token steps cost much less (SmolLM2's decoder
+linears, 5 rows against 1: 1.4x for w8a8, 1.9x for packed int8, same machine).
+
+Packed layouts (a copy a layer keeps beside its plain weight): int8, tiles of 64 output channels,
+each one contiguous run of 32-bit lanes, one lane per channel for every 4 values along K,
+``[N/64, K/4, 64]`` (byte j = q[k + j]; q + 128 for w8a8), with fp32 scales ``[N/64 * 64]``; int4,
+tiles of 32 channels, one lane per channel for every 8 values (byte j: q[k + j] in its low nibble,
+q[k + 4 + j] in its high one), ``[N/32, K/8, 32]``, with fp16 scales and minimums ``[N/32, K/32, 32]``.
 """
 
 from __future__ import annotations

@@ -236,15 +236,19 @@ class Int8Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-class W8A8Linear(Int8Linear):
-    """:class:`Int8Linear` (same buffers) whose activations are quantized to int8 too, in blocks of 32
-    along K (:func:`quantize_activations`): an integer matmul on AVX-512 VNNI CPUs, elsewhere that
-    rounding before int8's matmul."""
+class Int8Activations:
+    """What w8a8 and w4a8 layers add to their weight-only base class: activations rounded to int8
+    in blocks of 32 (:func:`quantize_activations`), multiplied by :meth:`dynamic_kernel` on AVX-512
+    VNNI CPUs, elsewhere rounded before the base class's own matmul (correct, not fast)."""
+
+    def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
+        """``(matmul, *operands)`` of the VNNI kernel for this layer, or None where it cannot take it."""
+        raise NotImplementedError
 
     def make_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
-        if quant_kernels.dynamic_available():
-            packed, scales = quant_kernels.pack_int8(self.weight, self.scales, offset=True)
-            return quant_kernels.build().int8_dynamic_matmul, packed, scales, self.out_features
+        kernel = self.dynamic_kernel() if quant_kernels.dynamic_available() else None
+        if kernel is not None:
+            return kernel
         matmul, *operands = super().make_kernel()
         return functools.partial(with_quantized_activations, matmul), *operands
 
@@ -252,6 +256,15 @@ class W8A8Linear(Int8Linear):
         if x.device.type != "cpu":
             x = quantize_activations(x)
         return super().forward(x)
+
+
+class W8A8Linear(Int8Activations, Int8Linear):
+    """:class:`Int8Linear` (same buffers) whose activations are quantized to int8 too, in blocks of 32
+    along K: an integer matmul on AVX-512 VNNI CPUs."""
+
+    def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
+        packed, scales = quant_kernels.pack_int8(self.weight, self.scales, offset=True)
+        return quant_kernels.build().int8_dynamic_matmul, packed, scales, self.out_features
 
     def extra_repr(self) -> str:
         return (
@@ -321,24 +334,16 @@ class Int4Linear(QuantizedLinear):
         )
 
 
-class W4A8Linear(Int4Linear):
+class W4A8Linear(Int8Activations, Int4Linear):
     """:class:`Int4Linear` (same buffers) whose activations are quantized to int8 in blocks of 32, as
     llama.cpp runs Q4_1 weights: integer dot products on AVX-512 VNNI CPUs (groups of 32 only; the
-    kernel reads scales and minimums rounded to fp16, as GGUF stores them), elsewhere that rounding
-    before int4's matmul."""
+    kernel reads scales and minimums rounded to fp16, as GGUF stores them)."""
 
-    def make_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
-        if quant_kernels.dynamic_available() and self.group_size == ACTIVATION_BLOCK:
-            packed = quant_kernels.pack_int4(self.unpacked(), self.scales, self.mins)
-            if packed is not None:
-                return quant_kernels.build().int4_dynamic_matmul, *packed, self.out_features
-        matmul, *operands = super().make_kernel()
-        return functools.partial(with_quantized_activations, matmul), *operands
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            x = quantize_activations(x)
-        return super().forward(x)
+    def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
+        if self.group_size != ACTIVATION_BLOCK:
+            return None
+        packed = quant_kernels.pack_int4(self.unpacked(), self.scales, self.mins)
+        return None if packed is None else (quant_kernels.build().int4_dynamic_matmul, *packed, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", int8 activations in blocks of {ACTIVATION_BLOCK}"
