@@ -216,12 +216,14 @@ VNNI_TARGET INLINE void dynamic_tile_rows(const uint32_t* w, const float* scales
 // Rows [row, row + R) of tile t, all four panels at once. (More rows go in further passes over the
 // tile, which then comes from cache: four panels for 6 rows need more sums than registers hold, and
 // two passes of two panels each read every cache line of the tile from memory twice.)
-template <int R>
-VNNI_TARGET INLINE void dynamic_run_tile(const DynamicProblem& pr, int64_t row, int64_t t) {
-  const int64_t ldy = pr.tiles * kTile;
-  dynamic_tile_rows<R, kTile / kPanel>(pr.w + t * (pr.K / 4) * kTile, pr.scales + t * kTile, pr, row,
-                                       pr.y + row * ldy + t * kTile, ldy);
-}
+struct Int8Tile {
+  template <int R>
+  VNNI_TARGET INLINE static void run(const DynamicProblem& pr, int64_t row, int64_t t) {
+    const int64_t ldy = pr.tiles * kTile;
+    dynamic_tile_rows<R, kTile / kPanel>(pr.w + t * (pr.K / 4) * kTile, pr.scales + t * kTile, pr, row,
+                                         pr.y + row * ldy + t * kTile, ldy);
+  }
+};
 
 // Tiles [begin, end), every row, in passes of up to kMaxDynamicRows rows: Tile::run<R>(problem,
 // first row, tile) computes R rows of one tile.
@@ -239,13 +241,6 @@ VNNI_TARGET INLINE void run_row_passes(const Problem& pr, int64_t begin, int64_t
     }
   }
 }
-
-struct Int8Tile {
-  template <int R>
-  VNNI_TARGET INLINE static void run(const DynamicProblem& pr, int64_t row, int64_t t) {
-    dynamic_run_tile<R>(pr, row, t);
-  }
-};
 
 VNNI_TARGET void dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int64_t end) {
   run_row_passes<Int8Tile>(pr, begin, end);
@@ -271,65 +266,62 @@ struct Int4Problem {
   int64_t M, K, tiles;
 };
 
-template <int R>
-VNNI_TARGET INLINE void int4_tile_rows(const Int4Problem& pr, int64_t row, int64_t t) {
-  constexpr int P = kInt4Tile / kPanel;
-  const int64_t K = pr.K, blocks = K / kBlock, ldy = pr.tiles * kInt4Tile;
-  const uint32_t* w = pr.w + t * (K / 8) * kInt4Tile;
-  const uint16_t* scales = pr.scales + t * blocks * kInt4Tile;
-  const uint16_t* mins = pr.mins + t * blocks * kInt4Tile;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  __m512 out[R][P];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) out[r][p] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i sum[R][P], sum_high[R][P];  // two chains a panel: half the wait on each product's latency
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) sum[r][p] = sum_high[r][p] = _mm512_setzero_si512();
-    for (int o = 0; o < kBlock / 8; ++o) {
-      const uint32_t* at = w + (b * (kBlock / 8) + o) * kInt4Tile;
-      __m512i low[P], high[P];
-      for (int p = 0; p < P; ++p) {
-        const __m512i lanes = _mm512_loadu_si512(at + p * kPanel);
-        low[p] = _mm512_and_si512(lanes, nibble);
-        high[p] = _mm512_and_si512(_mm512_srli_epi32(lanes, 4), nibble);
-      }
-      for (int r = 0; r < R; ++r) {
-        int32_t first, second;  // a[k .. k+3] and a[k+4 .. k+7] of row r
-        const int8_t* a = pr.a + (row + r) * K + b * kBlock + o * 8;
-        std::memcpy(&first, a, sizeof(first));
-        std::memcpy(&second, a + 4, sizeof(second));
-        const __m512i x0 = _mm512_set1_epi32(first), x1 = _mm512_set1_epi32(second);
-        for (int p = 0; p < P; ++p) {
-          sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], low[p], x0);
-          sum_high[r][p] = _mm512_dpbusd_epi32(sum_high[r][p], high[p], x1);
-        }
-      }
-    }
-    __m512 s[P], m[P];
-    for (int p = 0; p < P; ++p) {
-      s[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kInt4Tile + p * kPanel)));
-      m[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + b * kInt4Tile + p * kPanel)));
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (row + r) * blocks + b;
-      const __m512 d = _mm512_set1_ps(pr.d[at]);
-      const __m512 asum = _mm512_set1_ps(static_cast<float>(pr.offset[at] / -128));
-      for (int p = 0; p < P; ++p) {
-        const __m512i total = _mm512_add_epi32(sum[r][p], sum_high[r][p]);
-        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), s[p], _mm512_mul_ps(m[p], asum));
-        out[r][p] = _mm512_fmadd_ps(block, d, out[r][p]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) _mm512_storeu_ps(pr.y + (row + r) * ldy + t * kInt4Tile + p * kPanel, out[r][p]);
-}
-
 struct Int4Tile {
   template <int R>
   VNNI_TARGET INLINE static void run(const Int4Problem& pr, int64_t row, int64_t t) {
-    int4_tile_rows<R>(pr, row, t);
+    constexpr int P = kInt4Tile / kPanel;
+    const int64_t K = pr.K, blocks = K / kBlock, ldy = pr.tiles * kInt4Tile;
+    const uint32_t* w = pr.w + t * (K / 8) * kInt4Tile;
+    const uint16_t* scales = pr.scales + t * blocks * kInt4Tile;
+    const uint16_t* mins = pr.mins + t * blocks * kInt4Tile;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __m512 out[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) out[r][p] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i sum[R][P], sum_high[R][P];  // two chains a panel: half the wait on each product's latency
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) sum[r][p] = sum_high[r][p] = _mm512_setzero_si512();
+      for (int o = 0; o < kBlock / 8; ++o) {
+        const uint32_t* at = w + (b * (kBlock / 8) + o) * kInt4Tile;
+        __m512i low[P], high[P];
+        for (int p = 0; p < P; ++p) {
+          const __m512i lanes = _mm512_loadu_si512(at + p * kPanel);
+          low[p] = _mm512_and_si512(lanes, nibble);
+          high[p] = _mm512_and_si512(_mm512_srli_epi32(lanes, 4), nibble);
+        }
+        for (int r = 0; r < R; ++r) {
+          int32_t first, second;  // a[k .. k+3] and a[k+4 .. k+7] of row r
+          const int8_t* a = pr.a + (row + r) * K + b * kBlock + o * 8;
+          std::memcpy(&first, a, sizeof(first));
+          std::memcpy(&second, a + 4, sizeof(second));
+          const __m512i x0 = _mm512_set1_epi32(first), x1 = _mm512_set1_epi32(second);
+          for (int p = 0; p < P; ++p) {
+            sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], low[p], x0);
+            sum_high[r][p] = _mm512_dpbusd_epi32(sum_high[r][p], high[p], x1);
+          }
+        }
+      }
+      __m512 s[P], m[P];
+      for (int p = 0; p < P; ++p) {
+        const int64_t at = b * kInt4Tile + p * kPanel;
+        s[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + at)));
+        m[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + at)));
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (row + r) * blocks + b;
+        const __m512 d = _mm512_set1_ps(pr.d[at]);
+        const __m512 asum = _mm512_set1_ps(static_cast<float>(pr.offset[at] / -128));
+        for (int p = 0; p < P; ++p) {
+          const __m512i total = _mm512_add_epi32(sum[r][p], sum_high[r][p]);
+          const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), s[p], _mm512_mul_ps(m[p], asum));
+          out[r][p] = _mm512_fmadd_ps(block, d, out[r][p]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p)
+        _mm512_storeu_ps(pr.y + (row + r) * ldy + t * kInt4Tile + p * kPanel, out[r][p]);
   }
 };
 
