@@ -353,35 +353,7 @@ bool avx512_supported() {
 
 }  // namespace packed
 
-// x [..., K] (fp32 or bf16) against a packed int8 weight; [..., out_features] in x's dtype.
-torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
-                          int64_t out_features) {
-  using namespace packed;
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be an fp32 or bf16 CPU tensor");
-  TORCH_CHECK(avx512_supported(), "this kernel needs AVX-512 (avx512f/bw/vl/dq and fma)");
-  const int64_t K = x.size(-1), tiles = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
-                  weight.size(1) * 4 == K && weight.size(2) == kTile,
-              "int8 weight must be packed tiles [N/64, K/4, 64] of int32 lanes (K a multiple of 4)");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
-              "scales must be fp32 [N/64 * 64]");
-  TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
-  const auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  auto y = torch::empty({xf.size(0), tiles * kTile}, xf.options());
-  const Problem pr{xf.data_ptr<float>(), reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()),
-                   scales.data_ptr<float>(), y.data_ptr<float>(), xf.size(0), K, tiles};
-  // Small weights run on one thread: waking the pool costs more than it saves.
-  const int64_t bytes_per_tile = K * kTile;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / bytes_per_tile),
-                   [&](int64_t begin, int64_t end) { run_tiles(pr, begin, end); });
-  auto out = out_features == tiles * kTile ? y : y.narrow(1, 0, out_features);
-  auto sizes = x.sizes().vec();
-  sizes.back() = out_features;
-  return out.to(x.scalar_type()).reshape(sizes);
-}
-
-// Does this CPU run int8_dynamic_matmul (AVX-512 with VNNI)?
+// Does this CPU run the int8-activation kernels (AVX-512 with VNNI)?
 bool int8_dynamic_supported() { return packed::avx512_supported() && packed::vnni_supported(); }
 
 namespace {
@@ -408,6 +380,18 @@ QuantizedRows quantized_rows(const torch::Tensor& x) {
   return rows;
 }
 
+// Is `weight` int8 tiles [N/64, K/4, 64] with fp32 scales [N/64 * 64] for out_features <= N?
+void check_int8_tiles(const torch::Tensor& weight, const torch::Tensor& scales, int64_t K, int64_t out_features) {
+  using packed::kTile;
+  const int64_t tiles = weight.size(0);
+  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
+                  weight.size(1) * 4 == K && weight.size(2) == kTile,
+              "int8 weight must be packed tiles [N/64, K/4, 64] of int32 lanes (K a multiple of 4)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
+              "scales must be fp32 [N/64 * 64]");
+  TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
+}
+
 // y [M, padded] -> [..., out_features] in x's dtype.
 torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x, int64_t out_features) {
   auto out = out_features == y.size(1) ? y : y.narrow(1, 0, out_features);
@@ -418,6 +402,27 @@ torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x, int64_
 
 }  // namespace
 
+// x [..., K] (fp32 or bf16) against a packed int8 weight; [..., out_features] in x's dtype.
+torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                          int64_t out_features) {
+  using namespace packed;
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be an fp32 or bf16 CPU tensor");
+  TORCH_CHECK(avx512_supported(), "this kernel needs AVX-512 (avx512f/bw/vl/dq and fma)");
+  const int64_t K = x.size(-1), tiles = weight.size(0);
+  check_int8_tiles(weight, scales, K, out_features);
+  const auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  auto y = torch::empty({xf.size(0), tiles * kTile}, xf.options());
+  const Problem pr{xf.data_ptr<float>(), reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()),
+                   scales.data_ptr<float>(), y.data_ptr<float>(), xf.size(0), K, tiles};
+  // Small weights run on one thread: waking the pool costs more than it saves.
+  const int64_t bytes_per_tile = K * kTile;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / bytes_per_tile),
+                   [&](int64_t begin, int64_t end) { run_tiles(pr, begin, end); });
+  return shaped_like(y, x, out_features);
+}
+
+
 // x [..., K] (fp32 or bf16, K a multiple of 32) against a packed weight of q + 128 bytes, activations
 // quantized to int8 in blocks of 32 on the fly; [..., out_features] in x's dtype.
 torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
@@ -425,12 +430,7 @@ torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
   using namespace packed;
   const QuantizedRows rows = quantized_rows(x);  // checks x first
   const int64_t K = x.size(-1), tiles = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
-                  weight.size(1) * 4 == K && weight.size(2) == kTile,
-              "int8 weight must be packed tiles [N/64, K/4, 64] of int32 lanes (K a multiple of 4)");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
-              "scales must be fp32 [N/64 * 64]");
-  TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
+  check_int8_tiles(weight, scales, K, out_features);
   auto y = torch::empty({rows.M, tiles * kTile}, rows.d.options());
   const DynamicProblem pr{rows.a.data_ptr<int8_t>(), rows.d.data_ptr<float>(), rows.offset.data_ptr<int32_t>(),
                           reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), scales.data_ptr<float>(),
