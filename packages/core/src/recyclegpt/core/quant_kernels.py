@@ -55,12 +55,13 @@ def tiles(tensor: torch.Tensor, width: int = TILE) -> torch.Tensor:
 
 @functools.cache
 def dynamic_available() -> bool:
-    """Does the int8-activation kernel run here: :func:`available`, and a CPU with AVX-512 VNNI?"""
+    """Do the int8-activation kernels (w8a8, w4a8) run here: :func:`available`, and a CPU with
+    AVX-512 VNNI?"""
     return available() and bool(build().int8_dynamic_supported())
 
 
 def dynamic_fits(in_features: int) -> bool:
-    """Can the int8-activation kernel take ``in_features`` columns (whole blocks of 32)?"""
+    """Can the int8-activation kernels take ``in_features`` columns (whole blocks of 32)?"""
     return in_features % ACTIVATION_BLOCK == 0
 
 

@@ -274,7 +274,7 @@ class W8A8Linear(Int8Activations, Int8Linear):
 
 
 def with_quantized_activations(matmul: Callable[..., torch.Tensor], x: torch.Tensor, *operands) -> torch.Tensor:  # noqa: ANN002
-    """``matmul`` (a weight-only int8 kernel) on x rounded as w8a8 rounds it."""
+    """``matmul`` (a weight-only int8 or int4 kernel) on x rounded as w8a8 and w4a8 round it."""
     return matmul(quantize_activations(x), *operands)
 
 
