@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from recyclegpt.core import RecycleConfig, RecycleGPT
-from recyclegpt.train.features import FeatureCache
+from recyclegpt.core.quantize import QuantizedLinear
+from recyclegpt.train.features import FeatureCache, base_digest, quantized_base
 
 from .test_frozen_base import pretrained_model
 
@@ -62,6 +63,23 @@ def test_cache_that_does_not_match_is_rebuilt(tmp_path: Path) -> None:
         other_base.recycle.fc.weight.add_(1.0)
     _, report = FeatureCache(tmp_path / "cache", storage="fp32").build_or_load(other_base, _blocks(3), log=print)
     assert not report.built
+
+
+def test_cache_of_a_quantized_base_holds_its_states_and_leaves_the_base_as_it_was(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = RecycleGPT(RecycleConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=32))
+    blocks, digest = _blocks(), base_digest(model)
+    cache = FeatureCache(tmp_path / "cache", storage="fp32")
+    hidden, report = cache.build_or_load(model, blocks, "fp32", quantize="w8a8", log=lambda _: None)
+    assert report.built
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, quantized_base(model, "w8a8", "fp32").base_hidden(blocks))
+        assert not torch.allclose(hidden, model.eval().base_hidden(blocks))  # the weights' rounding shows
+    assert base_digest(model) == digest and not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    _, report = cache.build_or_load(model, blocks, "fp32", quantize="w8a8", log=lambda _: None)
+    assert not report.built
+    _, report = cache.build_or_load(model, blocks, "fp32", log=lambda _: None)  # unquantized states: rebuilt
+    assert report.built and "quantize" in report.reason
 
 
 def _metrics(workdir: Path) -> list[dict[str, str]]:

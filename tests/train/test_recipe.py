@@ -14,7 +14,7 @@ import yaml
 
 from recyclegpt.core import quant_kernels
 from recyclegpt.core.precision import auto_dtype
-from recyclegpt.train.recipe import speed_quantize
+from recyclegpt.train.recipe import selfgen_quantize, speed_quantize
 
 from .test_frozen_base import pretrained_model
 
@@ -65,6 +65,9 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert 1 <= plan["trained_steps"] <= plan["max_steps"] == 8 and plan["train_seconds"] >= 1
     assert "--trainer.max_time=00:00:" in result.stdout  # training stops at its share of the budget
     assert plan["selfgen_cached_features"] and plan["train_tokens_cached"] == plan["selfgen_tokens"] > 0
+    # --selfgen-quantize auto: the base writes in w8a8 where the VNNI kernels run; the fit matches that cache
+    assert plan["selfgen_quantize"] == ("w8a8" if quant_kernels.dynamic_available() else "none")
+    assert f"--data.feature_quantize={plan['selfgen_quantize']}" in result.stdout
     assert "runs/features/train: building" not in result.stdout and "runs/features/val: building" in result.stdout
     assert "  of which feature cache (train)" not in report["phases_s"]
     assert 0 <= report["alternating"]["alternating_identical_fraction"] <= 1
@@ -109,3 +112,11 @@ def test_speed_report_quantizes_to_w8a8_with_vnni_else_to_int8_only_where_the_cp
     expected = "none" if torch.cuda.is_available() else "w8a8"
     assert speed_quantize("auto", torch.bfloat16) == expected
     assert speed_quantize("int4", torch.bfloat16) == "int4" and speed_quantize("none", torch.float32) == "none"
+
+
+def test_self_generation_quantizes_to_w8a8_only_where_the_vnni_kernels_run(monkeypatch) -> None:
+    monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: False)
+    assert selfgen_quantize("auto") == "none"
+    monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: True)
+    assert selfgen_quantize("auto") == ("none" if torch.cuda.is_available() else "w8a8")
+    assert selfgen_quantize("int8") == "int8"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT
@@ -107,17 +109,44 @@ def test_cli_writes_blocks_and_features_and_rejects_bad_combinations(tmp_path: P
     command = [sys.executable, "-m", "recyclegpt.train.selfgen", "--model", str(base), "--prompts-from", str(corpus)]
     command += ["--samples", "3", "--new-tokens", "8", "--prompt-tokens", "6"]
     blocks = tmp_path / "blocks.safetensors"
-    result = subprocess.run(
-        [*command, "--blocks-out", str(blocks), "--feature-cache", str(tmp_path / "cache"), "--dtype", "fp32"],
-        capture_output=True,
-        text=True,
-    )
+    cache = ["--feature-cache", str(tmp_path / "cache"), "--dtype", "fp32", "--quantize", "w8a8"]
+    result = subprocess.run([*command, "--blocks-out", str(blocks), *cache], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "3 blocks of 14 tokens" in result.stdout and (tmp_path / "cache" / "manifest.json").exists()
+    assert "3 blocks of 14 tokens" in result.stdout and "(fp32 + w8a8)" in result.stdout
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["key"]["quantize"] == "w8a8"
     for extra, message in [
         (["--feature-cache", str(tmp_path / "c2"), "--out", "x.txt"], "give --blocks-out too"),
-        (["--blocks-out", str(blocks), "--temperature", "0.7"], "drop --temperature and --quantize"),
+        (["--blocks-out", str(blocks), "--temperature", "0.7"], "drop --temperature"),
         ([], "give --out (text), --blocks-out (token blocks) or both"),
     ]:
         bad = subprocess.run([*command, *extra], capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_quantized_base_writes_the_blocks_and_states_it_decodes_and_keys_them_so(tmp_path: Path) -> None:
+    """With ``quantize``, the blocks are what the quantized base writes and the states are its own,
+    stored under a key the trainer matches only with ``data.feature_quantize`` set to the same."""
+    from recyclegpt.train.data import TextDataModule
+    from recyclegpt.train.features import FeatureCache, cache_key
+    from recyclegpt.train.selfgen import self_generate_training_data
+
+    source = pretrained_model(tmp_path / "base")
+    model = RecycleGPT.from_pretrained(str(source))
+    prompts = corpus_prompts(torch.arange(3, 203) % model.config.vocab_size, 4, 8, seed=2)
+    cache_dir = tmp_path / "features" / "train"
+    written, _ = self_generate_training_data(
+        model, prompts, 20, torch.float32, tmp_path / "b.safetensors", cache_dir, "fp32", batch_size=2, quantize="w8a8"
+    )
+    reference = RecycleGPT.from_pretrained(str(source), quantize="w8a8").eval()
+    unquantized = RecycleGPT.from_pretrained(str(source)).eval()
+    for prompt, block in zip(prompts, written, strict=True):
+        assert torch.equal(reference.generate(prompt[None], 12).sequences[0], block)
+    with torch.no_grad():
+        torch.testing.assert_close(FeatureCache(cache_dir, "fp32").load(written), reference.base_hidden(written))
+        assert not torch.allclose(reference.base_hidden(written), unquantized.base_hidden(written))
+
+    cache = FeatureCache(cache_dir, "fp32")
+    assert cache.mismatch(cache_key(unquantized, written, "fp32", "fp32", quantize="w8a8")) is None
+    assert "quantize" in cache.mismatch(cache_key(unquantized, written, "fp32", "fp32"))
+    with pytest.raises(ValueError, match="feature_quantize must be one of"):
+        TextDataModule(tokenizer=str(source), train_blocks=str(tmp_path / "b.safetensors"), feature_quantize="int3")

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from recyclegpt.core.precision import dtype_name, resolve_dtype
+from recyclegpt.core.quantize import QUANTIZE_CHOICES
 from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, read_texts, resolve
 from recyclegpt.train.features import CacheReport, FeatureCache, FeatureDataset
 from recyclegpt.train.tokenizer import TOKENIZER_FILE, load_any_tokenizer, train_bpe_tokenizer, wrap
@@ -56,6 +57,10 @@ class TextDataModule(LightningDataModule):
         feature_dtype: storage dtype of the cached states, ``bf16`` or ``fp32``.
         feature_precision: compute precision of the base while it fills the cache: ``auto`` (bf16
             autocast where the hardware has native bf16, else fp32; see recyclegpt.core.precision), ``fp32``, ``bf16``.
+        feature_quantize: the base's weights while it fills the cache (``none``, or a ``--quantize``
+            choice such as ``w8a8``): the states decoding with those weights computes, which are the
+            states the module reads at decode time. A quantized copy computes them (in
+            ``feature_precision``); the trained base stays unquantized.
         train_blocks: a safetensors file of token blocks [N, block_size] to train on instead of
             ``train_files`` (``recyclegpt-selfgen --blocks-out`` writes one, with the base's states
             as a ready feature cache); needs ``tokenizer``, the one that wrote its ids. Without
@@ -80,6 +85,7 @@ class TextDataModule(LightningDataModule):
         feature_cache: str | None = None,
         feature_dtype: str = "bf16",
         feature_precision: str = "auto",
+        feature_quantize: str = "none",
         train_blocks: str | None = None,
     ) -> None:
         super().__init__()
@@ -90,6 +96,8 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {block_size}")
+        if feature_quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"feature_quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {feature_quantize!r}")
         if train_blocks is not None:
             if tokenizer is None:
                 raise CorpusError(
@@ -214,7 +222,12 @@ class TextDataModule(LightningDataModule):
             return torch.autocast(device.type, dtype=compute)
 
         hidden, report = cache.build_or_load(
-            model, blocks, dtype_name(compute), forward_context, self.hparams.batch_size
+            model,
+            blocks,
+            dtype_name(compute),
+            forward_context,
+            self.hparams.batch_size,
+            quantize=self.hparams.feature_quantize,
         )
         self.cache_reports[split] = report
         return FeatureDataset(blocks, hidden)

@@ -2,12 +2,16 @@
 
 The base reads every training token once; its states h [N, T, d] go to safetensors shards beside
 the token blocks they came from. The cache is keyed by everything that determines them: the base's
-weights, the token blocks (hence tokenizer, corpus and block size), the storage dtype and the
-compute precision. A cache whose key differs, or whose build did not finish, is rebuilt, never used.
+weights, the token blocks (hence tokenizer, corpus and block size), the storage dtype, the
+compute precision and the quantization the base computed them with (``quantize``: the states of the
+base as decoding runs it, e.g. ``w8a8``, the states the module reads at decode time; the trainer's base
+itself is never quantized). A cache whose key differs, or whose build did not finish, is rebuilt,
+never used.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -23,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from recyclegpt.core import RecycleGPT
-from recyclegpt.core.precision import dtype_name
+from recyclegpt.core.fastpath import prepare_for_decoding
+from recyclegpt.core.precision import dtype_name, resolve_dtype
 
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -46,11 +51,17 @@ def base_digest(model: RecycleGPT) -> str:
 
 
 def cache_key(
-    model: RecycleGPT, blocks: torch.Tensor, storage: str, precision: str, base_sha256: str | None = None
+    model: RecycleGPT,
+    blocks: torch.Tensor,
+    storage: str,
+    precision: str,
+    base_sha256: str | None = None,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """What determines the states of ``blocks``; ``base_sha256``: the base's digest taken earlier
-    (before it was converted to another dtype to compute them), else taken now."""
-    return {
+    (before it was converted or quantized to compute them), else taken now. An unquantized key has
+    no ``quantize`` entry, so caches written before it existed stay valid."""
+    key = {
         "base_sha256": base_sha256 or base_digest(model),
         "blocks_sha256": tensor_digest([blocks]),
         "blocks_shape": list(blocks.shape),
@@ -58,6 +69,17 @@ def cache_key(
         "storage_dtype": storage,
         "compute_precision": precision,
     }
+    if quantize != "none":
+        key["quantize"] = quantize
+    return key
+
+
+def quantized_base(model: RecycleGPT, quantize: str, precision: str) -> RecycleGPT:
+    """A copy of ``model`` quantized as ``quantize`` (from its own, unquantized weights) in the
+    ``precision`` dtype, to compute states as decoding will; ``model`` is left as it is."""
+    with torch.no_grad():
+        twin = prepare_for_decoding(copy.deepcopy(model), quantize=quantize)
+    return twin.to(resolve_dtype(precision, warn=False)).eval()
 
 
 @dataclass
@@ -109,13 +131,18 @@ class FeatureCache:
         forward_context: Callable[[], AbstractContextManager] = nullcontext,
         batch_size: int = 8,
         log: Callable[[str], None] = print,
+        quantize: str = "none",
     ) -> tuple[torch.Tensor, CacheReport]:
-        """The base's final states for ``blocks`` [N, T] -> [N, T, d] in the storage dtype."""
-        key = cache_key(model, blocks, self.storage, precision)
+        """The base's final states for ``blocks`` [N, T] -> [N, T, d] in the storage dtype; with
+        ``quantize``, those of a copy of the base quantized so, in the ``precision`` dtype (then
+        ``forward_context`` is not used)."""
+        key = cache_key(model, blocks, self.storage, precision, quantize=quantize)
         reason = self.mismatch(key)
         if reason is None:
             return self.load(blocks), CacheReport(False, "reused", 0.0, 0)
         log(f"feature cache {self.directory}: building ({reason}); {blocks.numel()} tokens through the base")
+        if quantize != "none":
+            model, forward_context = quantized_base(model, quantize, precision), nullcontext
         hidden, seconds = self._build(model, blocks, key, forward_context, batch_size, log)
         log(f"feature cache {self.directory}: {blocks.numel()} tokens in {seconds:.0f} s")
         return hidden, CacheReport(True, reason, seconds, blocks.numel())

@@ -5,7 +5,9 @@
 1. fetch/load the base (``model.pretrained``) and say which CPU class and precisions it runs;
 2. calibrate: time one base forward and two unrolled module steps;
 3. self-generate (``selfgen_share`` of the budget, 0 = off): the base continues prompts sliced from
-   the training text, and the module trains on what the base wrote (see :mod:`recyclegpt.train.selfgen`);
+   the training text, and the module trains on what the base wrote (see :mod:`recyclegpt.train.selfgen`),
+   with the weights ``--selfgen-quantize`` names (``auto``: w8a8 on AVX-512 VNNI CPUs, ~1.9x the
+   tokens/s; the module then trains on the states of the w8a8 base, which decoding reads);
    with it off, the corpus is sized so that its feature cache takes ~``cache_share`` of the budget;
 4. ``recyclegpt-train fit``: features cached once, then the module trains over them for as many steps
    as the time left after the cache and the evaluation reserve (``eval_share``) allows, and is exported;
@@ -162,11 +164,12 @@ def self_generate_corpus(
     ids = corpus_ids(model.tokenizer, prompt_files, args.selfgen_prompt_bytes)
     prompt_tokens = min(32, block_size // 2)
     dtype = auto_dtype("cpu")
+    quantize = selfgen_quantize(args.selfgen_quantize)
     count = args.max_tokens // block_size + 1 if args.max_tokens else 100_000  # else more than any budget reaches
     prompts = corpus_prompts(ids, count, prompt_tokens)
     blocks_path = out / "selfgen.safetensors"
     blocks, report = self_generate_training_data(
-        model, prompts, block_size, dtype, blocks_path, feature_cache, storage, args.selfgen_batch, seconds
+        model, prompts, block_size, dtype, blocks_path, feature_cache, storage, args.selfgen_batch, seconds, quantize
     )
     write_samples(model.tokenizer, blocks.tolist(), out / "selfgen.txt")
     return {
@@ -176,6 +179,7 @@ def self_generate_corpus(
         "selfgen_tokens": blocks.numel(),
         "selfgen_tokens_per_s": report.tokens_per_second,
         "selfgen_dtype": dtype_name(dtype),
+        "selfgen_quantize": quantize,
         "selfgen_cached_features": feature_cache is not None,
     }
 
@@ -271,6 +275,13 @@ def main(argv: list[str] | None = None) -> None:
         default=64,
         help="prompts the base continues together (64: ~1.4x the tokens/s of 16)",
     )
+    parser.add_argument(
+        "--selfgen-quantize",
+        choices=("auto", *QUANTIZE_CHOICES),
+        default="auto",
+        help="the base's weights while it writes (auto: w8a8 on AVX-512 VNNI CPUs, else none); the "
+        "training features are the states of that base",
+    )
     parser.add_argument("--selfgen-prompt-bytes", type=int, default=1_000_000, help="corpus text prompts come from")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on the training corpus (tokens)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on the optimizer steps")
@@ -282,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         "--quantize",
         choices=("auto", *QUANTIZE_CHOICES),
         default="auto",
-        help="weights of the speed report (auto: int8 on CPUs without native bf16, else none)",
+        help="weights of the speed report (auto: w8a8 on AVX-512 VNNI CPUs, int8 on CPUs without "
+        "native bf16, else none)",
     )
     parser.add_argument("--out", default=None, help="report directory (default: beside the exported model)")
     parser.add_argument("fit_args", nargs="*", help="extra recyclegpt-train fit arguments (after --)")
@@ -359,13 +371,15 @@ def main(argv: list[str] | None = None) -> None:
             args,
         )
         overrides += [f"--data.train_blocks={selfgen['selfgen_blocks']}"]
+        if cache_dir:  # the trainer keys (and builds the validation cache) with the same weights
+            overrides += [f"--data.feature_quantize={selfgen['selfgen_quantize']}"]
         plan.update(selfgen)
         plan["corpus_tokens"] = selfgen["selfgen_tokens"]
         uncached_tokens = 0 if cache_dir else plan["corpus_tokens"]
         phases["self-generate (+ train features)"] = time.perf_counter() - start
         _log(
             f"self-generated {selfgen['selfgen_samples']} blocks, {selfgen['selfgen_new_tokens']} new tokens "
-            f"at {selfgen['selfgen_tokens_per_s']:.0f} tokens/s: {selfgen['selfgen_blocks']}"
+            f"at {selfgen['selfgen_tokens_per_s']:.0f} tokens/s ({_weights(selfgen)}): {selfgen['selfgen_blocks']}"
         )
 
     del model
@@ -454,6 +468,20 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"model: {export_dir.resolve()}  report: {(out / 'report.md').resolve()}")
 
 
+def selfgen_quantize(choice: str) -> str:
+    """The base's weights while it writes the training text. ``auto``: w8a8 on a CPU with AVX-512
+    VNNI (SmolLM2 at batch 64, bf16: 591 tokens/s against 307 unquantized), else none (elsewhere
+    no int8 kernel was measured faster than the unquantized base at batch 64)."""
+    if choice != "auto":
+        return choice
+    return "w8a8" if not torch.cuda.is_available() and quant_kernels.dynamic_available() else "none"
+
+
+def _weights(selfgen: dict[str, Any]) -> str:
+    quantize = selfgen.get("selfgen_quantize", "none")
+    return selfgen["selfgen_dtype"] + ("" if quantize == "none" else f" + {quantize}")
+
+
 def speed_quantize(choice: str, compute: torch.dtype) -> str:
     """The weights the speed report decodes with. ``auto``: on a CPU with AVX-512 VNNI, w8a8 (int8
     activations: the cheapest k-token verification there, a 5-token step ~1.6x a 1-token one on
@@ -500,8 +528,9 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         f"Module: {model_cfg.get('module_layers', 1)} layer, unroll depth {model_cfg.get('unroll_depth', 1)}, "
         f"distill={model_cfg.get('distill', False)}, draft vocabulary {model_cfg.get('draft_vocab_size')}, "
         f"init {model_cfg.get('module_init', 'random')}; data {report['data']}; "
-        f"{report['plan']['corpus_tokens']} corpus tokens, "
-        f"{report['plan'].get('trained_steps') or report['plan']['max_steps']} steps.",
+        f"{report['plan']['corpus_tokens']} corpus tokens"
+        + (f" written by the base ({_weights(report['plan'])})" if "selfgen_dtype" in report["plan"] else "")
+        + f", {report['plan'].get('trained_steps') or report['plan']['max_steps']} steps.",
         "",
         "| draft depth | " + " | ".join(sorted(agreement, key=int)) + " |",
         "|---|" + "---|" * len(agreement),

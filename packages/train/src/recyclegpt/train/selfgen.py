@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from recyclegpt.core import RecycleGPT
+from recyclegpt.core.fastpath import prepare_for_decoding
 from recyclegpt.core.precision import dtype_name, hardware_summary, resolve_dtype
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP
 from recyclegpt.train.corpus import CorpusError, check_readable, read_texts, resolve
@@ -145,19 +146,25 @@ def self_generate_training_data(
     storage: str = "bf16",
     batch_size: int = 64,
     seconds: float | None = None,
+    quantize: str = "none",
 ) -> tuple[torch.Tensor, SelfGenReport]:
     """Blocks the base wrote (:func:`self_generate_blocks`) to ``blocks_path`` (``data.train_blocks``)
     and, with ``feature_cache``, its states there as a feature cache the trainer uses as is.
 
     ``model`` comes as the trainer loads it (its weights key the cache) and decodes in ``dtype``
-    (converted in place), the precision the cache is labelled with.
+    with ``quantize`` weights (both applied in place), as the cache is labelled: the trainer reads
+    it with ``data.feature_precision`` and ``data.feature_quantize`` set to the same. w8a8 writes
+    ~1.9x the tokens/s of unquantized bf16 at batch 64 on an AVX-512 VNNI CPU (SmolLM2: 591 against 307).
     """
     digest = base_digest(model)
+    if quantize != "none":
+        with torch.no_grad():
+            prepare_for_decoding(model, quantize=quantize)
     model.to(dtype).eval()
     blocks, hidden, report = self_generate_blocks(model, prompts, block_size, batch_size, seconds)
     write_blocks(blocks, blocks_path)
     if feature_cache is not None:
-        key = cache_key(model, blocks, storage, dtype_name(dtype), base_sha256=digest)
+        key = cache_key(model, blocks, storage, dtype_name(dtype), base_sha256=digest, quantize=quantize)
         FeatureCache(feature_cache, storage).store(blocks, hidden, key, report.seconds)
     return blocks, report
 
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         "--feature-cache",
         default=None,
         help="with --blocks-out: store the base's states of the blocks, kept while decoding, in this "
-        "directory as a ready feature cache (data.feature_cache/train)",
+        "directory as a ready feature cache (data.feature_cache/train; with --quantize, train with "
+        "data.feature_quantize set to the same)",
     )
     parser.add_argument("--feature-dtype", default="bf16", choices=("bf16", "fp32"), help="storage of the states")
     parser.add_argument("--samples", type=int, default=512, help="prompts to continue (at most)")
@@ -217,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--temperature must be >= 0, got {args.temperature}")
     if args.out is None and args.blocks_out is None:
         fail("give --out (text), --blocks-out (token blocks) or both")
-    if args.blocks_out is not None and (args.temperature > 0 or args.quantize != "none"):
-        fail("--blocks-out writes the unquantized base's greedy blocks; drop --temperature and --quantize")
+    if args.blocks_out is not None and args.temperature > 0:
+        fail("--blocks-out writes the base's greedy blocks; drop --temperature")
     if args.feature_cache is not None and args.blocks_out is None:
         fail("--feature-cache stores the states of the blocks --blocks-out writes: give --blocks-out too")
     try:
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             args.feature_dtype,
             args.batch_size,
             seconds,
+            args.quantize,
         )
         samples = blocks.tolist()
         wrote = f"{args.blocks_out} ({blocks.shape[0]} blocks of {blocks.shape[1]} tokens)"
@@ -268,9 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None:
         chars = write_samples(model.tokenizer, samples, args.out)
         wrote = f"{args.out} ({chars} characters)" + (f", {wrote}" if wrote else "")
+    weights = dtype_name(dtype) + (f" + {args.quantize}" if args.quantize != "none" else "")
     print(
         f"self-generated {report.samples} samples, {report.new_tokens} new tokens in {report.seconds:.0f} s, "
-        f"{report.tokens_per_second:.0f} tokens/s ({dtype_name(dtype)}): {wrote}; {hardware_summary()}",
+        f"{report.tokens_per_second:.0f} tokens/s ({weights}): {wrote}; {hardware_summary()}",
         flush=True,
     )
 
