@@ -144,7 +144,7 @@ def test_w8a8_layer_computes_the_rounded_activations_product_with_or_without_its
     tolerance = {"atol": 0.05, "rtol": 0.02} if quantize_module.rounds_to_bf16("w8a8") else {"atol": 1e-4, "rtol": 1e-5}
     torch.testing.assert_close(layer(x), expected, **tolerance)
     monkeypatch.setenv(quant_kernels.ENV_SWITCH, "0")  # torch's int8 kernel on the rounded activations
-    for cached in (quant_kernels.available, quant_kernels.dynamic_available):
+    for cached in (quant_kernels.available, quant_kernels.dynamic_isa):
         cached.cache_clear()
     try:
         fresh = W8A8Linear.from_linear(torch.nn.Linear(64, 96, bias=True))
@@ -153,7 +153,7 @@ def test_w8a8_layer_computes_the_rounded_activations_product_with_or_without_its
         torch.testing.assert_close(fresh(x), expected, atol=0.05, rtol=0.02)  # bf16 activations there
     finally:
         monkeypatch.delenv(quant_kernels.ENV_SWITCH)
-        for cached in (quant_kernels.available, quant_kernels.dynamic_available):
+        for cached in (quant_kernels.available, quant_kernels.dynamic_isa):
             cached.cache_clear()
 
 

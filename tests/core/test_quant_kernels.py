@@ -100,21 +100,32 @@ def test_int8_layers_use_the_packed_kernel_and_torchs_when_it_is_switched_off(mo
 
 def needs_vnni() -> None:
     if not quant_kernels.dynamic_available():
-        pytest.skip("this CPU lacks AVX-512 VNNI: w8a8 rounds its activations before the int8 kernel instead")
+        pytest.skip("no int8-activation kernel here: w8a8 rounds its activations before the int8 kernel instead")
 
 
+def needs_isa(isa: str) -> bool:
+    """The kernels' ``vnni`` argument for ``isa``, or a skip where this CPU cannot run it."""
+    if build() is None:
+        pytest.skip("the CPU kernels do not build here")
+    supported = build().int8_dynamic_supported() if isa == "vnni" else build().int8_dynamic_avx2_supported()
+    if not supported:
+        pytest.skip(f"this CPU cannot run the {isa} int8-activation kernels")
+    return isa == "vnni"
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("shape", [(128, 64), (40, 96), (200, 32)])
-def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shape) -> None:
-    needs_vnni()
+def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shape, isa) -> None:
+    vnni = needs_isa(isa)
     out_features, in_features = shape
     torch.manual_seed(0)
     q, scales = quantize_weight(torch.randn(out_features, in_features))
     packed, packed_scales = quant_kernels.pack_int8(q, scales, offset=True)
 
     def dynamic(x: torch.Tensor) -> torch.Tensor:
-        return build().int8_dynamic_matmul(x, packed, packed_scales, out_features)
+        return build().int8_dynamic_matmul(x, packed, packed_scales, out_features, vnni)
 
-    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 3 and 1
+    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 3 (2) and 1
     out = dynamic(x)
     assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
     weight = q.double() * scales.double()[:, None]
@@ -128,19 +139,20 @@ def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shap
     assert in_bf16.dtype == torch.bfloat16
     assert torch.equal(in_bf16, dynamic(x.bfloat16().float()).bfloat16())
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        build().int8_dynamic_matmul(torch.randn(1, 48), packed, packed_scales, out_features)
+        build().int8_dynamic_matmul(torch.randn(1, 48), packed, packed_scales, out_features, vnni)
 
 
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("shape", [(64, 64), (40, 96), (200, 32)])
-def test_int4_dynamic_matmul_computes_q4_1_groups_against_int8_activations(shape) -> None:
-    needs_vnni()
+def test_int4_dynamic_matmul_computes_q4_1_groups_against_int8_activations(shape, isa) -> None:
+    vnni = needs_isa(isa)
     out_features, in_features = shape
     torch.manual_seed(0)
     q, scales, mins = quantize_weight_int4(torch.randn(out_features, in_features))
     packed = quant_kernels.pack_int4(q, scales, mins)
 
     def dynamic(x: torch.Tensor) -> torch.Tensor:
-        return build().int4_dynamic_matmul(x, *packed, out_features)
+        return build().int4_dynamic_matmul(x, *packed, out_features, vnni)
 
     x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 4 and 2
     out = dynamic(x)
@@ -155,8 +167,39 @@ def test_int4_dynamic_matmul_computes_q4_1_groups_against_int8_activations(shape
     for rows in range(1, 10):
         assert torch.equal(dynamic(flat[:rows]), alone[:rows])
     with pytest.raises(RuntimeError, match="int4 scales and minimums must be fp16"):
-        build().int4_dynamic_matmul(x, packed[0], packed[1].float(), packed[2], out_features)
+        build().int4_dynamic_matmul(x, packed[0], packed[1].float(), packed[2], out_features, vnni)
     assert quant_kernels.pack_int4(q, scales * 1e6, mins) is None  # beyond fp16: the layer uses torch's kernel
+
+
+def test_the_avx2_kernels_give_the_vnni_kernels_results_bit_for_bit() -> None:
+    needs_isa("vnni"), needs_isa("avx2")
+    torch.manual_seed(0)
+    weight, x = torch.randn(200, 96), torch.randn(7, 96) * 3
+    q, scales = quantize_weight(weight)
+    packed = quant_kernels.pack_int8(q, scales, offset=True)
+    vnni, avx2 = (build().int8_dynamic_matmul(x, *packed, 200, flag) for flag in (True, False))
+    assert torch.equal(vnni, avx2)
+    packed = quant_kernels.pack_int4(*quantize_weight_int4(weight))
+    vnni, avx2 = (build().int4_dynamic_matmul(x, *packed, 200, flag) for flag in (True, False))
+    assert torch.equal(vnni, avx2)
+
+
+def test_the_kernels_follow_torchs_view_of_the_cpu(monkeypatch) -> None:
+    """``ATEN_CPU_CAPABILITY=avx2`` (torch reporting AVX2) picks the AVX2 kernels; the switch turns both off."""
+    needs_isa("avx2")
+    try:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        quant_kernels.dynamic_isa.cache_clear()
+        assert quant_kernels.dynamic_isa() == "avx2" and not quant_kernels.dynamic_uses_vnni()
+        layer = W8A8Linear.from_linear(torch.nn.Linear(64, 96))
+        layer(torch.randn(2, 64))
+        assert layer._kernel[0].__name__ == "int8_dynamic_matmul" and layer._kernel[-1] is False
+        monkeypatch.setenv(quant_kernels.ENV_SWITCH, "0")
+        quant_kernels.dynamic_isa.cache_clear()
+        assert quant_kernels.dynamic_isa() is None
+    finally:
+        monkeypatch.undo()
+        quant_kernels.dynamic_isa.cache_clear()
 
 
 def test_int8_activation_layers_use_the_dynamic_kernels() -> None:

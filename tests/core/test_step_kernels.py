@@ -205,7 +205,7 @@ def test_kernels_are_built_at_the_first_cpu_step_and_a_failed_build_decodes_eage
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
-    caches = (step_kernels.load, cpu_kernels.build, quant_kernels.available)
+    caches = (step_kernels.load, cpu_kernels.build, quant_kernels.available, quant_kernels.dynamic_isa)
     for cache in caches:
         cache.cache_clear()
     try:

@@ -25,6 +25,7 @@ FUNCTIONS = [
     "int8_matmul",
     "int8_dynamic_matmul",
     "int8_dynamic_supported",
+    "int8_dynamic_avx2_supported",
     "int4_dynamic_matmul",
 ]
 

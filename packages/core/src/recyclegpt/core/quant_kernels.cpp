@@ -19,6 +19,10 @@
 //
 // int4_dynamic_matmul (int4 weights in Q4_1 groups of 32, int8 activations, AVX-512 VNNI): the same
 // activation blocks against the weight's groups (its own layout, below).
+//
+// Both int8-activation kernels have an AVX2 twin (vpmaddubsw for vpdpbusd) that computes the same
+// exact block sums from the same packed weights and scales them in the same order, so on one machine
+// its results equal the VNNI kernel's bit for bit; `vnni` picks which runs.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -217,25 +221,28 @@ VNNI_TARGET INLINE void dynamic_tile_rows(const uint32_t* w, const float* scales
 // tile, which then comes from cache: four panels for 6 rows need more sums than registers hold, and
 // two passes of two panels each read every cache line of the tile from memory twice.)
 struct Int8Tile {
+  static constexpr int kMaxRows = kMaxDynamicRows;
   template <int R>
-  VNNI_TARGET INLINE static void run(const DynamicProblem& pr, int64_t row, int64_t t) {
+  VNNI_TARGET static void run(const DynamicProblem& pr, int64_t row, int64_t t) {
     const int64_t ldy = pr.tiles * kTile;
     dynamic_tile_rows<R, kTile / kPanel>(pr.w + t * (pr.K / 4) * kTile, pr.scales + t * kTile, pr, row,
                                          pr.y + row * ldy + t * kTile, ldy);
   }
 };
 
-// Tiles [begin, end), every row, in passes of up to kMaxDynamicRows rows: Tile::run<R>(problem,
-// first row, tile) computes R rows of one tile.
+// Tiles [begin, end), every row, in passes of up to Tile::kMaxRows (2 or 3) rows: Tile::run<R>(problem,
+// first row, tile) computes R rows of one tile. (No target of its own: each Tile::run has its ISA's.)
 template <typename Tile, typename Problem>
-VNNI_TARGET INLINE void run_row_passes(const Problem& pr, int64_t begin, int64_t end) {
+INLINE void run_row_passes(const Problem& pr, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     for (int64_t row = 0; row < pr.M;) {
-      const int64_t rows = std::min<int64_t>(pr.M - row, kMaxDynamicRows);
-      switch (rows) {
-        case 1: Tile::template run<1>(pr, row, t); break;
-        case 2: Tile::template run<2>(pr, row, t); break;
-        default: Tile::template run<3>(pr, row, t); break;
+      const int64_t rows = std::min<int64_t>(pr.M - row, Tile::kMaxRows);
+      if (rows == 1) {
+        Tile::template run<1>(pr, row, t);
+      } else if (rows == 2) {
+        Tile::template run<2>(pr, row, t);
+      } else if constexpr (Tile::kMaxRows >= 3) {
+        Tile::template run<3>(pr, row, t);
       }
       row += rows;
     }
@@ -267,8 +274,9 @@ struct Int4Problem {
 };
 
 struct Int4Tile {
+  static constexpr int kMaxRows = kMaxDynamicRows;
   template <int R>
-  VNNI_TARGET INLINE static void run(const Int4Problem& pr, int64_t row, int64_t t) {
+  VNNI_TARGET static void run(const Int4Problem& pr, int64_t row, int64_t t) {
     constexpr int P = kInt4Tile / kPanel;
     const int64_t K = pr.K, blocks = K / kBlock, ldy = pr.tiles * kInt4Tile;
     const uint32_t* w = pr.w + t * (K / 8) * kInt4Tile;
@@ -329,6 +337,144 @@ VNNI_TARGET void int4_run_tiles(const Int4Problem& pr, int64_t begin, int64_t en
   run_row_passes<Int4Tile>(pr, begin, end);
 }
 
+// --- The same two kernels on AVX2 (no VNNI): vpmaddubsw multiplies unsigned by signed bytes and
+// adds neighbouring products to int16, vpmaddwd adds int16 pairs to int32. ---
+
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+constexpr int kAvx2Panel = 8;  // output channels a 256-bit vector holds
+
+// Two panels of 8 channels for R (1 or 2) rows: sums, outputs and operands fit in 16 registers.
+// (Passes of up to 4 rows over one panel measured no faster: a row costs its products either way.)
+struct Avx2Int8Tile {
+  static constexpr int kMaxRows = 2;
+  // q = byte ^ 0x80; |q| * (a with q's sign) = q * a, and a pair of those stays within int16
+  // (|q| <= 128, |a| <= 127), so each block sum is the exact sum of q * a (no -128 * sum(a) offset).
+  template <int R>
+  AVX2_TARGET static void run(const DynamicProblem& pr, int64_t row, int64_t t) {
+    constexpr int P = 2;
+    const int64_t K = pr.K, blocks = K / kBlock, ldy = pr.tiles * kTile;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+    for (int first = 0; first < kTile; first += P * kAvx2Panel) {
+      const uint32_t* w = pr.w + t * (K / 4) * kTile + first;
+      __m256 out[R][P];
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) out[r][p] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256i sum[R][P];
+        for (int r = 0; r < R; ++r)
+          for (int p = 0; p < P; ++p) sum[r][p] = _mm256_setzero_si256();
+        for (int g = 0; g < kBlockLanes; ++g) {
+          __m256i q[P], magnitude[P];
+          for (int p = 0; p < P; ++p) {
+            const auto* at = reinterpret_cast<const __m256i*>(w + (b * kBlockLanes + g) * kTile + p * kAvx2Panel);
+            q[p] = _mm256_xor_si256(_mm256_loadu_si256(at), flip);
+            magnitude[p] = _mm256_abs_epi8(q[p]);
+          }
+          for (int r = 0; r < R; ++r) {
+            int32_t four;  // a[k .. k+3] of row r, broadcast to every lane
+            std::memcpy(&four, pr.a + (row + r) * K + b * kBlock + g * 4, sizeof(four));
+            const __m256i x = _mm256_set1_epi32(four);
+            for (int p = 0; p < P; ++p) {
+              const __m256i pairs = _mm256_maddubs_epi16(magnitude[p], _mm256_sign_epi8(x, q[p]));
+              sum[r][p] = _mm256_add_epi32(sum[r][p], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256 d = _mm256_set1_ps(pr.d[(row + r) * blocks + b]);
+          for (int p = 0; p < P; ++p) out[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][p]), d, out[r][p]);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) {
+          const __m256 scale = _mm256_loadu_ps(pr.scales + t * kTile + first + p * kAvx2Panel);
+          _mm256_storeu_ps(pr.y + (row + r) * ldy + t * kTile + first + p * kAvx2Panel, _mm256_mul_ps(out[r][p], scale));
+        }
+    }
+  }
+};
+
+// q in 0..15: a product pair is at most 2 * 15 * 127, so a block's 4 x 2 pairs add up in int16.
+struct Avx2Int4Tile {
+  static constexpr int kMaxRows = 2;
+  template <int R>
+  AVX2_TARGET static void run(const Int4Problem& pr, int64_t row, int64_t t) {
+    constexpr int P = 2;
+    const int64_t K = pr.K, blocks = K / kBlock, ldy = pr.tiles * kInt4Tile;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int first = 0; first < kInt4Tile; first += P * kAvx2Panel) {
+      const uint32_t* w = pr.w + t * (K / 8) * kInt4Tile + first;
+      const uint16_t* scales = pr.scales + t * blocks * kInt4Tile + first;
+      const uint16_t* mins = pr.mins + t * blocks * kInt4Tile + first;
+      __m256 out[R][P];
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) out[r][p] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256i pairs[R][P];
+        for (int r = 0; r < R; ++r)
+          for (int p = 0; p < P; ++p) pairs[r][p] = _mm256_setzero_si256();
+        for (int o = 0; o < kBlock / 8; ++o) {
+          __m256i low[P], high[P];
+          for (int p = 0; p < P; ++p) {
+            const auto* at = reinterpret_cast<const __m256i*>(w + (b * (kBlock / 8) + o) * kInt4Tile + p * kAvx2Panel);
+            const __m256i lanes = _mm256_loadu_si256(at);
+            low[p] = _mm256_and_si256(lanes, nibble);
+            high[p] = _mm256_and_si256(_mm256_srli_epi32(lanes, 4), nibble);
+          }
+          for (int r = 0; r < R; ++r) {
+            int32_t first_four, second_four;  // a[k .. k+3] and a[k+4 .. k+7] of row r
+            const int8_t* a = pr.a + (row + r) * K + b * kBlock + o * 8;
+            std::memcpy(&first_four, a, sizeof(first_four));
+            std::memcpy(&second_four, a + 4, sizeof(second_four));
+            const __m256i x0 = _mm256_set1_epi32(first_four), x1 = _mm256_set1_epi32(second_four);
+            for (int p = 0; p < P; ++p) {
+              const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(low[p], x0), _mm256_maddubs_epi16(high[p], x1));
+              pairs[r][p] = _mm256_add_epi16(pairs[r][p], both);
+            }
+          }
+        }
+        __m256 s[P], m[P];
+        for (int p = 0; p < P; ++p) {
+          const int64_t at = b * kInt4Tile + p * kAvx2Panel;
+          s[p] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + at)));
+          m[p] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + at)));
+        }
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (row + r) * blocks + b;
+          const __m256 d = _mm256_set1_ps(pr.d[at]);
+          const __m256 asum = _mm256_set1_ps(static_cast<float>(pr.offset[at] / -128));
+          for (int p = 0; p < P; ++p) {
+            const __m256i total = _mm256_madd_epi16(pairs[r][p], ones);
+            const __m256 block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), s[p], _mm256_mul_ps(m[p], asum));
+            out[r][p] = _mm256_fmadd_ps(block, d, out[r][p]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p)
+          _mm256_storeu_ps(pr.y + (row + r) * ldy + t * kInt4Tile + first + p * kAvx2Panel, out[r][p]);
+    }
+  }
+};
+
+AVX2_TARGET void avx2_dynamic_run_tiles(const DynamicProblem& pr, int64_t begin, int64_t end) {
+  run_row_passes<Avx2Int8Tile>(pr, begin, end);
+}
+
+AVX2_TARGET void avx2_int4_run_tiles(const Int4Problem& pr, int64_t begin, int64_t end) {
+  run_row_passes<Avx2Int4Tile>(pr, begin, end);
+}
+
+#undef AVX2_TARGET
+
+bool avx2_supported() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return supported;
+}
+
 bool vnni_supported() {
   static const bool supported = [] {
     __builtin_cpu_init();
@@ -353,8 +499,11 @@ bool avx512_supported() {
 
 }  // namespace packed
 
-// Does this CPU run the int8-activation kernels (AVX-512 with VNNI)?
+// Does this CPU run the int8-activation kernels with VNNI (AVX-512 with VNNI)?
 bool int8_dynamic_supported() { return packed::avx512_supported() && packed::vnni_supported(); }
+
+// Does this CPU run their AVX2 twins (AVX2, FMA and F16C)?
+bool int8_dynamic_avx2_supported() { return packed::avx2_supported(); }
 
 namespace {
 
@@ -364,11 +513,15 @@ struct QuantizedRows {
   int64_t M;
 };
 
-QuantizedRows quantized_rows(const torch::Tensor& x) {
+QuantizedRows quantized_rows(const torch::Tensor& x, bool vnni) {
   using namespace packed;
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be an fp32 or bf16 CPU tensor");
-  TORCH_CHECK(int8_dynamic_supported(), "this kernel needs AVX-512 with VNNI (avx512f/bw/vl/dq, avx512vnni)");
+  if (vnni) {
+    TORCH_CHECK(int8_dynamic_supported(), "vnni=True needs AVX-512 with VNNI (avx512f/bw/vl/dq, avx512vnni)");
+  } else {
+    TORCH_CHECK(int8_dynamic_avx2_supported(), "vnni=False needs AVX2, FMA and F16C");
+  }
   const int64_t K = x.size(-1);
   TORCH_CHECK(K % kBlock == 0, "int8 activations need in_features a multiple of 32, got ", K);
   const auto xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
@@ -424,11 +577,12 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, c
 
 
 // x [..., K] (fp32 or bf16, K a multiple of 32) against a packed weight of q + 128 bytes, activations
-// quantized to int8 in blocks of 32 on the fly; [..., out_features] in x's dtype.
+// quantized to int8 in blocks of 32 on the fly; [..., out_features] in x's dtype. `vnni`: the AVX-512
+// VNNI kernel, else its AVX2 twin (the same results).
 torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
-                                  int64_t out_features) {
+                                  int64_t out_features, bool vnni) {
   using namespace packed;
-  const QuantizedRows rows = quantized_rows(x);  // checks x first
+  const QuantizedRows rows = quantized_rows(x, vnni);  // checks x first
   const int64_t K = x.size(-1), tiles = weight.size(0);
   check_int8_tiles(weight, scales, K, out_features);
   auto y = torch::empty({rows.M, tiles * kTile}, rows.d.options());
@@ -436,16 +590,18 @@ torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
                           reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), scales.data_ptr<float>(),
                           y.data_ptr<float>(), rows.M, K, tiles};
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / (K * kTile)),
-                   [&](int64_t begin, int64_t end) { dynamic_run_tiles(pr, begin, end); });
+                   [&](int64_t begin, int64_t end) {
+                     vnni ? dynamic_run_tiles(pr, begin, end) : avx2_dynamic_run_tiles(pr, begin, end);
+                   });
   return shaped_like(y, x, out_features);
 }
 
 // x [..., K] (fp32 or bf16) against packed int4 groups of 32 (Q4_1), activations quantized to int8
-// in blocks of 32 on the fly; [..., out_features] in x's dtype.
+// in blocks of 32 on the fly; [..., out_features] in x's dtype. `vnni` as for int8_dynamic_matmul.
 torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
-                                  const torch::Tensor& mins, int64_t out_features) {
+                                  const torch::Tensor& mins, int64_t out_features, bool vnni) {
   using namespace packed;
-  const QuantizedRows rows = quantized_rows(x);  // checks x first
+  const QuantizedRows rows = quantized_rows(x, vnni);  // checks x first
   const int64_t K = x.size(-1), tiles = weight.size(0);
   TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
                   weight.size(1) * 8 == K && weight.size(2) == kInt4Tile,
@@ -466,6 +622,8 @@ torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
                        K,
                        tiles};
   at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 15) / (K * kInt4Tile / 2)),
-                   [&](int64_t begin, int64_t end) { int4_run_tiles(pr, begin, end); });
+                   [&](int64_t begin, int64_t end) {
+                     vnni ? int4_run_tiles(pr, begin, end) : avx2_int4_run_tiles(pr, begin, end);
+                   });
   return shaped_like(y, x, out_features);
 }

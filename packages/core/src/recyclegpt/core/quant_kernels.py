@@ -1,4 +1,4 @@
-"""Int8 matmuls for decoding on AVX-512 CPUs (``quant_kernels.cpp``).
+"""Int8 matmuls for decoding on x86 CPUs (``quant_kernels.cpp``).
 
 ``int8_matmul`` (weight-only int8) reads each weight tile once for up to eight activation rows and
 computes every output as one fixed-order fp32 sum, so a k-token step gives exactly what k one-token
@@ -11,9 +11,11 @@ than torch's for one row, so weight-only int4, AVX2 CPUs, and any run with
 ``RECYCLEGPT_QUANT_KERNELS=0`` use torch's kernels.
 
 ``int8_dynamic_matmul`` (w8a8) and ``int4_dynamic_matmul`` (w4a8) quantize the activations to int8
-in blocks of 32 and sum with AVX-512 VNNI integer dot products (:func:`dynamic_available`): a row
-costs a quarter of the fp32 multiply-adds, so k-token steps cost much less (SmolLM2's decoder
-linears, 5 rows against 1: 1.4x for w8a8, 1.9x for packed int8, same machine).
+in blocks of 32 and sum with AVX-512 VNNI integer dot products: a row costs a quarter of the fp32
+multiply-adds, so k-token steps cost much less (SmolLM2's decoder linears, 5 rows against 1: 1.4x
+for w8a8, 1.9x for packed int8, same machine). On CPUs without VNNI (the AVX2 class) their AVX2
+twins compute the same exact block sums with ``vpmaddubsw`` and give the same results bit for bit
+(:func:`dynamic_isa` picks, as torch's own dispatch sees the CPU).
 
 Packed layouts (a copy a layer keeps beside its plain weight): int8, tiles of 64 output channels,
 each one contiguous run of 32-bit lanes, one lane per channel for every 4 values along K,
@@ -54,10 +56,29 @@ def tiles(tensor: torch.Tensor, width: int = TILE) -> torch.Tensor:
 
 
 @functools.cache
+def dynamic_isa() -> str | None:
+    """Which int8-activation kernels (w8a8, w4a8) run here: ``"avx512_vnni"`` where torch dispatches
+    AVX-512 and the CPU has VNNI, ``"avx2"`` on other CPUs with AVX2, FMA and F16C (so
+    ``ATEN_CPU_CAPABILITY=avx2`` picks the AVX2 kernels, as on the AVX2 class), None where they are
+    not built or are switched off (``RECYCLEGPT_QUANT_KERNELS=0``)."""
+    if not switched_on(ENV_SWITCH) or build() is None:
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512") and build().int8_dynamic_supported():
+        return "avx512_vnni"
+    if capability.startswith(("AVX2", "AVX512")) and build().int8_dynamic_avx2_supported():
+        return "avx2"
+    return None
+
+
 def dynamic_available() -> bool:
-    """Do the int8-activation kernels (w8a8, w4a8) run here: :func:`available`, and a CPU with
-    AVX-512 VNNI?"""
-    return available() and bool(build().int8_dynamic_supported())
+    """Do the int8-activation kernels (w8a8, w4a8) run here (:func:`dynamic_isa`)?"""
+    return dynamic_isa() is not None
+
+
+def dynamic_uses_vnni() -> bool:
+    """The ``vnni`` argument of the int8-activation kernels here: the VNNI kernels, else the AVX2 ones."""
+    return dynamic_isa() == "avx512_vnni"
 
 
 def dynamic_fits(in_features: int) -> bool:

@@ -264,7 +264,8 @@ class W8A8Linear(Int8Activations, Int8Linear):
 
     def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
         packed, scales = quant_kernels.pack_int8(self.weight, self.scales, offset=True)
-        return quant_kernels.build().int8_dynamic_matmul, packed, scales, self.out_features
+        vnni = quant_kernels.dynamic_uses_vnni()
+        return quant_kernels.build().int8_dynamic_matmul, packed, scales, self.out_features, vnni
 
     def extra_repr(self) -> str:
         return (
@@ -343,7 +344,9 @@ class W4A8Linear(Int8Activations, Int4Linear):
         if self.group_size != ACTIVATION_BLOCK:
             return None
         packed = quant_kernels.pack_int4(self.unpacked(), self.scales, self.mins)
-        return None if packed is None else (quant_kernels.build().int4_dynamic_matmul, *packed, self.out_features)
+        if packed is None:
+            return None
+        return quant_kernels.build().int4_dynamic_matmul, *packed, self.out_features, quant_kernels.dynamic_uses_vnni()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", int8 activations in blocks of {ACTIVATION_BLOCK}"
