@@ -20,7 +20,9 @@ def server(request, tmp_path_factory):
     # Slow enough (d=256) that requests sent together overlap in the worker. fp32 compute, unquantized,
     # with fp16 weights or with w8a8's kernel: each computes a row the same whatever rows share its step.
     if request.param == "w8a8" and not quant_kernels.dynamic_available():
-        pytest.skip("w8a8's kernel needs AVX-512 VNNI; without it torch's int8 kernel (bf16, row blocks) runs")
+        pytest.skip(
+            "w8a8's kernels need AVX-512 VNNI or AVX2; without them torch's int8 kernel (bf16, row blocks) runs"
+        )
     model = build_model_dir(tmp_path_factory.mktemp("batch") / "batchy", max_seq_len=256, hidden_size=256, num_layers=4)
     with ServerProcess(
         [

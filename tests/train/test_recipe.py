@@ -55,7 +55,7 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert report["data"] == "stdlib"
     native_bf16 = auto_dtype("cpu") == torch.bfloat16
     dtype = "bf16" if native_bf16 else "fp32"
-    # --quantize auto: w8a8 where the CPU has AVX-512 VNNI, else unquantized bf16 or int8 with fp32
+    # --quantize auto: w8a8 where its integer kernels run (VNNI or AVX2), else unquantized bf16 or int8 with fp32
     expected = f"{dtype} + w8a8" if quant_kernels.dynamic_available() else ("bf16" if native_bf16 else "fp32 + int8")
     assert report["speed_weights"] == expected
     assert report["speed"]["speculative"]["identical_to_standard"] is True
@@ -65,7 +65,7 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     assert 1 <= plan["trained_steps"] <= plan["max_steps"] == 8 and plan["train_seconds"] >= 1
     assert "--trainer.max_time=00:00:" in result.stdout  # training stops at its share of the budget
     assert plan["selfgen_cached_features"] and plan["train_tokens_cached"] == plan["selfgen_tokens"] > 0
-    # --selfgen-quantize auto: the base writes in w8a8 where the VNNI kernels run; the fit matches that cache
+    # --selfgen-quantize auto: the base writes in w8a8 where its kernels run; the fit matches that cache
     assert plan["selfgen_quantize"] == ("w8a8" if quant_kernels.dynamic_available() else "none")
     assert f"--data.feature_quantize={plan['selfgen_quantize']}" in result.stdout
     assert "runs/features/train: building" not in result.stdout and "runs/features/val: building" in result.stdout
@@ -102,7 +102,7 @@ def test_training_is_bounded_by_its_time_and_by_twice_the_calibrated_steps() -> 
     assert _duration(3725) == "00:01:02:05" and _duration(90061) == "01:01:01:01"
 
 
-def test_speed_report_quantizes_to_w8a8_with_vnni_else_to_int8_only_where_the_cpu_lacks_native_bf16(
+def test_speed_report_quantizes_to_w8a8_with_its_kernels_else_to_int8_only_where_the_cpu_lacks_native_bf16(
     monkeypatch,
 ) -> None:
     monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: False)
@@ -114,7 +114,7 @@ def test_speed_report_quantizes_to_w8a8_with_vnni_else_to_int8_only_where_the_cp
     assert speed_quantize("int4", torch.bfloat16) == "int4" and speed_quantize("none", torch.float32) == "none"
 
 
-def test_self_generation_quantizes_to_w8a8_only_where_the_vnni_kernels_run(monkeypatch) -> None:
+def test_self_generation_quantizes_to_w8a8_only_where_its_kernels_run(monkeypatch) -> None:
     monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: False)
     assert selfgen_quantize("auto") == "none"
     monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: True)

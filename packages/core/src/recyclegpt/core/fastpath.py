@@ -11,7 +11,7 @@ GGUF files keep at 8 bits, and the small module is where a draft's quality is de
 CPUs): slower than int8 for one token, but k-token steps cost far less, and a row's result does
 not depend on the rows beside it, so speculative decoding's verification is cheap and exact.
 ``quantize="w8a8"`` gives every linear int8 weights and int8 activations (blocks of 32): on AVX-512
-VNNI CPUs both one-token and k-token steps are cheaper than int8's, at a small cost in perplexity, and
+VNNI and AVX2 CPUs both one-token and k-token steps are cheaper than int8's, at a small cost in perplexity, and
 ``quantize="w4a8"`` does the same with the base's decoder linears int4 (as llama.cpp runs a Q4_1
 file: the fastest there). The result
 is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and

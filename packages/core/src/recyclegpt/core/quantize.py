@@ -23,7 +23,7 @@ many rows come with it: cheap, exact draft verification and batch-invariant batc
 
 w8a8: int8 weights as int8's, and every activation row rounded, in blocks of 32 along K, to
 ``d * a`` (``d = max|x| / 127``, ``a`` in -127..127: llama.cpp's Q8_0) so that the matmul runs on
-integer dot products (AVX-512 VNNI, :func:`recyclegpt.core.quant_kernels.dynamic_available`): the
+integer dot products (AVX-512 VNNI, or AVX2's vpmaddubsw; :func:`recyclegpt.core.quant_kernels.dynamic_isa`): the
 weight is read once for all rows and a row costs a quarter of the fused multiply-adds, so a k-token
 step costs much less than int8's. Its price is that rounding of the activations (perplexity: see
 the README). Each row's result is its own, as with the packed int8 kernel. Where that kernel does
@@ -49,9 +49,9 @@ QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16", "w8a8", "w4a8")
 QUANTIZE_HELP = (
     "int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fastest single "
     "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification); "
-    "w8a8: int8 weights and int8 activations in blocks of 32 (AVX-512 VNNI CPUs: cheap multi-token steps, "
-    "the best for speculative decoding there); w4a8: w8a8 with the base's decoder linears int4 (the fastest "
-    "on AVX-512 VNNI CPUs)"
+    "w8a8: int8 weights and int8 activations in blocks of 32 (integer kernels on AVX-512 VNNI and AVX2 CPUs: "
+    "cheap multi-token steps, the best for speculative decoding there); w4a8: w8a8 with the base's decoder "
+    "linears int4 (the fastest single requests on those CPUs)"
 )
 INT8_MAX = 127
 ACTIVATION_BLOCK = quant_kernels.ACTIVATION_BLOCK  # w8a8: activation values one scale covers
@@ -239,10 +239,10 @@ class Int8Linear(QuantizedLinear):
 class Int8Activations:
     """What w8a8 and w4a8 layers add to their weight-only base class: activations rounded to int8
     in blocks of 32 (:func:`quantize_activations`), multiplied by :meth:`dynamic_kernel` on AVX-512
-    VNNI CPUs, elsewhere rounded before the base class's own matmul (correct, not fast)."""
+    VNNI and AVX2 CPUs, elsewhere rounded before the base class's own matmul (correct, not fast)."""
 
     def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:
-        """``(matmul, *operands)`` of the VNNI kernel for this layer, or None where it cannot take it."""
+        """``(matmul, *operands)`` of the int8-activation kernel for this layer, or None where it cannot take it."""
         raise NotImplementedError
 
     def make_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
@@ -260,7 +260,7 @@ class Int8Activations:
 
 class W8A8Linear(Int8Activations, Int8Linear):
     """:class:`Int8Linear` (same buffers) whose activations are quantized to int8 too, in blocks of 32
-    along K: an integer matmul on AVX-512 VNNI CPUs."""
+    along K: an integer matmul on AVX-512 VNNI and AVX2 CPUs."""
 
     def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
         packed, scales = quant_kernels.pack_int8(self.weight, self.scales, offset=True)
@@ -337,7 +337,7 @@ class Int4Linear(QuantizedLinear):
 
 class W4A8Linear(Int8Activations, Int4Linear):
     """:class:`Int4Linear` (same buffers) whose activations are quantized to int8 in blocks of 32, as
-    llama.cpp runs Q4_1 weights: integer dot products on AVX-512 VNNI CPUs (groups of 32 only; the
+    llama.cpp runs Q4_1 weights: integer dot products on AVX-512 VNNI and AVX2 CPUs (groups of 32 only; the
     kernel reads scales and minimums rounded to fp16, as GGUF stores them)."""
 
     def dynamic_kernel(self) -> tuple[Callable[..., torch.Tensor], ...] | None:

@@ -6,15 +6,15 @@
 2. calibrate: time one base forward and two unrolled module steps;
 3. self-generate (``selfgen_share`` of the budget, 0 = off): the base continues prompts sliced from
    the training text, and the module trains on what the base wrote (see :mod:`recyclegpt.train.selfgen`),
-   with the weights ``--selfgen-quantize`` names (``auto``: w8a8 on AVX-512 VNNI CPUs, ~1.9x the
-   tokens/s; the module then trains on the states of the w8a8 base, which decoding reads);
+   with the weights ``--selfgen-quantize`` names (``auto``: w8a8 where the int8-activation kernels
+   run, 1.2-1.9x the tokens/s; the module then trains on the states of the w8a8 base, which decoding reads);
    with it off, the corpus is sized so that its feature cache takes ~``cache_share`` of the budget;
 4. ``recyclegpt-train fit``: features cached once, then the module trains over them for as many steps
    as the time left after the cache and the evaluation reserve (``eval_share``) allows, and is exported;
 5. ``recyclegpt-eval quality`` (agreement by chained draft depth) and ``recyclegpt-eval speed``
    (tokens/s of every mode, accepted tokens per verification) on held-out text, the latter with the
-   weights ``--quantize`` names (``auto``: w8a8 on AVX-512 VNNI CPUs, int8 on CPUs without native bf16,
-   see :func:`speed_quantize`);
+   weights ``--quantize`` names (``auto``: w8a8 where the int8-activation kernels run, see
+   :func:`speed_quantize`);
 6. the base's perplexity of alternating's text against standard's, the module's agreement by depth on
    the base's own greedy text, and a markdown report with the time each phase took
    (``OUT/report.md``, ``OUT/report.json``).
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         "--selfgen-quantize",
         choices=("auto", *QUANTIZE_CHOICES),
         default="auto",
-        help="the base's weights while it writes (auto: w8a8 on AVX-512 VNNI CPUs, else none); the "
+        help="the base's weights while it writes (auto: w8a8 where its integer kernels run, else none); the "
         "training features are the states of that base",
     )
     parser.add_argument("--selfgen-prompt-bytes", type=int, default=1_000_000, help="corpus text prompts come from")
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         "--quantize",
         choices=("auto", *QUANTIZE_CHOICES),
         default="auto",
-        help="weights of the speed report (auto: w8a8 on AVX-512 VNNI CPUs, int8 on CPUs without "
-        "native bf16, else none)",
+        help="weights of the speed report (auto: w8a8 where its integer kernels run, else int8 on CPUs "
+        "without native bf16 and none elsewhere)",
     )
     parser.add_argument("--out", default=None, help="report directory (default: beside the exported model)")
     parser.add_argument("fit_args", nargs="*", help="extra recyclegpt-train fit arguments (after --)")
@@ -469,9 +469,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def selfgen_quantize(choice: str) -> str:
-    """The base's weights while it writes the training text. ``auto``: w8a8 on a CPU with AVX-512
-    VNNI (SmolLM2 at batch 64, bf16: 591 tokens/s against 307 unquantized), else none (elsewhere
-    no int8 kernel was measured faster than the unquantized base at batch 64)."""
+    """The base's weights while it writes the training text. ``auto``: w8a8 on CPUs where its
+    integer kernels run (:func:`recyclegpt.core.quant_kernels.dynamic_isa`; SmolLM2 at batch 64:
+    AVX-512 VNNI, bf16, 591 tokens/s against 307 unquantized; the AVX2 kernels, fp32, with torch
+    restricted to AVX2 on the same Zen 4, 333-342 against 273), else none."""
     if choice != "auto":
         return choice
     return "w8a8" if not torch.cuda.is_available() and quant_kernels.dynamic_available() else "none"
@@ -483,12 +484,11 @@ def _weights(selfgen: dict[str, Any]) -> str:
 
 
 def speed_quantize(choice: str, compute: torch.dtype) -> str:
-    """The weights the speed report decodes with. ``auto``: on a CPU with AVX-512 VNNI, w8a8 (int8
-    activations: the cheapest k-token verification there, a 5-token step ~1.6x a 1-token one on
-    SmolLM2); else unquantized where the hardware computes bf16 natively; int8 elsewhere, because
-    there fp32 verification is dear (AVX2: a 2-token step ~1.7x a 1-token one) while int8, fed bf16
-    activations, verifies 2 tokens for ~1.1x one and was the fastest lossless speculative setting
-    measured there (int4 verifies dearer)."""
+    """The weights the speed report decodes with. ``auto``: w8a8 where its integer kernels run
+    (AVX-512 VNNI or AVX2: the cheapest k-token verification there, a 5-token step of SmolLM2's
+    linears ~1.4x a 1-token one with VNNI, ~1.7x with AVX2, against 2-3x for torch's int8 kernel);
+    elsewhere (the kernels not built, or switched off) unquantized where the hardware computes bf16
+    natively and int8 otherwise (fp32 verification is dear there: AVX2, a 2-token step ~1.7x)."""
     if choice != "auto":
         return choice
     if not torch.cuda.is_available() and quant_kernels.dynamic_available():
