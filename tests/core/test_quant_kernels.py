@@ -31,6 +31,9 @@ from .conftest import tiny_config
 def kernels_built() -> None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the packed kernels cannot be built here (torch's kernels run)")
+
+
+def needs_packed() -> None:
     if not quant_kernels.available():
         pytest.skip(f"CPU capability {torch.backends.cpu.get_cpu_capability()}: the packed kernel needs AVX-512")
 
@@ -49,6 +52,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_feat
 # Shapes: whole tiles of 64 outputs, and not (zero rows pad the last tile).
 @pytest.mark.parametrize("shape", [(128, 64), (40, 96), (200, 32)])
 def test_packed_matmul_computes_the_quantized_product_row_by_row(shape) -> None:
+    needs_packed()
     out_features, in_features = shape
     weight, packed, scales = int8_case(out_features, in_features)
     x = torch.randn(2, 11, in_features)  # 22 rows: passes of 8, 8 and 6
@@ -66,6 +70,7 @@ def test_packed_matmul_computes_the_quantized_product_row_by_row(shape) -> None:
 
 
 def test_a_layout_that_does_not_match_is_refused() -> None:
+    needs_packed()
     _, packed, scales = int8_case(32, 64)
     with pytest.raises(RuntimeError, match="int8 weight must be packed tiles"):
         matmul(torch.randn(1, 48), packed, scales, 32)
@@ -76,6 +81,7 @@ def test_a_layout_that_does_not_match_is_refused() -> None:
 
 
 def test_int8_layers_use_the_packed_kernel_and_torchs_when_it_is_switched_off(monkeypatch) -> None:
+    needs_packed()
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 96, bias=True))
     x = torch.randn(3, 64)
@@ -98,7 +104,7 @@ def test_int8_layers_use_the_packed_kernel_and_torchs_when_it_is_switched_off(mo
         quant_kernels.available.cache_clear()
 
 
-def needs_vnni() -> None:
+def needs_dynamic() -> None:
     if not quant_kernels.dynamic_available():
         pytest.skip("no int8-activation kernel here: w8a8 rounds its activations before the int8 kernel instead")
 
@@ -203,7 +209,7 @@ def test_the_kernels_follow_torchs_view_of_the_cpu(monkeypatch) -> None:
 
 
 def test_int8_activation_layers_use_the_dynamic_kernels() -> None:
-    needs_vnni()
+    needs_dynamic()
     w8a8, w4a8 = W8A8Linear.from_linear(torch.nn.Linear(64, 96)), W4A8Linear.from_linear(torch.nn.Linear(64, 96))
     for layer in (w8a8, w4a8):
         layer(torch.randn(2, 64))
@@ -213,6 +219,7 @@ def test_int8_activation_layers_use_the_dynamic_kernels() -> None:
 
 @pytest.mark.parametrize("quantize", ["int8", "int4", "w8a8", "w4a8"])
 def test_a_verification_step_computes_what_one_token_steps_do(quantize: str) -> None:
+    needs_dynamic() if quantize in ("w8a8", "w4a8") else needs_packed()
     torch.manual_seed(0)
     model = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), quantize=quantize)
     prompt, new = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 5))
