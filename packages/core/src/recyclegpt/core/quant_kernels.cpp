@@ -1,6 +1,6 @@
-// Int8 matmuls for x86 CPUs with AVX-512, built for decode steps: a few activation rows against a
-// weight that is read once for all of them. Each row's result never depends on the rows computed
-// with it, so a k-token step gives exactly what k one-token steps give.
+// Int8 matmuls for x86 CPUs (AVX-512; the int8-activation ones also AVX2), built for decode steps: a
+// few activation rows against a weight that is read once for all of them. Each row's result never
+// depends on the rows computed with it, so a k-token step gives exactly what k one-token steps give.
 //
 // Packed layout (recyclegpt.core.quant_kernels makes it): tiles of 64 output channels, each one
 // contiguous run of 32-bit lanes, 64 lanes (one per channel) for every 4 values of k, so a pass
@@ -388,7 +388,8 @@ struct Avx2Int8Tile {
       for (int r = 0; r < R; ++r)
         for (int p = 0; p < P; ++p) {
           const __m256 scale = _mm256_loadu_ps(pr.scales + t * kTile + first + p * kAvx2Panel);
-          _mm256_storeu_ps(pr.y + (row + r) * ldy + t * kTile + first + p * kAvx2Panel, _mm256_mul_ps(out[r][p], scale));
+          float* y = pr.y + (row + r) * ldy + t * kTile + first + p * kAvx2Panel;
+          _mm256_storeu_ps(y, _mm256_mul_ps(out[r][p], scale));
         }
     }
   }
@@ -428,7 +429,8 @@ struct Avx2Int4Tile {
             std::memcpy(&second_four, a + 4, sizeof(second_four));
             const __m256i x0 = _mm256_set1_epi32(first_four), x1 = _mm256_set1_epi32(second_four);
             for (int p = 0; p < P; ++p) {
-              const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(low[p], x0), _mm256_maddubs_epi16(high[p], x1));
+              const __m256i both =
+                  _mm256_add_epi16(_mm256_maddubs_epi16(low[p], x0), _mm256_maddubs_epi16(high[p], x1));
               pairs[r][p] = _mm256_add_epi16(pairs[r][p], both);
             }
           }
