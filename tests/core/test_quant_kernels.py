@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -49,6 +50,18 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_feat
     return build().int8_matmul(x, packed, scales, out_features)
 
 
+def assert_each_row_as_alone(
+    kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``out`` = ``kernel(x)`` for 22 rows holds, bit for bit, what each row gives alone, and so does
+    every first 1..9 rows computed together (every row-pass split)."""
+    flat = x.view(-1, x.shape[-1])
+    alone = torch.cat([kernel(flat[i : i + 1]) for i in range(flat.shape[0])])
+    assert torch.equal(out.view(alone.shape), alone)
+    for rows in range(1, 10):
+        assert torch.equal(kernel(flat[:rows]), alone[:rows])
+
+
 # Shapes: whole tiles of 64 outputs, and not (zero rows pad the last tile).
 @pytest.mark.parametrize("shape", [(128, 64), (40, 96), (200, 32)])
 def test_packed_matmul_computes_the_quantized_product_row_by_row(shape) -> None:
@@ -59,11 +72,7 @@ def test_packed_matmul_computes_the_quantized_product_row_by_row(shape) -> None:
     out = matmul(x, packed, scales, out_features)
     assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), x.double() @ weight.T, atol=1e-4, rtol=1e-5)  # fp32, no bf16 rounding
-    flat = x.view(-1, in_features)
-    alone = torch.cat([matmul(flat[i : i + 1], packed, scales, out_features) for i in range(22)])
-    assert torch.equal(out.view(-1, out_features), alone)
-    for rows in range(1, 10):
-        assert torch.equal(matmul(flat[:rows], packed, scales, out_features), alone[:rows])
+    assert_each_row_as_alone(lambda rows: matmul(rows, packed, scales, out_features), x, out)
     in_bf16 = matmul(x.bfloat16(), packed, scales, out_features)
     assert in_bf16.dtype == torch.bfloat16
     assert torch.equal(in_bf16, matmul(x.bfloat16().float(), packed, scales, out_features).bfloat16())
@@ -136,11 +145,7 @@ def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shap
     assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
     weight = q.double() * scales.double()[:, None]
     torch.testing.assert_close(out.double(), quantize_activations(x).double() @ weight.T, atol=1e-4, rtol=1e-5)
-    flat = x.view(-1, in_features)
-    alone = torch.cat([dynamic(flat[i : i + 1]) for i in range(22)])
-    assert torch.equal(out.view(-1, out_features), alone)
-    for rows in range(1, 10):
-        assert torch.equal(dynamic(flat[:rows]), alone[:rows])
+    assert_each_row_as_alone(dynamic, x, out)
     in_bf16 = dynamic(x.bfloat16())
     assert in_bf16.dtype == torch.bfloat16
     assert torch.equal(in_bf16, dynamic(x.bfloat16().float()).bfloat16())
@@ -160,18 +165,14 @@ def test_int4_dynamic_matmul_computes_q4_1_groups_against_int8_activations(shape
     def dynamic(x: torch.Tensor) -> torch.Tensor:
         return build().int4_dynamic_matmul(x, *packed, out_features, vnni)
 
-    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 4 and 2
+    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 3 (2) and 1
     out = dynamic(x)
     assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
     groups = q.double().view(out_features, -1, 32)
     weight = groups * scales.half().double()[..., None] + mins.half().double()[..., None]  # fp16 scales inside
     expected = quantize_activations(x).double() @ weight.view(out_features, in_features).T
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
-    flat = x.view(-1, in_features)
-    alone = torch.cat([dynamic(flat[i : i + 1]) for i in range(22)])
-    assert torch.equal(out.view(-1, out_features), alone)
-    for rows in range(1, 10):
-        assert torch.equal(dynamic(flat[:rows]), alone[:rows])
+    assert_each_row_as_alone(dynamic, x, out)
     with pytest.raises(RuntimeError, match="int4 scales and minimums must be fp16"):
         build().int4_dynamic_matmul(x, packed[0], packed[1].float(), packed[2], out_features, vnni)
     assert quant_kernels.pack_int4(q, scales * 1e6, mins) is None  # beyond fp16: the layer uses torch's kernel

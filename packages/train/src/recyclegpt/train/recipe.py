@@ -468,6 +468,11 @@ def main(argv: list[str] | None = None) -> None:
     _log(f"model: {export_dir.resolve()}  report: {(out / 'report.md').resolve()}")
 
 
+def _int8_activation_kernels_run() -> bool:
+    """Does this machine decode w8a8 on integer kernels (a CPU run: AVX-512 VNNI or AVX2)?"""
+    return not torch.cuda.is_available() and quant_kernels.dynamic_available()
+
+
 def selfgen_quantize(choice: str) -> str:
     """The base's weights while it writes the training text. ``auto``: w8a8 on CPUs where its
     integer kernels run (:func:`recyclegpt.core.quant_kernels.dynamic_isa`; SmolLM2 at batch 64:
@@ -475,7 +480,7 @@ def selfgen_quantize(choice: str) -> str:
     restricted to AVX2 on the same Zen 4, 333-342 against 273), else none."""
     if choice != "auto":
         return choice
-    return "w8a8" if not torch.cuda.is_available() and quant_kernels.dynamic_available() else "none"
+    return "w8a8" if _int8_activation_kernels_run() else "none"
 
 
 def _weights(selfgen: dict[str, Any]) -> str:
@@ -491,7 +496,7 @@ def speed_quantize(choice: str, compute: torch.dtype) -> str:
     natively and int8 otherwise (fp32 verification is dear there: AVX2, a 2-token step ~1.7x)."""
     if choice != "auto":
         return choice
-    if not torch.cuda.is_available() and quant_kernels.dynamic_available():
+    if _int8_activation_kernels_run():
         return "w8a8"
     return "none" if compute == torch.bfloat16 else "int8"
 
