@@ -89,7 +89,7 @@ def test_bf16_speed_gate_checks_losslessness_in_fp32(tiny_model_dir, heldout_tex
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_speed_reports_adaptive_speculative_and_checks_losslessness(
+def test_quantized_speed_reports_adaptive_and_tree_speculative_and_checks_losslessness(
     tiny_model_dir, heldout_text, tmp_path, quantize
 ):
     from recyclegpt.core.quantize import rounds_to_bf16
@@ -101,8 +101,9 @@ def test_quantized_speed_reports_adaptive_speculative_and_checks_losslessness(
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["quantize"] == quantize and result["dtype"] == "fp32"
     assert result["speculative"]["adaptive"]["vs_best_fixed"] > 0
+    assert result["speculative"]["tree"]["vs_best_fixed"] > 0
     markdown = (tmp_path / "s.md").read_text()
-    assert "speculative adaptive" in markdown
+    assert "speculative adaptive" in markdown and "speculative tree" in markdown
     if rounds_to_bf16(quantize):
         # torch's kernels compute in bf16 even in an fp32 model: exactness is checked on the fp32 weights.
         assert result["speculative"]["identical_to_standard_fp32"] is True

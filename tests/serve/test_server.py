@@ -282,3 +282,15 @@ def test_32_concurrent_clients_get_what_they_get_alone(server):
     assert together == alone
     assert len({text for text, _, _ in alone}) > 1
     assert httpx.get(f"{server.url}/health", headers=server.headers, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("draft_policy", ["fixed", "tree"])
+def test_speculative_draft_policies_answer_as_standard_does(client, draft_policy):
+    """Greedy speculative decoding, drafting chains or trees, writes standard's text (fp32 server)."""
+    args = dict(model="tiny-recyclegpt", prompt="Once upon a time", max_tokens=40, temperature=0)
+    standard = client.completions.create(**args, extra_body={"decoding": "standard"})
+    speculative = client.completions.create(
+        **args, extra_body={"decoding": "speculative", "draft_policy": draft_policy}
+    )
+    assert speculative.choices[0].text == standard.choices[0].text
+    assert speculative.usage.completion_tokens == standard.usage.completion_tokens

@@ -38,17 +38,19 @@ Run = Callable[[], int]  # decodes once; returns the number of new tokens
 def decoder_runs(
     model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str
 ) -> dict[str, Run]:
-    """``standard``, ``alternating`` and ``speculative`` on ``model``, named ``<mode> [label]``."""
+    """``standard``, ``alternating``, ``speculative`` (adaptive chains) and ``speculative tree`` on
+    ``model``, named ``<mode> [label]``."""
 
-    def ours(decoding: str) -> Run:
+    def ours(decoding: str, draft_policy: str = "adaptive") -> Run:
         return lambda: model.generate(
-            prompt, new_tokens, decoding=decoding, draft_length=draft_length
+            prompt, new_tokens, decoding=decoding, draft_length=draft_length, draft_policy=draft_policy
         ).new_tokens.shape[1]
 
     return {
         f"standard [{label}]": ours("standard"),
         f"alternating [{label}]": ours("alternating"),
         f"speculative<={draft_length} [{label}]": ours("speculative"),
+        f"speculative tree<={draft_length} [{label}]": ours("speculative", "tree"),
     }
 
 

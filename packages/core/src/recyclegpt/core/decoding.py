@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recyclegpt.core.draft_tree import MAX_TREE_NODES, TREE_TOP_K, grow_tree
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
 from recyclegpt.core.sampling import SamplingParams, greedy_tokens, sample, token_probs
@@ -109,7 +110,9 @@ def generate(
     when it returns True, decoding stops there and the output so far is returned.
     ``draft_policy``: ``adaptive`` drafts as far as pays on this machine (measured step costs,
     acceptance seen so far in this and earlier calls, the module's confidence; at most
-    ``draft_length``); ``fixed`` always drafts ``draft_length`` tokens.
+    ``draft_length``); ``fixed`` always drafts ``draft_length`` tokens; ``tree`` drafts a tree of
+    the module's top guesses (depth <= ``draft_length``) and verifies as many of its nodes as pay
+    (:mod:`recyclegpt.core.draft_tree`), greedy only: a sampling call drafts as ``adaptive`` does.
     """
     if draft_policy not in DRAFT_POLICIES:
         raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
@@ -129,6 +132,8 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     params = SamplingParams(temperature, top_k, top_p, generator)
     lookahead = draft_length if decoding == "speculative" else 1
+    if decoding == "speculative" and draft_policy == "tree":  # room for a whole tree in both caches
+        lookahead = max(draft_length, MAX_TREE_NODES, TREE_TOP_K * draft_length)
     state = _DecodeState(model, input_ids, attention_mask, max_new_tokens, lookahead, on_tokens)
     if decoding == "standard":
         _standard(state, params, eos_token_id, output_hidden_states)
@@ -137,8 +142,10 @@ def generate(
     else:
         # A seeded sampling call plans from the prior, so that it repeats whatever ran before it.
         remember = params.greedy or seed is None
-        planner = draft_planner(model, draft_length, remember) if draft_policy == "adaptive" else None
-        _speculative(state, params, eos_token_id, draft_length, planner)
+        tree = draft_policy == "tree" and params.greedy
+        max_tokens = max(draft_length, MAX_TREE_NODES) + 1 if tree else draft_length + 1
+        planner = draft_planner(model, draft_length, remember, max_tokens) if draft_policy != "fixed" else None
+        _speculative(state, params, eos_token_id, draft_length, planner, tree)
         if planner is not None and remember:
             remember_acceptance(model, planner)
     return state.finish(pad_token_id if pad_token_id is not None else eos_token_id)
@@ -291,11 +298,13 @@ def _speculative(
     eos_token_id: int | None,
     draft_length: int,
     planner: DraftPlanner | None = None,
+    tree: bool = False,
 ) -> None:
     """Draft with the module, verify with the base in one forward, roll back the rejected tail.
 
     Without a ``planner`` every cycle drafts ``draft_length`` tokens; with one, each cycle drafts
-    as far as the planner expects to pay (possibly none: a plain standard step).
+    as far as the planner expects to pay (possibly none: a plain standard step). With ``tree`` (greedy,
+    with a planner) a cycle that drafts drafts a tree instead of a chain (:func:`_tree_cycle`).
     """
     model = state.model
     out = state.out
@@ -313,18 +322,24 @@ def _speculative(
         depth = planner.plan(limit) if planner is not None else limit
         if planner is not None and depth > 0 and not planner.probing:
             depth = limit  # how far is decided draft by draft, from the module's confidence
+        if depth > 0:
+            # Catch the module up on true states h[module_done-1 .. pending-1]; drafts chain its own.
+            prev = hidden_log[:, max(module_done - 1, 0) : pending]
+            if module_done == 0:
+                prev = torch.cat((torch.zeros_like(prev[:, :1]), prev), dim=1)
+            module_state = state.module_step(prev, module_done, pending + 1 - module_done)[:, -1:]
+            module_done = pending + 1
+        if tree and depth > 0 and not planner.probing:
+            new = _tree_cycle(state, planner, module_state, pending, depth, hidden_log)
+            state.module_cache.rollback(module_done)
+            state.append(new, eos_token_id)
+            continue
         chain_confidence = 1.0
         draft_tokens: list[torch.Tensor] = []
         draft_probs: list[torch.Tensor] = []
         confidences: list[float] = []  # the module's probability of each draft (adaptive only)
         dropped = False  # the planner judged the last draft not worth verifying
         if depth > 0:
-            # Catch the module up on true states h[module_done-1 .. pending-1], then chain its own.
-            prev = hidden_log[:, max(module_done - 1, 0) : pending]
-            if module_done == 0:
-                prev = torch.cat((torch.zeros_like(prev[:, :1]), prev), dim=1)
-            module_state = state.module_step(prev, module_done, pending + 1 - module_done)[:, -1:]
-            module_done = pending + 1
             for step in range(depth):
                 logits = model.draft_logits(module_state[:, -1])
                 probs = None if greedy else token_probs(logits, params)
@@ -365,6 +380,49 @@ def _speculative(
             state.module_cache.rollback(min(module_done, state.module_cache.length))
         new = torch.cat([*draft_tokens[:accepted], next_token.view(1)]).view(1, -1)
         state.append(new, eos_token_id)
+
+
+def _tree_cycle(
+    state: _DecodeState,
+    planner: DraftPlanner,
+    module_state: torch.Tensor,
+    pending: int,
+    max_depth: int,
+    hidden_log: torch.Tensor,
+) -> torch.Tensor:
+    """One greedy cycle with a draft tree: grow it, verify the nodes that pay in one tree-attention
+    forward, keep the accepted path in the base cache and ``hidden_log``; the new tokens [1, k]."""
+    model, out, costs = state.model, state.out, planner.costs
+    draft = grow_tree(model, state.module_cache, module_state, pending, max_depth, planner.calibrated, costs)
+    out.module_calls += draft.module_steps
+    room = state.base_cache.max_len - pending - 1
+    chosen = draft.choose(costs, (draft.module_steps + 1) * costs.module_ms, min(MAX_TREE_NODES, room))
+    device = module_state.device
+    ids = torch.tensor([[0, *(draft.tokens[n] for n in chosen)]], device=device)
+    ids[0, 0] = state.tokens[0, pending]
+    positions = torch.tensor([[pending, *(pending + draft.depths[n] for n in chosen)]], device=device)
+    out.full_model_calls += 1
+    verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
+    targets = greedy_tokens(model.lm_head(verify_hidden[0])).tolist()
+    path = draft.accept(chosen, targets)
+    out.drafted_tokens += len(chosen)
+    out.accepted_tokens += len(path)
+    # Teach the planner: every node whose parent was accepted was tested, once.
+    tested_parents = {-1, *(chosen[row - 1] for row in path)}
+    for node in chosen:
+        if draft.parents[node] in tested_parents:
+            planner.calibration.observe(draft.probabilities[node], node in {chosen[row - 1] for row in path})
+    if chosen:
+        deeper = any(draft.parents[n] == (chosen[path[-1] - 1] if path else -1) for n in chosen)
+        planner.observe(len(path) + int(deeper), len(path), dropped=False)
+    else:
+        planner.observe(0, 0, dropped=True)  # no node was worth its row: as a chain's dropped first draft
+    rows = torch.tensor([0, *path], device=device)
+    hidden_log[:, pending : pending + len(path) + 1] = verify_hidden[:, rows]
+    state.base_cache.keep(pending + 1, pending + rows[1:])
+    return torch.tensor(
+        [[*(draft.tokens[chosen[row - 1]] for row in path), targets[path[-1] if path else 0]]], device=device
+    )
 
 
 def _verify(

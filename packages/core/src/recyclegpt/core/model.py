@@ -105,6 +105,17 @@ class KVCache:
             raise ValueError(f"cannot roll back a cache of length {self.length} to {length}")
         self.length = length
 
+    def keep(self, start: int, slots: torch.Tensor) -> None:
+        """Keep the entries at ``slots`` (ascending, each >= ``start``) as positions start, start + 1, ...
+        and drop everything after them (the path of a draft tree that verification accepted)."""
+        count = slots.numel()
+        if count and (int(slots[0]) < start or int(slots[-1]) >= self.length):
+            raise ValueError(f"slots must lie in [{start}, {self.length}), got {slots.tolist()}")
+        # Every layer at once; the gather copies before the write, so overlapping ranges are safe.
+        self.keys[:, :, :, start : start + count] = self.keys[:, :, :, slots]
+        self.values[:, :, :, start : start + count] = self.values[:, :, :, slots]
+        self.length = start + count
+
 
 def attention_mask_for(
     cache: KVCache | None, start: int, num_new: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -125,6 +136,19 @@ def attention_mask_for(
     own = torch.arange(total, device=device)[None, :] == torch.arange(start, total, device=device)[:, None]
     hidden = ~cache.key_valid[:, None, None, :total] & ~own
     return mask.masked_fill(hidden, float("-inf"))
+
+
+def tree_attention_mask(start: int, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [1, 1, T, start + T] mask for T new tokens that form a tree (a draft tree): ``visible``
+    [T, W] (bool) says which of the last W keys, the T new ones last, each new token attends to; every
+    earlier key is visible to all of them. Batch 1, no padding."""
+    num_new, width = visible.shape
+    total = start + num_new
+    if width < num_new or width > total:
+        raise ValueError(f"tree visibility must cover between {num_new} and {total} keys, got {width}")
+    mask = torch.zeros((num_new, total), dtype=dtype, device=visible.device)
+    mask[:, total - width :].masked_fill_(~visible, float("-inf"))
+    return mask[None, None]
 
 
 class Attention(nn.Module):
@@ -219,13 +243,26 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, intermediate_size) for _ in range(num_layers))
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
 
-    def run_layers(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None,
+        cache: KVCache | None,
+        tree: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tree``: the new tokens' visibility over the cache's last keys (:func:`tree_attention_mask`)
+        instead of causal attention; needs a cache and the tokens' positions."""
         num_new = x.shape[1]
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + num_new, device=x.device).unsqueeze(0)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = attention_mask_for(cache, start, num_new, x.device, x.dtype)
+        if tree is not None:
+            if cache is None or cache.has_padding or x.shape[0] != 1:
+                raise ValueError("tree attention needs a KV cache and one unpadded row")
+            mask = tree_attention_mask(start, tree, x.dtype)
+        else:
+            mask = attention_mask_for(cache, start, num_new, x.device, x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, index)
         if cache is not None:
@@ -241,8 +278,8 @@ class LlamaBackbone(DecoderStack):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions=None, cache=None) -> torch.Tensor:  # noqa: ANN001
-        return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache))
+    def forward(self, input_ids, positions=None, cache=None, tree=None) -> torch.Tensor:  # noqa: ANN001
+        return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache, tree))
 
 
 class RecyclableModule(DecoderStack):
@@ -257,9 +294,9 @@ class RecyclableModule(DecoderStack):
             self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
 
-    def forward(self, prev_hidden, token_embeds, positions=None, cache=None) -> torch.Tensor:  # noqa: ANN001
+    def forward(self, prev_hidden, token_embeds, positions=None, cache=None, tree=None) -> torch.Tensor:  # noqa: ANN001
         x = self.fc(torch.cat((prev_hidden, token_embeds), dim=-1))
-        return self.norm(self.run_layers(x, positions, cache))
+        return self.norm(self.run_layers(x, positions, cache, tree))
 
 
 class RecycleGPT(nn.Module):
@@ -310,10 +347,15 @@ class RecycleGPT(nn.Module):
         return self.lm_head(self.model(input_ids))
 
     def base_hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The base's final (normed) hidden states h [B, T, d]: the input of the LM head."""
-        return self.model(input_ids, positions, cache)
+        """The base's final (normed) hidden states h [B, T, d]: the input of the LM head. ``tree``:
+        see :meth:`DecoderStack.run_layers`."""
+        return self.model(input_ids, positions, cache, tree)
 
     def module_hidden(
         self,
@@ -321,9 +363,10 @@ class RecycleGPT(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The module's output state at position t from h[t-1] [B, T, d] and x[t] [B, T]."""
-        return self.recycle(prev_hidden, self.model.embed_tokens(input_ids), positions, cache)
+        return self.recycle(prev_hidden, self.model.embed_tokens(input_ids), positions, cache, tree)
 
     def new_cache(self, part: str, batch_size: int, max_len: int) -> KVCache:
         """A preallocated KV cache for the ``base`` or the ``module``."""

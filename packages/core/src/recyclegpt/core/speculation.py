@@ -34,7 +34,7 @@ import torch
 from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.profiling import measure_step_costs
 
-DRAFT_POLICIES = ("adaptive", "fixed")
+DRAFT_POLICIES = ("adaptive", "fixed", "tree")
 MAX_PROBE_INTERVAL = 256  # cycles; a probe re-reads every token since the last one, so it is not cheap
 COST_PROMPT_LENGTH = 32
 ACCEPTANCE_KEY = "_speculation_acceptance"  # where a model keeps what its calls learned
@@ -255,11 +255,14 @@ def pin_step_costs(model: RecycleGPT, costs: StepCosts) -> None:
     model.__dict__.setdefault(COSTS_KEY, {})[_cost_key(model)] = costs
 
 
-def draft_planner(model: RecycleGPT, draft_length: int, remember: bool = True) -> DraftPlanner:
+def draft_planner(
+    model: RecycleGPT, draft_length: int, remember: bool = True, max_tokens: int | None = None
+) -> DraftPlanner:
     """A planner for one generate call, drafts up to ``draft_length``, over the model's cached step
-    costs; with ``remember`` it starts from what the model's earlier calls learned (see
+    costs (of up to ``max_tokens`` tokens, default ``draft_length + 1``; a draft tree verifies more);
+    with ``remember`` it starts from what the model's earlier calls learned (see
     :func:`remember_acceptance`), else from the prior."""
-    planner = DraftPlanner(step_costs(model, draft_length + 1))
+    planner = DraftPlanner(step_costs(model, max_tokens or draft_length + 1))
     memory = model.__dict__.get(ACCEPTANCE_KEY) if remember else None
     if memory is not None:
         acceptance, observed, planner.probe_interval, planner.cycles_since_probe, calibration = memory

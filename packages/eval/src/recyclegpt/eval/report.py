@@ -58,6 +58,8 @@ def speed_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     rows += [(f"speculative g={g}", e) for g, e in result["speculative"]["by_draft_length"].items()]
     if "adaptive" in result["speculative"]:
         rows.append(("speculative adaptive (g<=6)", result["speculative"]["adaptive"]))
+    if "tree" in result["speculative"]:
+        rows.append(("speculative tree (depth<=6)", result["speculative"]["tree"]))
     return rows
 
 
@@ -90,6 +92,7 @@ def speed_markdown(result: dict[str, Any]) -> str:
         f"{cost['c']:.3f}; alternating bound 2/(1+c) = {cost['alternating_bound']:.2f}x. "
         f"Best draft length {spec['best_draft_length']} ({spec['speedup']:.2f}x)"
         + (f", adaptive {spec['adaptive']['vs_best_fixed']:.2f}x of it" if "adaptive" in spec else "")
+        + (f", tree {spec['tree']['vs_best_fixed']:.2f}x of it" if "tree" in spec else "")
         + "; "
         f"speculative output identical to standard: {_fmt(spec['identical_to_standard'])}"
         f"{_equality_note(spec, result.get('quantize', 'none') != 'none')}.\n"

@@ -36,6 +36,8 @@ class Decoded:
 
 
 ADAPTIVE = "auto"  # speculative@auto: step-cost-aware drafting, up to max(DRAFT_LENGTHS) tokens
+TREE = "tree"  # speculative@tree: draft trees (core.draft_tree), depth up to max(DRAFT_LENGTHS)
+POLICIES = {ADAPTIVE: "adaptive", TREE: "tree"}  # the speculative methods that are not a fixed draft length
 
 
 def method_names(draft_lengths: tuple[int, ...] = DRAFT_LENGTHS) -> list[str]:
@@ -45,6 +47,7 @@ def method_names(draft_lengths: tuple[int, ...] = DRAFT_LENGTHS) -> list[str]:
         "alternating",
         *(f"speculative@{g}" for g in draft_lengths),
         f"speculative@{ADAPTIVE}",
+        f"speculative@{TREE}",
     ]
 
 
@@ -64,8 +67,14 @@ class Decoders:
             sequences = peer_generate(self.peer, prompt, self.max_new_tokens)
             return Decoded(sequences[:, prompt.shape[1] :], self.peer_calls.calls - before)
         decoding, _, draft = method.partition("@")
-        if draft == ADAPTIVE:
-            out = self.model.generate(prompt, self.max_new_tokens, decoding=decoding, draft_length=max(DRAFT_LENGTHS))
+        if draft in POLICIES:
+            out = self.model.generate(
+                prompt,
+                self.max_new_tokens,
+                decoding=decoding,
+                draft_length=max(DRAFT_LENGTHS),
+                draft_policy=POLICIES[draft],
+            )
         else:
             out = self.model.generate(
                 prompt, self.max_new_tokens, decoding=decoding, draft_length=int(draft or 4), draft_policy="fixed"
@@ -135,22 +144,22 @@ def summarize(
         per_method[method] = entry
     per_method["alternating"]["predicted_speedup"] = step_cost["alternating_bound"]
     by_length = {
-        m.split("@")[1]: e for m, e in per_method.items() if m.startswith("speculative@") and not m.endswith(ADAPTIVE)
+        m.split("@")[1]: e
+        for m, e in per_method.items()
+        if m.startswith("speculative@") and m.split("@")[1] not in POLICIES
     }
     best = max(by_length, key=lambda g: by_length[g]["tokens_per_s"])
-    adaptive = per_method.get(f"speculative@{ADAPTIVE}")
     speculative = {
         **by_length[best],
         "best_draft_length": int(best),
         "identical_to_standard": all(e["identical_to_standard"] for e in by_length.values()),
         "by_draft_length": by_length,
     }
-    if adaptive is not None:
-        speculative["adaptive"] = {
-            **adaptive,
-            "vs_best_fixed": adaptive["tokens_per_s"] / by_length[best]["tokens_per_s"],
-        }
-        speculative["identical_to_standard"] &= adaptive["identical_to_standard"]
+    for name, policy in POLICIES.items():  # speculative["adaptive"], speculative["tree"]
+        entry = per_method.get(f"speculative@{name}")
+        if entry is not None:
+            speculative[policy] = {**entry, "vs_best_fixed": entry["tokens_per_s"] / by_length[best]["tokens_per_s"]}
+            speculative["identical_to_standard"] &= entry["identical_to_standard"]
     return {
         "transformers": per_method["transformers"],
         "standard": per_method["standard"],
@@ -199,9 +208,9 @@ def exact_equality_failures(model: RecycleGPT, prompts: list[torch.Tensor], max_
     failures = []
     for i, prompt in enumerate(prompts):
         reference = model.generate(prompt, max_new_tokens).new_tokens
-        for g in (*DRAFT_LENGTHS, ADAPTIVE):
-            policy = "adaptive" if g == ADAPTIVE else "fixed"
-            length = max(DRAFT_LENGTHS) if g == ADAPTIVE else g
+        for g in (*DRAFT_LENGTHS, *POLICIES):
+            policy = POLICIES.get(g, "fixed")
+            length = max(DRAFT_LENGTHS) if g in POLICIES else g
             forget_acceptance(model)  # each adaptive run drafts from the prior, as a first call would
             out = model.generate(
                 prompt, max_new_tokens, decoding="speculative", draft_length=length, draft_policy=policy

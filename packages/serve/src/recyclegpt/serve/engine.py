@@ -32,7 +32,7 @@ class Job:
     seed: int | None = None
     decoding: str = "standard"
     draft_length: int = 4
-    draft_policy: str = "adaptive"  # speculative: adaptive (step-cost-aware) or fixed draft_length
+    draft_policy: str = "adaptive"  # speculative: adaptive (step-cost-aware), fixed draft_length or tree
     stream: bool = False  # send the text as it is generated
     echo: bool = False  # the answer starts with the prompt (and its logprobs)
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely there

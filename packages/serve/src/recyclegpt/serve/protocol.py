@@ -68,7 +68,8 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     decoding: str | None = None
     draft_length: int | None = Field(None, ge=1, le=MAX_DRAFT_LENGTH)
-    draft_policy: Literal["adaptive", "fixed"] | None = None  # speculative: how far to draft (core.speculation)
+    # speculative: how far to draft (core.speculation, core.draft_tree)
+    draft_policy: Literal["adaptive", "fixed", "tree"] | None = None
 
     @field_validator("decoding")
     @classmethod

@@ -564,12 +564,13 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
             f"| speculative@{length} | {entry['tokens_per_s']:.1f} | {entry['speedup']:.2f}x | "
             f"{entry.get('accepted_per_verify', 0) + 1:.2f} | {entry['identical_to_standard']} |"
         )
-    adaptive = speed.get("speculative", {}).get("adaptive")
-    if adaptive:
-        lines.append(
-            f"| speculative adaptive | {adaptive['tokens_per_s']:.1f} | {adaptive['speedup']:.2f}x | "
-            f"{1 / adaptive['full_calls_per_token']:.2f} per full call | {adaptive['identical_to_standard']} |"
-        )
+    for policy in ("adaptive", "tree"):
+        entry = speed.get("speculative", {}).get(policy)
+        if entry:
+            lines.append(
+                f"| speculative {policy} | {entry['tokens_per_s']:.1f} | {entry['speedup']:.2f}x | "
+                f"{1 / entry['full_calls_per_token']:.2f} per full call | {entry['identical_to_standard']} |"
+            )
     alt = report["alternating"]
     lossless = speed.get("speculative", {})
     if "identical_to_standard_fp32" in lossless:
