@@ -398,8 +398,7 @@ def _tree_cycle(
     room = state.base_cache.max_len - pending - 1
     chosen = draft.choose(costs, (draft.module_steps + 1) * costs.module_ms, min(MAX_TREE_NODES, room))
     device = module_state.device
-    ids = torch.tensor([[0, *(draft.tokens[n] for n in chosen)]], device=device)
-    ids[0, 0] = state.tokens[0, pending]
+    ids = torch.tensor([[int(state.tokens[0, pending]), *(draft.tokens[n] for n in chosen)]], device=device)
     positions = torch.tensor([[pending, *(pending + draft.depths[n] for n in chosen)]], device=device)
     out.full_model_calls += 1
     verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
@@ -407,22 +406,22 @@ def _tree_cycle(
     path = draft.accept(chosen, targets)
     out.drafted_tokens += len(chosen)
     out.accepted_tokens += len(path)
-    # Teach the planner: every node whose parent was accepted was tested, once.
-    tested_parents = {-1, *(chosen[row - 1] for row in path)}
+    # Teach the planner: every node whose parent was accepted (or is the pending token) was tested, once.
+    accepted_nodes = [chosen[row - 1] for row in path]
+    tested_parents = {-1, *accepted_nodes}
     for node in chosen:
         if draft.parents[node] in tested_parents:
-            planner.calibration.observe(draft.probabilities[node], node in {chosen[row - 1] for row in path})
+            planner.calibration.observe(draft.probabilities[node], node in accepted_nodes)
     if chosen:
-        deeper = any(draft.parents[n] == (chosen[path[-1] - 1] if path else -1) for n in chosen)
+        last = accepted_nodes[-1] if accepted_nodes else -1
+        deeper = any(draft.parents[n] == last for n in chosen)  # was a child of the last accepted node verified?
         planner.observe(len(path) + int(deeper), len(path), dropped=False)
     else:
         planner.observe(0, 0, dropped=True)  # no node was worth its row: as a chain's dropped first draft
     rows = torch.tensor([0, *path], device=device)
     hidden_log[:, pending : pending + len(path) + 1] = verify_hidden[:, rows]
     state.base_cache.keep(pending + 1, pending + rows[1:])
-    return torch.tensor(
-        [[*(draft.tokens[chosen[row - 1]] for row in path), targets[path[-1] if path else 0]]], device=device
-    )
+    return torch.tensor([[*(draft.tokens[n] for n in accepted_nodes), targets[path[-1] if path else 0]]], device=device)
 
 
 def _verify(

@@ -93,11 +93,10 @@ class DraftTree:
     def accept(self, chosen: list[int], targets: list[int]) -> list[int]:
         """Greedy verification: rows (1-based, as in :meth:`visibility`) of the accepted path, given
         the base's greedy token ``targets[row]`` after every verified row."""
-        children: dict[int, dict[int, int]] = {}
-        for row, node in enumerate(chosen, start=1):
-            parent = self.parents[node]
-            parent_row = 0 if parent < 0 else chosen.index(parent) + 1
-            children.setdefault(parent_row, {})[self.tokens[node]] = row
+        row_of = {-1: 0, **{node: row for row, node in enumerate(chosen, start=1)}}
+        children: dict[int, dict[int, int]] = {}  # row -> {token of a child: the child's row}
+        for node, row in list(row_of.items())[1:]:
+            children.setdefault(row_of[self.parents[node]], {})[self.tokens[node]] = row
         path, row = [], 0
         while (row := children.get(row, {}).get(targets[row], -1)) > 0:
             path.append(row)
