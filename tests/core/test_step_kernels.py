@@ -97,6 +97,45 @@ def test_each_kernel_computes_a_row_as_it_would_alone(dtype: torch.dtype) -> Non
     assert torch.equal(one_keys, keys) and torch.equal(one_values, values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, width", [(64, 1536), (12, 44)])  # SmolLM2's; odd sizes: the one-lane tails
+def test_the_avx2_code_gives_the_one_lane_codes_bits(dtype: torch.dtype, head_dim: int, width: int) -> None:
+    kernels = step_kernels.load()
+    if not kernels.set_step_kernels_avx2(True):
+        pytest.skip("this CPU has no AVX2: only the one-lane code runs")
+    torch.manual_seed(0)
+    heads, kv_heads, rows, start = 6, 2, 5, 37
+    x, delta, weight = torch.randn(2, rows, width, dtype=dtype), torch.randn(2, rows, width, dtype=dtype), torch.rand(width)
+    gate_up = torch.randn(2, rows, 2 * width, dtype=dtype) * 8  # SiLU far into both tails
+    gate_up[0, 0, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    qkv = torch.randn(2, rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
+    cos, sin = torch.rand(1, 1, rows, head_dim).to(dtype), torch.rand(1, 1, rows, head_dim).to(dtype)
+    cache = torch.randn(2, 2, kv_heads, 64, head_dim, dtype=dtype)
+    mask = torch.zeros(1, 1, rows, start + rows, dtype=dtype)
+    mask[..., 3:9] = float("-inf")
+
+    def outputs() -> list[torch.Tensor]:
+        keys, values = cache[0].clone(), cache[1].clone()
+        results = [
+            kernels.rms_norm(x, weight.to(dtype), 1e-5),
+            *kernels.add_rms_norm(x, delta, weight.to(dtype), 1e-5),
+            kernels.silu_mul(gate_up),
+        ]
+        for attention_mask in (step_kernels.NO_MASK, mask):
+            results.append(kernels.rope_attend(qkv, cos, sin, keys, values, start, attention_mask, heads, kv_heads))
+        return [*results, keys, values]
+
+    try:
+        vectorised = outputs()
+        assert not kernels.set_step_kernels_avx2(False)
+        one_lane = outputs()
+    finally:
+        kernels.set_step_kernels_avx2(True)
+    for got, expected in zip(vectorised, one_lane, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.isfinite(vectorised[3]).all()  # SiLU of +-100
+
+
 @pytest.mark.skipif(not fp16_kernel_available(), reason="needs FBGEMM's fp16 GEMM (x86 CPU builds of torch)")
 def test_a_k_token_step_gives_exactly_what_k_one_token_steps_give() -> None:
     # fp16 weights: the linears' rows are independent too (fp32 and bf16 GEMMs block rows together).

@@ -22,6 +22,7 @@ FUNCTIONS = [
     "add_rms_norm",
     "silu_mul",
     "rope_attend",
+    "set_step_kernels_avx2",
     "int8_matmul",
     "int8_dynamic_matmul",
     "int8_dynamic_supported",

@@ -13,11 +13,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+#define INLINE inline __attribute__((always_inline))
+// The AVX2 instantiations of the kernels below (picked at run time where the CPU has AVX2). They
+// do the same operations in the same order as the one-lane code, without fused multiply-adds
+// (-ffp-contract=off), so both give the same bits.
+#define AVX2_TARGET __attribute__((target("avx2"), flatten))
 
 template <typename T>
 inline float f32(T v) {
@@ -34,32 +42,357 @@ inline float rnd(float v) {
   }
 }
 
-constexpr int kLanes = 8;  // partial sums: a fixed summation order that the compiler can vectorise
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
 
-// sum of a[i] * b[i] in fp32, in a fixed order (also a row's sum of squares: dot(x, x, n)).
+// The elementwise arithmetic on one float (V = float) or eight (V = v8f): loads and stores of fp32
+// or bf16, bf16 rounding, and the few operations that are not plain arithmetic. Both give the same
+// bits for the same inputs.
+template <typename V>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  static constexpr int kWidth = 1;
+  template <typename T>
+  static INLINE float load(const T* p) {
+    return f32(*p);
+  }
+  template <typename T>
+  static INLINE void store(T* p, float v) {
+    *p = static_cast<T>(v);
+  }
+  template <typename T>
+  static INLINE float round(float v) {
+    return rnd<T>(v);
+  }
+  static INLINE float clamp(float x, float low, float high) {
+    x = x < low ? low : x;
+    return x > high ? high : x;
+  }
+  static INLINE float zero_below(float x, float bound, float y) { return x < bound ? 0.f : y; }
+  static INLINE float floor(float x) {  // |x| < 2^31
+    const float t = static_cast<float>(static_cast<int32_t>(x));
+    return t > x ? t - 1.f : t;
+  }
+  static INLINE float pow2(float n) {  // 2^n for integral n in -126..127
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+};
+
+template <>
+struct Lanes<v8f> {
+  static constexpr int kWidth = 8;
+  static INLINE v8f splat(float v) { return v8f{} + v; }
+  static INLINE v8f select(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
+  // bf16 bits of v rounded to nearest even, as c10::BFloat16 rounds (NaN: 0x7FC0).
+  static INLINE v8u bf16_bits(v8f v) {
+    const v8u bits = (v8u)v;
+    const v8u rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const v8i nan = v != v;
+    return (v8u)((nan & 0x7FC0) | (~nan & (v8i)rounded));
+  }
+  template <typename T>
+  static INLINE v8f load(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+      v8f v;
+      std::memcpy(&v, p, sizeof(v));
+      return v;
+    } else {
+      v8h h;
+      std::memcpy(&h, p, sizeof(h));
+      return (v8f)(__builtin_convertvector(h, v8u) << 16);
+    }
+  }
+  template <typename T>
+  static INLINE void store(T* p, v8f v) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(p, &v, sizeof(v));
+    } else {
+      const v8h h = __builtin_convertvector(bf16_bits(v), v8h);
+      std::memcpy(p, &h, sizeof(h));
+    }
+  }
+  template <typename T>
+  static INLINE v8f round(v8f v) {
+    if constexpr (std::is_same_v<T, float>) {
+      return v;
+    } else {
+      return (v8f)(bf16_bits(v) << 16);
+    }
+  }
+  static INLINE v8f clamp(v8f x, float low, float high) {
+    x = select(x < splat(low), splat(low), x);
+    return select(x > splat(high), splat(high), x);
+  }
+  static INLINE v8f zero_below(v8f x, float bound, v8f y) { return select(x < splat(bound), v8f{}, y); }
+  static INLINE v8f floor(v8f x) {
+    const v8f t = __builtin_convertvector(__builtin_convertvector(x, v8i), v8f);
+    return select(t > x, t - 1.f, t);
+  }
+  static INLINE v8f pow2(v8f n) { return (v8f)((__builtin_convertvector(n, v8i) + 127) << 23); }
+};
+
+// e^x (Cephes' expf: 2^n times a polynomial of the remainder; SiLU through it is as close to exact as
+// through std::exp, ~2 ulp), 0
+// below -87.3 (e^-inf = 0). Vectorised: std::exp one value at a time dominated SiLU and softmax.
+template <typename V>
+INLINE V exp_lanes(V x) {
+  using L = Lanes<V>;
+  constexpr float kLow = -87.33654f, kHigh = 88.f;
+  const V clamped = L::clamp(x, kLow, kHigh);
+  const V n = L::floor(clamped * 1.44269504088896341f + 0.5f);
+  V r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  return L::zero_below(x, kLow, p * L::pow2(n));
+}
+
+constexpr int kLanes = 8;  // partial sums: a fixed summation order, eight lanes of one AVX2 vector
+
+// The end of dot: lane partial sums `acc` over a[0, i) * b[0, i) plus the rest, in one total.
 template <typename A, typename B>
-inline float dot(const A* a, const B* b, int64_t n) {
-  float acc[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += f32(a[i + l]) * f32(b[i + l]);
+INLINE float finish_dot(float (&acc)[8], const A* a, const B* b, int64_t i, int64_t n) {
   for (; i < n; ++i) acc[0] += f32(a[i]) * f32(b[i]);
   float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  for (int l = 0; l < 8; ++l) total += acc[l];
   return total;
 }
 
+// sum of a[i] * b[i] in fp32, in a fixed order: eight lane sums (lane l takes every i = l mod 8
+// below the last multiple of 8), the rest added to lane 0, then the lanes in order. (Also a row's
+// sum of squares: dot(x, x, n).)
+template <typename V, typename A, typename B>
+INLINE float dot(const A* a, const B* b, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  if constexpr (std::is_same_v<V, v8f>) {
+    static_assert(Lanes<V>::kWidth == kLanes);
+    v8f sums{};
+    for (; i + kLanes <= n; i += kLanes) sums += Lanes<V>::load(a + i) * Lanes<V>::load(b + i);
+    std::memcpy(acc, &sums, sizeof(sums));
+  } else {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += f32(a[i + l]) * f32(b[i + l]);
+  }
+  return finish_dot(acc, a, b, i, n);
+}
+
+// dot(a, b + u * stride, n) for u = 0..3, each summed as dot sums it (the same bits): four
+// independent chains, where one dot's chain of dependent adds leaves the CPU waiting.
+template <typename A, typename B>
+INLINE void dot4(const A* a, const B* b, int64_t stride, int64_t n, float* out) {
+  using L = Lanes<v8f>;
+  v8f sums[4];
+  for (auto& s : sums) s = v8f{};  // (an aggregate `= {}` compiled to a slow rep stos here)
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const v8f x = L::load(a + i);
+    for (int u = 0; u < 4; ++u) sums[u] += x * L::load(b + u * stride + i);
+  }
+  for (int u = 0; u < 4; ++u) {
+    float acc[kLanes];
+    std::memcpy(acc, &sums[u], sizeof(acc));
+    out[u] = finish_dot(acc, a, b + u * stride, i, n);
+  }
+}
+
 // fp32: x * rsqrt(mean(x^2) + eps) * w. bf16: w * bf16(x * rsqrt(mean(x^2) + eps)), rounded.
-template <typename T>
-void rms_norm_row(const T* x, const T* w, T* out, int64_t d, float eps) {
-  const float inv = 1.f / std::sqrt(dot(x, x, d) / static_cast<float>(d) + eps);
-  for (int64_t i = 0; i < d; ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = x[i] * inv * w[i];
-    } else {
-      out[i] = static_cast<T>(f32(w[i]) * rnd<T>(f32(x[i]) * inv));
+template <typename V, typename T>
+INLINE void scale_lanes(const T* x, const T* w, T* out, float inv, int64_t i) {
+  using L = Lanes<V>;
+  if constexpr (std::is_same_v<T, float>) {
+    L::store(out + i, L::load(x + i) * inv * L::load(w + i));
+  } else {
+    L::store(out + i, L::load(w + i) * L::template round<T>(L::load(x + i) * inv));
+  }
+}
+
+template <typename V, typename T>
+INLINE void rms_norm_row(const T* x, const T* w, T* out, int64_t d, float eps) {
+  const float inv = 1.f / std::sqrt(dot<V>(x, x, d) / static_cast<float>(d) + eps);
+  int64_t i = 0;
+  for (; i + Lanes<V>::kWidth <= d; i += Lanes<V>::kWidth) scale_lanes<V>(x, w, out, inv, i);
+  for (; i < d; ++i) scale_lanes<float>(x, w, out, inv, i);
+}
+
+template <typename V, typename T>
+INLINE void add_lanes(const T* x, const T* delta, T* sum, int64_t i) {
+  Lanes<V>::store(sum + i, Lanes<V>::load(x + i) + Lanes<V>::load(delta + i));
+}
+
+template <typename V, typename T>
+INLINE void add_rms_norm_rows(const T* x, const T* delta, const T* w, T* sum, T* out, int64_t rows, int64_t d,
+                              float eps) {
+  int64_t i = 0;
+  for (; i + Lanes<V>::kWidth <= rows * d; i += Lanes<V>::kWidth) add_lanes<V>(x, delta, sum, i);
+  for (; i < rows * d; ++i) add_lanes<float>(x, delta, sum, i);
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row<V>(sum + r * d, w, out + r * d, d, eps);
+}
+
+template <typename V, typename T>
+INLINE void silu_mul_lanes(const T* gate, const T* up, T* out, int64_t i) {
+  using L = Lanes<V>;
+  const V g = L::load(gate + i);
+  L::store(out + i, L::template round<T>(g / (exp_lanes(-g) + 1.f)) * L::load(up + i));
+}
+
+template <typename V, typename T>
+INLINE void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = gate_up + r * 2 * width;
+    T* o = out + r * width;
+    int64_t i = 0;
+    for (; i + Lanes<V>::kWidth <= width; i += Lanes<V>::kWidth) silu_mul_lanes<V>(gate, gate + width, o, i);
+    for (; i < width; ++i) silu_mul_lanes<float>(gate, gate + width, o, i);
+  }
+}
+
+// One query against `visible` cached keys and values of its head: softmax(q . k * scale + mask) v.
+// `scores` holds `visible` floats, `acc` hd.
+template <typename V, typename T>
+INLINE void attend_row(const float* q, const T* k, const T* v, const T* mask, int64_t visible, int64_t hd,
+                       float scale, float* scores, float* acc, T* out) {
+  using L = Lanes<V>;
+  constexpr int W = L::kWidth;
+  int64_t j = 0;
+  if constexpr (W > 1) {
+    for (; j + 4 <= visible; j += 4) dot4(q, k + j * hd, hd, hd, scores + j);
+  }
+  for (; j < visible; ++j) scores[j] = dot<V>(q, k + j * hd, hd);
+  float best = -std::numeric_limits<float>::infinity();
+  for (j = 0; j < visible; ++j) {
+    float score = scores[j] * scale;
+    if (mask != nullptr) score += f32(mask[j]);
+    scores[j] = score;
+    best = std::max(best, score);
+  }
+  j = 0;
+  for (; j + W <= visible; j += W) L::store(scores + j, exp_lanes(L::load(scores + j) - best));
+  for (; j < visible; ++j) scores[j] = exp_lanes(scores[j] - best);
+  float norm = 0.f;
+  for (j = 0; j < visible; ++j) norm += scores[j];
+  // acc[i] = sum over j (ascending) of p[j] * v[j][i]. The vector code keeps 32 columns in four
+  // registers over every j (four independent chains), the rest goes through acc row by row.
+  int64_t first = 0;
+  if constexpr (W > 1) {
+    for (; first + 4 * W <= hd; first += 4 * W) {
+      V sums[4];
+      for (auto& s : sums) s = V{};  // (not `= {}`: see dot4)
+      for (j = 0; j < visible; ++j) {
+        const float p = scores[j];
+        const T* vj = v + j * hd + first;
+        for (int u = 0; u < 4; ++u) sums[u] += p * L::load(vj + u * W);
+      }
+      for (int u = 0; u < 4; ++u) L::store(acc + first + u * W, sums[u]);
     }
   }
+  std::fill(acc + first, acc + hd, 0.f);
+  for (j = 0; j < visible; ++j) {
+    const float p = scores[j];
+    const T* vj = v + j * hd;
+    for (int64_t i = first; i < hd; ++i) acc[i] += p * f32(vj[i]);
+  }
+  int64_t i = 0;
+  for (; i + W <= hd; i += W) L::store(out + i, L::load(acc + i) / norm);
+  for (; i < hd; ++i) out[i] = static_cast<T>(acc[i] / norm);
+}
+
+// x * cos + rotate_half(x) * sin at columns i (and i + half), rotate_half(x) = (-x2, x1), each
+// product rounded as eager rounds, into `out` (fp32 queries or the cache's T).
+template <typename V, typename T, typename Out>
+INLINE void rotate_lanes(const T* x, const T* c, const T* s, Out* out, int64_t half, int64_t i) {
+  using L = Lanes<V>;
+  const V x1 = L::load(x + i), x2 = L::load(x + i + half);
+  const V first = L::template round<T>(x1 * L::load(c + i));
+  const V second = L::template round<T>(x2 * L::load(c + i + half));
+  L::store(out + i, L::template round<T>(first + L::template round<T>(-x2 * L::load(s + i))));
+  L::store(out + i + half, L::template round<T>(second + L::template round<T>(x1 * L::load(s + i + half))));
+}
+
+template <typename V, typename T, typename Out>
+INLINE void rotate(const T* x, const T* c, const T* s, Out* out, int64_t hd) {
+  const int64_t half = hd / 2;
+  int64_t i = 0;
+  for (; i + Lanes<V>::kWidth <= half; i += Lanes<V>::kWidth) rotate_lanes<V>(x, c, s, out, half, i);
+  for (; i < half; ++i) rotate_lanes<float>(x, c, s, out, half, i);
+}
+
+// rope_attend's first part: rotated queries (fp32) and keys, and the values, into the cache.
+template <typename T>
+struct Rotation {
+  const T *qkv, *cos, *sin;
+  T *keys, *values;
+  float* queries;
+  int64_t batch, steps, heads, kv_heads, hd, row_width, max_len, start, rope_batch_stride;
+};
+
+template <typename V, typename T>
+INLINE void rotate_rows(const Rotation<T>& r) {
+  const int64_t hd = r.hd;
+  for (int64_t b = 0; b < r.batch; ++b) {
+    for (int64_t t = 0; t < r.steps; ++t) {
+      const T* row = r.qkv + (b * r.steps + t) * r.row_width;
+      const T* c = r.cos + b * r.rope_batch_stride + t * hd;
+      const T* s = r.sin + b * r.rope_batch_stride + t * hd;
+      for (int64_t h = 0; h < r.heads; ++h)
+        rotate<V>(row + h * hd, c, s, r.queries + ((b * r.steps + t) * r.heads + h) * hd, hd);
+      for (int64_t h = 0; h < r.kv_heads; ++h) {
+        const int64_t at = ((b * r.kv_heads + h) * r.max_len + r.start + t) * hd;
+        rotate<V>(row + (r.heads + h) * hd, c, s, r.keys + at, hd);
+        const T* v = row + (r.heads + r.kv_heads + h) * hd;
+        std::copy(v, v + hd, r.values + at);
+      }
+    }
+  }
+}
+
+template <typename T>
+AVX2_TARGET void rotate_rows_avx2(const Rotation<T>& r) {
+  rotate_rows<v8f>(r);
+}
+
+template <typename T>
+AVX2_TARGET void rms_norm_rows_avx2(const T* x, const T* w, T* out, int64_t rows, int64_t d, float eps) {
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row<v8f>(x + r * d, w, out + r * d, d, eps);
+}
+
+template <typename T>
+AVX2_TARGET void add_rms_norm_rows_avx2(const T* x, const T* delta, const T* w, T* sum, T* out, int64_t rows,
+                                        int64_t d, float eps) {
+  add_rms_norm_rows<v8f>(x, delta, w, sum, out, rows, d, eps);
+}
+
+template <typename T>
+AVX2_TARGET void silu_mul_rows_avx2(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  silu_mul_rows<v8f>(gate_up, out, rows, width);
+}
+
+template <typename T>
+AVX2_TARGET void attend_row_avx2(const float* q, const T* k, const T* v, const T* mask, int64_t visible,
+                                 int64_t hd, float scale, float* scores, float* acc, T* out) {
+  attend_row<v8f>(q, k, v, mask, visible, hd, scale, scores, acc, out);
+}
+
+bool avx2_wanted = true;  // set_step_kernels_avx2: tests run the one-lane code on an AVX2 CPU too
+
+// Do the AVX2 instantiations run: does this CPU have AVX2 (asked once) and are they wanted?
+bool avx2() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return supported && avx2_wanted;
 }
 
 void check_rows(const torch::Tensor& x, const char* name) {
@@ -68,6 +401,9 @@ void check_rows(const torch::Tensor& x, const char* name) {
 }
 
 }  // namespace
+
+#undef INLINE  // quant_kernels.cpp, in the same translation unit, defines its own
+#undef AVX2_TARGET
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   check_rows(x, "x");
@@ -78,7 +414,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     const auto* xp = x.data_ptr<scalar_t>();
     const auto* wp = weight.data_ptr<scalar_t>();
     auto* op = out.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) rms_norm_row(xp + r * d, wp, op + r * d, d, static_cast<float>(eps));
+    if (avx2()) {
+      rms_norm_rows_avx2(xp, wp, op, rows, d, static_cast<float>(eps));
+    } else {
+      for (int64_t r = 0; r < rows; ++r) rms_norm_row<float>(xp + r * d, wp, op + r * d, d, static_cast<float>(eps));
+    }
   });
   return out;
 }
@@ -99,8 +439,11 @@ std::vector<torch::Tensor> add_rms_norm(
     const auto* wp = weight.data_ptr<scalar_t>();
     auto* sp = sum.data_ptr<scalar_t>();
     auto* op = out.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < rows * d; ++i) sp[i] = static_cast<scalar_t>(f32(xp[i]) + f32(dp[i]));
-    for (int64_t r = 0; r < rows; ++r) rms_norm_row(sp + r * d, wp, op + r * d, d, static_cast<float>(eps));
+    if (avx2()) {
+      add_rms_norm_rows_avx2(xp, dp, wp, sp, op, rows, d, static_cast<float>(eps));
+    } else {
+      add_rms_norm_rows<float>(xp, dp, wp, sp, op, rows, d, static_cast<float>(eps));
+    }
   });
   return {sum, out};
 }
@@ -115,13 +458,10 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
     const auto* gp = gate_up.data_ptr<scalar_t>();
     auto* op = out.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* g = gp + r * 2 * width;
-      const scalar_t* u = g + width;
-      for (int64_t i = 0; i < width; ++i) {
-        const float gv = f32(g[i]);
-        op[r * width + i] = static_cast<scalar_t>(rnd<scalar_t>(gv / (1.f + std::exp(-gv))) * f32(u[i]));
-      }
+    if (avx2()) {
+      silu_mul_rows_avx2(gp, op, rows, width);
+    } else {
+      silu_mul_rows<float>(gp, op, rows, width);
     }
   });
   return out;
@@ -176,36 +516,19 @@ torch::Tensor rope_attend(
     const T* sp = sin.data_ptr<T>();
     T* kp = keys.data_ptr<T>();
     T* vp = values.data_ptr<T>();
-    // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product rounded as eager rounds.
-    auto rotate = [&](const T* x, const T* c, const T* s, auto&& store) {
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = f32(x[i]), x2 = f32(x[i + half]);
-        store(i, rnd<T>(rnd<T>(x1 * f32(c[i])) + rnd<T>(-x2 * f32(s[i]))));
-        store(i + half, rnd<T>(rnd<T>(x2 * f32(c[i + half])) + rnd<T>(x1 * f32(s[i + half]))));
-      }
-    };
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t t = 0; t < steps; ++t) {
-        const T* row = src + (b * steps + t) * row_width;
-        const T* c = cp + b * rope_batch_stride + t * hd;
-        const T* s = sp + b * rope_batch_stride + t * hd;
-        for (int64_t h = 0; h < heads; ++h) {
-          float* q = queries.data() + ((b * steps + t) * heads + h) * hd;
-          rotate(row + h * hd, c, s, [&](int64_t i, float v) { q[i] = v; });
-        }
-        for (int64_t h = 0; h < kv_heads; ++h) {
-          T* k = kp + ((b * kv_heads + h) * max_len + start + t) * hd;
-          rotate(row + (heads + h) * hd, c, s, [&](int64_t i, float v) { k[i] = static_cast<T>(v); });
-          const T* v = row + (heads + kv_heads + h) * hd;
-          std::copy(v, v + hd, vp + ((b * kv_heads + h) * max_len + start + t) * hd);
-        }
-      }
+    const Rotation<T> rotation{src, cp, sp, kp, vp, queries.data(), batch, steps, heads, kv_heads, hd,
+                               row_width, max_len, start, rope_batch_stride};
+    if (avx2()) {
+      rotate_rows_avx2(rotation);
+    } else {
+      rotate_rows<float>(rotation);
     }
     const T* mp = has_mask ? mask.data_ptr<T>() : nullptr;
     T* op = out.data_ptr<T>();
     const int64_t jobs = batch * steps * heads;
     // Big enough chunks that a one-token step does not pay for waking the thread pool.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, total * hd));
+    const bool use_avx2 = avx2();
     at::parallel_for(0, jobs, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(total), acc(hd);
       for (int64_t job = begin; job < end; ++job) {
@@ -216,25 +539,21 @@ torch::Tensor rope_attend(
         const T* v = vp + (b * kv_heads + kvh) * max_len * hd;
         const T* m = has_mask ? mp + b * mask_batch_stride + t * total : nullptr;
         const int64_t visible = has_mask ? total : start + t + 1;  // the mask hides the future itself
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < visible; ++j) {
-          float score = dot(q, k + j * hd, hd) * scale;
-          if (m != nullptr) score += f32(m[j]);
-          scores[j] = score;
-          best = std::max(best, score);
-        }
-        float norm = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < visible; ++j) {
-          const float p = scores[j] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(scores[j] - best);
-          norm += p;
-          const T* vj = v + j * hd;
-          for (int64_t i = 0; i < hd; ++i) acc[i] += p * f32(vj[i]);
-        }
         T* o = op + (b * steps + t) * heads * hd + h * hd;
-        for (int64_t i = 0; i < hd; ++i) o[i] = static_cast<T>(acc[i] / norm);
+        if (use_avx2) {
+          attend_row_avx2(q, k, v, m, visible, hd, scale, scores.data(), acc.data(), o);
+        } else {
+          attend_row<float>(q, k, v, m, visible, hd, scale, scores.data(), acc.data(), o);
+        }
       }
     });
   });
   return out;
+}
+
+// Run the step kernels' AVX2 code where the CPU has AVX2 (the default), or the one-lane code that
+// gives the same bits; returns whether the AVX2 code runs now.
+bool set_step_kernels_avx2(bool wanted) {
+  avx2_wanted = wanted;
+  return avx2();
 }
