@@ -173,6 +173,8 @@ def test_int4_dynamic_matmul_computes_q4_1_groups_against_int8_activations(shape
     expected = quantize_activations(x).double() @ weight.view(out_features, in_features).T
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
     assert_each_row_as_alone(dynamic, x, out)
+    in_bf16 = dynamic(x.bfloat16())  # read and written in bf16 by the kernel: the fp32 result, rounded
+    assert in_bf16.dtype == torch.bfloat16 and torch.equal(in_bf16, dynamic(x.bfloat16().float()).bfloat16())
     with pytest.raises(RuntimeError, match="int4 scales and minimums must be fp16"):
         build().int4_dynamic_matmul(x, packed[0], packed[1].float(), packed[2], out_features, vnni)
     assert quant_kernels.pack_int4(q, scales * 1e6, mins) is None  # beyond fp16: the layer uses torch's kernel
