@@ -105,7 +105,11 @@ def test_the_avx2_code_gives_the_one_lane_codes_bits(dtype: torch.dtype, head_di
         pytest.skip("this CPU has no AVX2: only the one-lane code runs")
     torch.manual_seed(0)
     heads, kv_heads, rows, start = 6, 2, 5, 37
-    x, delta, weight = torch.randn(2, rows, width, dtype=dtype), torch.randn(2, rows, width, dtype=dtype), torch.rand(width)
+    x, delta, weight = (
+        torch.randn(2, rows, width, dtype=dtype),
+        torch.randn(2, rows, width, dtype=dtype),
+        torch.rand(width),
+    )
     gate_up = torch.randn(2, rows, 2 * width, dtype=dtype) * 8  # SiLU far into both tails
     gate_up[0, 0, :3] = torch.tensor([-100.0, 100.0, 0.0])
     qkv = torch.randn(2, rows, (heads + 2 * kv_heads) * head_dim, dtype=dtype) * 3
