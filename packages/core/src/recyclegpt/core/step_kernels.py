@@ -5,7 +5,8 @@ SmolLM2 layer runs ~160 small operators (~150 us). :class:`KernelDecoderLayer` r
 with four fused calls from ``step_kernels.cpp`` (RMSNorm; rotary embedding + cache write +
 attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. The kernels compute
 each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
-speculative decoding stays equal to standard), and round where the eager layer rounds.
+speculative decoding stays equal to standard), and round where the eager layer rounds. Where the
+CPU has AVX2 they run eight-lane code that gives the same bits as their one-lane code.
 
 The extension (:mod:`recyclegpt.core.cpu_kernels`) is compiled once per machine at the first CPU
 step that uses it and cached by torch. Where it cannot be built, or with
