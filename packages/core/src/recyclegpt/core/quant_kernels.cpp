@@ -557,28 +557,17 @@ void check_int8_tiles(const torch::Tensor& weight, const torch::Tensor& scales, 
   TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
 }
 
-// fp32 y [M, padded] -> bf16 out [M, n], rounded to nearest even as torch rounds (NaN: 0x7FC0).
-// One pass in eight lanes, not two aten calls (narrow and to: ~4 us each, 120 a SmolLM2 step).
+// fp32 y [M, padded] -> bf16 out [M, n], rounded to nearest even as torch rounds, eight lanes at a
+// time: one pass, not two aten calls (narrow and to: ~4 us each, 120 a SmolLM2 step). Lanes is the
+// step kernels' (step_kernels.cpp, earlier in this translation unit).
 __attribute__((target("avx2"))) void round_rows_to_bf16(const float* y, int64_t M, int64_t padded, int64_t n,
-                                                         uint16_t* out) {
-  typedef uint32_t v8u __attribute__((vector_size(32)));
-  typedef int32_t v8i __attribute__((vector_size(32)));
-  typedef uint16_t v8h __attribute__((vector_size(16)));
-  typedef float v8f __attribute__((vector_size(32)));
+                                                         at::BFloat16* out) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = y + m * padded;
-    uint16_t* o = out + m * n;
+    at::BFloat16* o = out + m * n;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      v8f v;
-      std::memcpy(&v, row + i, sizeof(v));
-      const v8u bits = (v8u)v;
-      const v8i nan = v != v;
-      const v8u rounded = (v8u)((nan & 0x7FC0) | (~nan & (v8i)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16)));
-      const v8h h = __builtin_convertvector(rounded, v8h);
-      std::memcpy(o + i, &h, sizeof(h));
-    }
-    for (; i < n; ++i) o[i] = c10::BFloat16(row[i]).x;
+    for (; i + Lanes<v8f>::kWidth <= n; i += Lanes<v8f>::kWidth) Lanes<v8f>::store(o + i, Lanes<v8f>::load(row + i));
+    for (; i < n; ++i) o[i] = static_cast<at::BFloat16>(row[i]);
   }
 }
 
@@ -588,8 +577,7 @@ torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x, int64_
   sizes.back() = out_features;
   if (x.scalar_type() == at::kBFloat16 && packed::avx2_supported()) {
     auto out = torch::empty(sizes, x.options());
-    round_rows_to_bf16(y.data_ptr<float>(), y.size(0), y.size(1), out_features,
-                       reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    round_rows_to_bf16(y.data_ptr<float>(), y.size(0), y.size(1), out_features, out.data_ptr<at::BFloat16>());
     return out;
   }
   auto out = out_features == y.size(1) ? y : y.narrow(1, 0, out_features);

@@ -162,10 +162,10 @@ constexpr int kLanes = 8;  // partial sums: a fixed summation order, eight lanes
 
 // The end of dot: lane partial sums `acc` over a[0, i) * b[0, i) plus the rest, in one total.
 template <typename A, typename B>
-INLINE float finish_dot(float (&acc)[8], const A* a, const B* b, int64_t i, int64_t n) {
+INLINE float finish_dot(float (&acc)[kLanes], const A* a, const B* b, int64_t i, int64_t n) {
   for (; i < n; ++i) acc[0] += f32(a[i]) * f32(b[i]);
   float total = 0.f;
-  for (int l = 0; l < 8; ++l) total += acc[l];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
 }
 
@@ -495,7 +495,7 @@ torch::Tensor rope_attend(
                   (cos.size(0) == 1 || cos.size(0) == batch) && sin.sizes() == cos.sizes(),
               "cos and sin must be [B or 1, 1, T, head_dim] in qkv's dtype");
   const bool has_mask = mask.defined() && mask.numel() > 0;
-  const int64_t total = start + steps, half = hd / 2;
+  const int64_t total = start + steps;
   if (has_mask) {
     TORCH_CHECK(mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
                     mask.size(-2) == steps && (mask.size(0) == 1 || mask.size(0) == batch),
