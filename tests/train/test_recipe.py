@@ -14,7 +14,7 @@ import yaml
 
 from recyclegpt.core import quant_kernels
 from recyclegpt.core.precision import auto_dtype
-from recyclegpt.train.recipe import selfgen_quantize, speed_quantize
+from recyclegpt.train.recipe import selfgen_quantize, speed_quantize, training_precision
 
 from .test_frozen_base import pretrained_model
 
@@ -100,6 +100,16 @@ def test_training_is_bounded_by_its_time_and_by_twice_the_calibrated_steps() -> 
         "train_seconds": 0,
     }
     assert _duration(3725) == "00:01:02:05" and _duration(90061) == "01:01:01:01"
+
+
+def test_the_module_trains_in_the_configs_precision_with_auto_decided_by_the_cpu_class(cpu_class) -> None:
+    config = {"trainer": {"precision": "auto", "accelerator": "cpu"}}
+    cpu_class("avx2")
+    assert training_precision(config, []) == "32-true"
+    cpu_class("avx512_bf16")
+    assert training_precision(config, []) == "bf16-mixed"
+    assert training_precision({"trainer": {"accelerator": "cpu"}}, []) == "bf16-mixed"  # auto when unset
+    assert training_precision(config, ["--trainer.precision=32-true"]) == "32-true"  # a fit argument wins
 
 
 def test_speed_report_quantizes_to_w8a8_with_its_kernels_else_to_int8_only_where_the_cpu_lacks_native_bf16(

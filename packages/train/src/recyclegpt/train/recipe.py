@@ -46,6 +46,7 @@ from recyclegpt.core.quantize import QUANTIZE_CHOICES
 from recyclegpt.train.callbacks import TRAINED_LINE
 from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
 from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate_training_data, write_samples
+from recyclegpt.train.trainer import AUTO, resolve_precision
 
 BYTES_PER_TOKEN = 4.0  # English prose through a 49k BPE (TinyStories + SmolLM2: ~4.1); only for sizing
 # The fit process loads the base again, then writes and logs the exported model: SmolLM2's fit spent
@@ -71,8 +72,11 @@ def base_tokens_per_second(model: RecycleGPT, block_size: int, compute: torch.dt
     return ids.numel() / (time.perf_counter() - start)
 
 
-def module_tokens_per_second(model: RecycleGPT, batch_size: int, block_size: int, depth: int) -> float:
-    """Unrolled module training (forward, backward, AdamW) over random features, fp32."""
+def module_tokens_per_second(
+    model: RecycleGPT, batch_size: int, block_size: int, depth: int, compute: torch.dtype = torch.float32
+) -> float:
+    """Unrolled module training (forward, backward, AdamW) over random features, in ``compute``
+    (bf16: autocast, as Lightning's ``bf16-mixed``)."""
     probe = RecycleGPT(dataclasses.replace(model.config, num_layers=1))  # same module and head; base unused
     if model.config.draft_vocab_size is not None:
         probe.set_draft_vocab(torch.arange(model.config.draft_vocab_size))
@@ -83,7 +87,9 @@ def module_tokens_per_second(model: RecycleGPT, batch_size: int, block_size: int
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        unrolled_losses(probe, ids, hidden, depth=depth, distill=True).loss.backward()
+        with _autocast(compute):
+            losses = unrolled_losses(probe, ids, hidden, depth=depth, distill=True)
+        losses.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
@@ -190,6 +196,18 @@ def _data_setting(data: dict[str, Any], fit_args: list[str], name: str) -> Any:
         if arg.startswith(f"--data.{name}="):
             return arg.split("=", 1)[1]
     return data.get(name)
+
+
+def training_precision(config: dict[str, Any], fit_args: list[str]) -> str | int:
+    """The Lightning precision the fit will train the module in: a ``--trainer.precision=`` argument,
+    else the config's, with ``auto`` resolved from the hardware (``bf16-mixed`` where bf16 is native:
+    SmolLM2's unrolled module trained 1.9x faster per step than in fp32 on Zen 4 with AVX512-BF16)."""
+    trainer = config.get("trainer") or {}
+    precision: str | int = trainer.get("precision", AUTO)
+    for arg in fit_args:
+        if arg.startswith("--trainer.precision="):
+            precision = arg.split("=", 1)[1]
+    return resolve_precision(precision, trainer.get("accelerator", "auto"))
 
 
 def _corpus_plan(config: dict[str, Any], args: argparse.Namespace, base_tps: float) -> dict[str, int]:
@@ -321,7 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else export_dir.parent / "recipe"
     out.mkdir(parents=True, exist_ok=True)
     cache_dtype = auto_dtype("cpu")
-    _log(f"hardware: {hardware_summary()}; feature cache computes in {dtype_name(cache_dtype)}, module trains in fp32")
+    precision = training_precision(config, args.fit_args)
+    train_dtype = torch.bfloat16 if str(precision).startswith("bf16") else torch.float32
+    _log(
+        f"hardware: {hardware_summary()}; feature cache computes in {dtype_name(cache_dtype)}, "
+        f"module trains in {precision}"
+    )
 
     # 1. fetch and load the base.
     start = time.perf_counter()
@@ -348,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     depth = int(model_cfg.get("unroll_depth", 1))
     base_tps = base_tokens_per_second(model, data["block_size"], cache_dtype)
-    module_tps = module_tokens_per_second(model, data["batch_size"], data["block_size"], depth) / 1.15
+    module_tps = module_tokens_per_second(model, data["batch_size"], data["block_size"], depth, train_dtype) / 1.15
     plan: dict[str, Any] = _corpus_plan(config, args, base_tps)
     phases["calibrate"] = time.perf_counter() - start
     _log(
@@ -404,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         "recyclegpt.train.cli",
         "fit",
         f"--config={config_path}",
-        "--trainer.precision=32-true",
+        f"--trainer.precision={precision}",
         f"--trainer.max_steps={plan['max_steps']}",
         f"--trainer.val_check_interval={plan['val_check_interval']}",
         "--trainer.check_val_every_n_epoch=null",  # validation counted in steps across the many epochs
