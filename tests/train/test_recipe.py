@@ -14,7 +14,7 @@ import yaml
 
 from recyclegpt.core import quant_kernels
 from recyclegpt.core.precision import auto_dtype
-from recyclegpt.train.recipe import selfgen_quantize, speed_quantize, training_precision
+from recyclegpt.train.recipe import eval_reserve, selfgen_quantize, speed_quantize, training_precision
 
 from .test_frozen_base import pretrained_model
 
@@ -110,6 +110,15 @@ def test_the_module_trains_in_the_configs_precision_with_auto_decided_by_the_cpu
     assert training_precision(config, []) == "bf16-mixed"
     assert training_precision({"trainer": {"accelerator": "cpu"}}, []) == "bf16-mixed"  # auto when unset
     assert training_precision(config, ["--trainer.precision=32-true"]) == "32-true"  # a fit argument wins
+
+
+def test_the_evaluation_reserve_is_larger_where_the_speed_report_adds_the_fp32_losslessness_check(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: True)
+    assert eval_reserve(torch.bfloat16, "w8a8") == 0.26  # bf16: the exact check reruns in fp32
+    assert eval_reserve(torch.float32, "w8a8") == 0.16  # the integer kernels compute in fp32: no rerun
+    assert eval_reserve(torch.float32, "int4") == 0.26  # torch's int4 kernels round through bf16
 
 
 def test_speed_report_quantizes_to_w8a8_with_its_kernels_else_to_int8_only_where_the_cpu_lacks_native_bf16(
