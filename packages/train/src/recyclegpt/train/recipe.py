@@ -190,24 +190,20 @@ def self_generate_corpus(
     }
 
 
-def _data_setting(data: dict[str, Any], fit_args: list[str], name: str) -> Any:
-    """``data.<name>`` as the fit will see it: a ``--data.<name>=`` argument, else the config's."""
+def _fit_setting(config: dict[str, Any], fit_args: list[str], section: str, name: str, default: Any = None) -> Any:
+    """``<section>.<name>`` as the fit will see it: a ``--<section>.<name>=`` argument, else the config's."""
     for arg in fit_args:
-        if arg.startswith(f"--data.{name}="):
+        if arg.startswith(f"--{section}.{name}="):
             return arg.split("=", 1)[1]
-    return data.get(name)
+    return (config.get(section) or {}).get(name, default)
 
 
 def training_precision(config: dict[str, Any], fit_args: list[str]) -> str | int:
     """The Lightning precision the fit will train the module in: a ``--trainer.precision=`` argument,
     else the config's, with ``auto`` resolved from the hardware (``bf16-mixed`` where bf16 is native:
     SmolLM2's unrolled module trained 1.9x faster per step than in fp32 on Zen 4 with AVX512-BF16)."""
-    trainer = config.get("trainer") or {}
-    precision: str | int = trainer.get("precision", AUTO)
-    for arg in fit_args:
-        if arg.startswith("--trainer.precision="):
-            precision = arg.split("=", 1)[1]
-    return resolve_precision(precision, trainer.get("accelerator", "auto"))
+    precision = _fit_setting(config, fit_args, "trainer", "precision", AUTO)
+    return resolve_precision(precision, _fit_setting(config, fit_args, "trainer", "accelerator", "auto"))
 
 
 def eval_reserve(dtype: torch.dtype, quantize: str) -> float:
@@ -392,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. the base writes its own training text (prompts sliced from the training corpus), keeping
     # the states it computes meanwhile as the training feature cache.
-    cache_dir = _data_setting(data, args.fit_args, "feature_cache")
+    cache_dir = _fit_setting(config, args.fit_args, "data", "feature_cache")
     uncached_tokens = plan["corpus_tokens"]
     if args.selfgen_share > 0:
         start = time.perf_counter()
@@ -404,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             args.selfgen_share * args.minutes * 60,
             data["block_size"],
             Path(cache_dir, "train") if cache_dir else None,
-            _data_setting(data, args.fit_args, "feature_dtype") or "bf16",
+            _fit_setting(config, args.fit_args, "data", "feature_dtype") or "bf16",
             args,
         )
         overrides += [f"--data.train_blocks={selfgen['selfgen_blocks']}"]
@@ -422,8 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     del model
     seconds_left = args.minutes * 60 - (time.perf_counter() - started)
     fit_overhead = FIT_OVERHEAD_LOADS * phases["fetch + load base"]
+    quantize = speed_quantize(args.quantize, cache_dtype)  # the speed report's weights
     if args.eval_share is None:
-        args.eval_share = eval_reserve(cache_dtype, speed_quantize(args.quantize, cache_dtype))
+        args.eval_share = eval_reserve(cache_dtype, quantize)
     plan["eval_share"] = args.eval_share
     plan.update(_train_plan(config, args, uncached_tokens, seconds_left, base_tps, module_tps, fit_overhead))
     limit = f"{plan['train_seconds']} s or " if plan["train_seconds"] else ""
@@ -464,7 +461,6 @@ def main(argv: list[str] | None = None) -> None:
     # 5. evaluate on held-out text.
     eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
     dtype = dtype_name(cache_dtype)
-    quantize = speed_quantize(args.quantize, cache_dtype)
     max_depth = max(depth + 2, 5)
     phases["eval quality"] = _run(
         [*eval_cli, "quality", "--model", str(export_dir), "--data", str(heldout), "--max-tokens", "1536"]
