@@ -151,27 +151,54 @@ constexpr int kBlock = 32;                // activation values one scale covers
 constexpr int kBlockLanes = kBlock / 4;   // lane rows of a tile per block
 constexpr int kMaxDynamicRows = 3;        // rows a pass serves: their sums and operands fit in 32 registers
 
+// Eight activations at i as fp32 (bf16 widens exactly: its bits are fp32's top half).
+__attribute__((target("avx2"))) INLINE __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+__attribute__((target("avx2"))) INLINE __m256 load8(const at::BFloat16* x) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
 // Activations [M, K] (fp32 or bf16) -> int8 a [M, K], scales d and -128 * sum(a) [M, K/32], block
-// by block.
+// by block: a = round(x * 127 / max|x|) (half to even: the conversion's default rounding, as
+// nearbyint), clamped to +-127. Eight lanes at a time (AVX2: every CPU these kernels run on); the
+// scalar loop it replaced cost ~5 ns a value, ~0.5 ms a SmolLM2 token.
+template <typename T>
+__attribute__((target("avx2"))) void quantize_blocks(const T* x, int64_t begin, int64_t end, int8_t* a, float* d,
+                                                     int32_t* offset) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = begin; b < end; ++b) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = load8(x + b * kBlock + 8 * i);
+    __m256 peak = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], sign), _mm256_and_ps(v[1], sign)),
+                                _mm256_max_ps(_mm256_and_ps(v[2], sign), _mm256_and_ps(v[3], sign)));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_max_ss(half, _mm_shuffle_ps(half, half, 1));
+    const float amax = _mm_cvtss_f32(half);
+    const __m256 inverse = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m256i q[4];
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      q[i] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)), top), bottom);
+      sum = _mm256_add_epi32(sum, q[i]);
+    }
+    // int32 -> int8 (values fit, so saturation never bites); the packs interleave 128-bit lanes.
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + b * kBlock), bytes);
+    __m128i total = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    total = _mm_add_epi32(total, _mm_shuffle_epi32(total, 0x4E));
+    total = _mm_add_epi32(total, _mm_shuffle_epi32(total, 0xB1));
+    d[b] = amax / 127.0f;
+    offset[b] = -128 * _mm_cvtsi128_si32(total);
+  }
+}
+
 template <typename T>
 void quantize_activations(const T* x, int64_t blocks, int8_t* a, float* d, int32_t* offset) {
-  at::parallel_for(0, blocks, 512, [&](int64_t begin, int64_t end) {
-    float xb[kBlock];
-    for (int64_t b = begin; b < end; ++b) {
-      for (int j = 0; j < kBlock; ++j) xb[j] = static_cast<float>(x[b * kBlock + j]);
-      float amax = 0.0f;
-      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int j = 0; j < kBlock; ++j) {
-        const int32_t v = std::clamp(static_cast<int32_t>(std::nearbyint(xb[j] * inverse)), -127, 127);
-        a[b * kBlock + j] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      d[b] = amax / 127.0f;
-      offset[b] = -128 * sum;
-    }
-  });
+  at::parallel_for(0, blocks, 4096, [&](int64_t begin, int64_t end) { quantize_blocks(x, begin, end, a, d, offset); });
 }
 
 struct DynamicProblem {
