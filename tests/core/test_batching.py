@@ -53,6 +53,22 @@ def test_staggered_rows_equal_their_solo_generate(model, decoding):
     assert len(decoder) == 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_alternating_rows_draft_from_the_modules_draft_vocabulary(temperature):
+    torch.manual_seed(2)
+    config = RecycleConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+    drafted = RecycleGPT(config).eval()
+    drafted.set_draft_vocab(torch.arange(0, 97, 3))  # every third token
+    requests = [([5, 17, 3, 40], 12), ([60, 2], 9), ([11, 12, 13, 14, 15, 16], 14)]
+    decoder = BatchedDecoder(drafted, "alternating", max_batch_size=2)
+    results = run_staggered(decoder, requests, join_every=1, temperature=temperature, seed=7)
+    for i, (prompt, max_new) in enumerate(requests):
+        expected = solo(drafted, prompt, max_new, "alternating", temperature=temperature, seed=7)
+        assert results[i] == expected, i
+        module_tokens = expected[1::2]  # full call, module call, ...
+        assert all(token % 3 == 0 for token in module_tokens)
+
+
 def test_eos_ends_a_row_and_its_slot_is_reused(model):
     prompt = [5, 6, 7]
     reference = solo(model, prompt, 12, "standard")

@@ -29,6 +29,19 @@ def test_draft_tables_follow_eagle3_convention() -> None:
     assert model.recycle.t2d.nonzero().flatten().tolist() == [3, 5, 90]
 
 
+@pytest.mark.parametrize("draft", [None, 20])
+def test_greedy_draft_is_the_argmax_and_top_probability_of_the_draft_logits(draft) -> None:
+    model = _model(draft=draft)
+    states = torch.randn(5, 32)
+    states[4] = 0.0  # every logit equal: the tie goes to the lowest token id, as argmax gives it
+    token, top = model.greedy_draft(states)
+    logits = model.draft_logits(states)
+    assert torch.equal(token, logits.argmax(-1))
+    torch.testing.assert_close(top, logits.float().softmax(-1).amax(-1))
+    if draft is not None:
+        assert int(token[4]) == int(model.draft_ids[0])
+
+
 def test_draft_logits_are_minus_inf_outside_the_draft_vocab() -> None:
     model = _model(draft=20)
     state = torch.randn(2, 32)

@@ -221,7 +221,7 @@ class BatchedDecoder:
             module_cache = model.new_cache("module", 1, len(row.tokens))
             state = model.module_hidden(prev, torch.tensor([row.tokens], device=self.device), cache=module_cache)
             row.module_calls += 1
-            row.accept(int(sample(model.lm_head(state[:, -1]), row.params)[0]))
+            row.accept(int(sample(model.draft_logits(state[:, -1]), row.params)[0]))
             module_keys = module_cache
         if not row.finished:
             self.base.add_row(base_cache.keys[:, 0], base_cache.values[:, 0])
@@ -251,7 +251,7 @@ class BatchedDecoder:
             live = [row for row in self.rows if not row.finished]
             if live:
                 state = self._module_forward(hidden)
-                self._sample(state[:, -1], self.rows)
+                self._sample(state[:, -1], self.rows, module=True)
         outputs = [self._report(row) for row in self.rows]
         for index in reversed(range(len(self.rows))):
             if self.rows[index].finished:
@@ -285,8 +285,10 @@ class BatchedDecoder:
             row.module_calls += 1
         return state
 
-    def _sample(self, hidden: torch.Tensor, rows: list[Sequence]) -> None:
-        logits = self.model.lm_head(hidden)
+    def _sample(self, hidden: torch.Tensor, rows: list[Sequence], module: bool = False) -> None:
+        """One token for each row from the base's states, or (``module``) from the module's, which
+        score only the draft vocabulary where the module has one (as core's alternating decoding)."""
+        logits = self.model.draft_logits(hidden) if module else self.model.lm_head(hidden)
         if all(row.params.greedy for row in rows):
             tokens = greedy_tokens(logits).tolist()
         else:

@@ -281,7 +281,11 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     prev = torch.cat((state.prompt_prev_hidden(hidden), hidden[:, -1:]), dim=1)
     module_state = state.module_step(prev, 0, state.length)
     while True:
-        state.append(sample(model.draft_logits(module_state[:, -1]), params).unsqueeze(1), eos_token_id)
+        if params.greedy:
+            draft = model.greedy_draft(module_state[:, -1])[0]
+        else:
+            draft = sample(model.draft_logits(module_state[:, -1]), params)
+        state.append(draft.unsqueeze(1), eos_token_id)
         if state.done:
             return
         hidden = state.base_step(state.length - 2, 2)
@@ -341,13 +345,14 @@ def _speculative(
         dropped = False  # the planner judged the last draft not worth verifying
         if depth > 0:
             for step in range(depth):
-                logits = model.draft_logits(module_state[:, -1])
-                probs = None if greedy else token_probs(logits, params)
-                token = (
-                    greedy_tokens(logits) if greedy else torch.multinomial(probs, 1, generator=params.generator)[:, 0]
-                )
+                if greedy:
+                    token, top = model.greedy_draft(module_state[:, -1])
+                    probs = None
+                else:
+                    probs = token_probs(model.draft_logits(module_state[:, -1]), params)
+                    token = torch.multinomial(probs, 1, generator=params.generator)[:, 0]
                 if planner is not None:
-                    confidence = float(probs[0, token] if probs is not None else logits.float().softmax(-1).amax(-1))
+                    confidence = float(top[0] if probs is None else probs[0, token])
                     chain_confidence *= planner.calibrated(confidence)
                     # Too unsure to verify at all (greedy: a sampled draft passes with chance
                     # min(1, p/q), which a low q says little about), or (past the first draft, which

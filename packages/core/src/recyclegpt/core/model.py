@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recyclegpt.core.config import RecycleConfig
+from recyclegpt.core.sampling import greedy_tokens
 
 if TYPE_CHECKING:
     from recyclegpt.core.decoding import GenerationOutput
@@ -426,6 +427,17 @@ class RecycleGPT(nn.Module):
         if select_rows is not None:  # a quantized head (core.quantize: int8 or fp16) keeps its own format
             return self._cached_draft_rows(lambda: select_rows(self.draft_ids))(module_state)
         return F.linear(module_state, self.draft_head_weight())
+
+    def greedy_draft(self, module_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's greedy token [...] and the probability it gives it [...] (fp32): what the argmax
+        and the top softmax value of :meth:`draft_logits` are, computed over the draft vocabulary
+        only (its logits, not a full-vocabulary scatter: ~0.4 of a SmolLM2 module step less)."""
+        logits = self.draft_head_logits(module_state)
+        index = greedy_tokens(logits)  # the first draft index among equal maxima (draft ids ascend)
+        top = logits.float().softmax(-1).amax(-1)
+        if self.config.draft_vocab_size is None:
+            return index, top
+        return index + self.recycle.d2t[index], top
 
     def draft_logits(self, module_state: torch.Tensor) -> torch.Tensor:
         """Module logits over the full vocabulary [..., V]: -inf outside the draft vocabulary,
