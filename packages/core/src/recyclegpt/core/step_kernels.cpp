@@ -259,6 +259,27 @@ INLINE void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width)
 }
 
 // One query against `visible` cached keys and values of its head: softmax(q . k * scale + mask) v.
+// scores[j] -> e^(scores[j] * scale + mask[j] - max) in place; returns their sum (ascending).
+template <typename V, typename T>
+INLINE float softmax_scores(float* scores, const T* mask, int64_t visible, float scale) {
+  using L = Lanes<V>;
+  constexpr int W = L::kWidth;
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j < visible; ++j) {
+    float score = scores[j] * scale;
+    if (mask != nullptr) score += f32(mask[j]);
+    scores[j] = score;
+    best = std::max(best, score);
+  }
+  j = 0;
+  for (; j + W <= visible; j += W) L::store(scores + j, exp_lanes(L::load(scores + j) - best));
+  for (; j < visible; ++j) scores[j] = exp_lanes(scores[j] - best);
+  float norm = 0.f;
+  for (j = 0; j < visible; ++j) norm += scores[j];
+  return norm;
+}
+
 // `scores` holds `visible` floats, `acc` hd.
 template <typename V, typename T>
 INLINE void attend_row(const float* q, const T* k, const T* v, const T* mask, int64_t visible, int64_t hd,
@@ -270,18 +291,7 @@ INLINE void attend_row(const float* q, const T* k, const T* v, const T* mask, in
     for (; j + 4 <= visible; j += 4) dot4(q, k + j * hd, hd, hd, scores + j);
   }
   for (; j < visible; ++j) scores[j] = dot<V>(q, k + j * hd, hd);
-  float best = -std::numeric_limits<float>::infinity();
-  for (j = 0; j < visible; ++j) {
-    float score = scores[j] * scale;
-    if (mask != nullptr) score += f32(mask[j]);
-    scores[j] = score;
-    best = std::max(best, score);
-  }
-  j = 0;
-  for (; j + W <= visible; j += W) L::store(scores + j, exp_lanes(L::load(scores + j) - best));
-  for (; j < visible; ++j) scores[j] = exp_lanes(scores[j] - best);
-  float norm = 0.f;
-  for (j = 0; j < visible; ++j) norm += scores[j];
+  const float norm = softmax_scores<V>(scores, mask, visible, scale);
   // acc[i] = sum over j (ascending) of p[j] * v[j][i]. The vector code keeps 32 columns in four
   // registers over every j (four independent chains), the rest goes through acc row by row.
   int64_t first = 0;
@@ -306,6 +316,66 @@ INLINE void attend_row(const float* q, const T* k, const T* v, const T* mask, in
   int64_t i = 0;
   for (; i + W <= hd; i += W) L::store(out + i, L::load(acc + i) / norm);
   for (; i < hd; ++i) out[i] = static_cast<T>(acc[i] / norm);
+}
+
+// The G query heads that share one kv head (grouped-query attention) for one row, each head's
+// arithmetic exactly as attend_row<v8f> does it (per key, the same lane sums; per column, the same
+// ascending sum over keys), with every bf16 -> fp32 load of a key or value shared by the G heads.
+// q: the G heads' queries, consecutive; scores: G * visible floats; out: the G heads' outputs.
+template <int G, typename T>
+INLINE void attend_group(const float* q, const T* k, const T* v, const T* mask, int64_t visible, int64_t hd,
+                         float scale, float* scores, T* out) {
+  using L = Lanes<v8f>;
+  constexpr int W = L::kWidth;
+  const int64_t whole = hd / W * W;
+  // Scores, two keys a pass: G * 2 lane sums, two key vectors and a query vector in registers.
+  int64_t j = 0;
+  for (; j < visible; j += 2) {
+    const int keys = j + 1 < visible ? 2 : 1;
+    v8f sums[G][2];
+    for (int g = 0; g < G; ++g) sums[g][0] = sums[g][1] = v8f{};
+    for (int64_t i = 0; i < whole; i += W) {
+      v8f key[2];
+      for (int u = 0; u < keys; ++u) key[u] = L::load(k + (j + u) * hd + i);
+      for (int g = 0; g < G; ++g) {
+        const v8f x = L::load(q + g * hd + i);
+        for (int u = 0; u < keys; ++u) sums[g][u] += x * key[u];
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int u = 0; u < keys; ++u) {
+        float acc[kLanes];
+        std::memcpy(acc, &sums[g][u], sizeof(acc));
+        scores[g * visible + j + u] = finish_dot(acc, q + g * hd, k + (j + u) * hd, whole, hd);
+      }
+  }
+  float norm[G];
+  for (int g = 0; g < G; ++g) norm[g] = softmax_scores<v8f>(scores + g * visible, mask, visible, scale);
+  // Values, two column vectors a pass over the keys; leftover columns one at a time.
+  int64_t first = 0;
+  while (first + W <= hd) {
+    const int columns = first + 2 * W <= hd ? 2 : 1;
+    v8f sums[G][2];
+    for (int g = 0; g < G; ++g) sums[g][0] = sums[g][1] = v8f{};
+    for (j = 0; j < visible; ++j) {
+      v8f value[2];
+      for (int c = 0; c < columns; ++c) value[c] = L::load(v + j * hd + first + c * W);
+      for (int g = 0; g < G; ++g) {
+        const float p = scores[g * visible + j];
+        for (int c = 0; c < columns; ++c) sums[g][c] += p * value[c];
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < columns; ++c) L::store(out + g * hd + first + c * W, sums[g][c] / norm[g]);
+    first += columns * W;
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int64_t i = first; i < hd; ++i) {
+      float sum = 0.f;
+      for (j = 0; j < visible; ++j) sum += scores[g * visible + j] * f32(v[j * hd + i]);
+      out[g * hd + i] = static_cast<T>(sum / norm[g]);
+    }
+  }
 }
 
 // x * cos + rotate_half(x) * sin at columns i (and i + half), rotate_half(x) = (-x2, x1), each
@@ -376,6 +446,12 @@ AVX2_TARGET void add_rms_norm_rows_avx2(const T* x, const T* delta, const T* w, 
 template <typename T>
 AVX2_TARGET void silu_mul_rows_avx2(const T* gate_up, T* out, int64_t rows, int64_t width) {
   silu_mul_rows<v8f>(gate_up, out, rows, width);
+}
+
+template <int G, typename T>
+AVX2_TARGET void attend_group_avx2(const float* q, const T* k, const T* v, const T* mask, int64_t visible,
+                                   int64_t hd, float scale, float* scores, T* out) {
+  attend_group<G>(q, k, v, mask, visible, hd, scale, scores, out);
 }
 
 template <typename T>
@@ -525,10 +601,33 @@ torch::Tensor rope_attend(
     }
     const T* mp = has_mask ? mask.data_ptr<T>() : nullptr;
     T* op = out.data_ptr<T>();
-    const int64_t jobs = batch * steps * heads;
     // Big enough chunks that a one-token step does not pay for waking the thread pool.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, total * hd));
     const bool use_avx2 = avx2();
+    if (use_avx2 && group <= 4) {  // a job: one row's heads that share a kv head
+      const int64_t groups = batch * steps * kv_heads;
+      at::parallel_for(0, groups, std::max<int64_t>(1, grain / group), [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(group * total);
+        for (int64_t job = begin; job < end; ++job) {
+          const int64_t kvh = job % kv_heads, t = (job / kv_heads) % steps, b = job / (kv_heads * steps);
+          const int64_t first_head = (b * steps + t) * heads + kvh * group;
+          const float* q = queries.data() + first_head * hd;
+          const T* k = kp + (b * kv_heads + kvh) * max_len * hd;
+          const T* v = vp + (b * kv_heads + kvh) * max_len * hd;
+          const T* m = has_mask ? mp + b * mask_batch_stride + t * total : nullptr;
+          const int64_t visible = has_mask ? total : start + t + 1;
+          T* o = op + first_head * hd;
+          switch (group) {
+            case 1: attend_group_avx2<1>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+            case 2: attend_group_avx2<2>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+            case 3: attend_group_avx2<3>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+            default: attend_group_avx2<4>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+          }
+        }
+      });
+      return;
+    }
+    const int64_t jobs = batch * steps * heads;
     at::parallel_for(0, jobs, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(total), acc(hd);
       for (int64_t job = begin; job < end; ++job) {
