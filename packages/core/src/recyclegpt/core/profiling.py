@@ -75,8 +75,8 @@ def measure_step_costs(
     inner: int = 5,
 ) -> dict[str, float]:
     """Milliseconds of a full-model step over k tokens (``base_<k>``) for each k in
-    ``token_counts`` and of a 1-token module step (``module``), all with KV caches filled by
-    ``prompt``. A k-token step includes the LM head and the greedy pick at each of its k rows, as a
+    ``token_counts`` and of a 1-token module step with its greedy draft (``module``), all with KV
+    caches filled by ``prompt``. A k-token step includes the LM head and the greedy pick at each of its k rows, as a
     k-token verification does (the head over 5 rows costs ~3x one row on CPU).
     """
     token_counts = sorted(set(token_counts))
@@ -102,7 +102,7 @@ def measure_step_costs(
     def module_step() -> None:
         for _ in range(inner):
             module_cache.rollback(length)
-            greedy_tokens(model.draft_logits(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1]))
+            model.greedy_draft(model.module_hidden(last_hidden, token, cache=module_cache)[:, -1])
 
     runs = {f"base_{k}": base_step(k) for k in token_counts}
     runs["module"] = module_step
