@@ -318,58 +318,71 @@ INLINE void attend_row(const float* q, const T* k, const T* v, const T* mask, in
   for (; i < hd; ++i) out[i] = static_cast<T>(acc[i] / norm);
 }
 
+// Scores of the G query heads q (consecutive) against keys j .. j+U-1, each as dot<v8f> sums it.
+// (U and G are compile-time so the G * U lane sums stay in registers.)
+template <int G, int U, typename T>
+INLINE void group_scores(const float* q, const T* k, int64_t j, int64_t visible, int64_t hd, float* scores) {
+  using L = Lanes<v8f>;
+  const int64_t whole = hd / kLanes * kLanes;
+  v8f sums[G][U];
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < U; ++u) sums[g][u] = v8f{};
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    v8f key[U];
+    for (int u = 0; u < U; ++u) key[u] = L::load(k + (j + u) * hd + i);
+    for (int g = 0; g < G; ++g) {
+      const v8f x = L::load(q + g * hd + i);
+      for (int u = 0; u < U; ++u) sums[g][u] += x * key[u];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < U; ++u) {
+      float acc[kLanes];
+      std::memcpy(acc, &sums[g][u], sizeof(acc));
+      scores[g * visible + j + u] = finish_dot(acc, q + g * hd, k + (j + u) * hd, whole, hd);
+    }
+}
+
+// Columns first .. first + 8C - 1 of the G heads' outputs: the probability-weighted sum of the
+// values over every key (ascending), divided by the head's norm, as attend_row<v8f> computes them.
+template <int G, int C, typename T>
+INLINE void group_values(const float* scores, const T* v, int64_t visible, int64_t hd, int64_t first,
+                         const float* norm, T* out) {
+  using L = Lanes<v8f>;
+  v8f sums[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) sums[g][c] = v8f{};
+  for (int64_t j = 0; j < visible; ++j) {
+    v8f value[C];
+    for (int c = 0; c < C; ++c) value[c] = L::load(v + j * hd + first + c * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const float p = scores[g * visible + j];
+      for (int c = 0; c < C; ++c) sums[g][c] += p * value[c];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) L::store(out + g * hd + first + c * kLanes, sums[g][c] / norm[g]);
+}
+
 // The G query heads that share one kv head (grouped-query attention) for one row, each head's
 // arithmetic exactly as attend_row<v8f> does it (per key, the same lane sums; per column, the same
-// ascending sum over keys), with every bf16 -> fp32 load of a key or value shared by the G heads.
-// q: the G heads' queries, consecutive; scores: G * visible floats; out: the G heads' outputs.
+// ascending sum over keys), with every load of a key or value (bf16: widened to fp32) shared by
+// the G heads. q: the G heads' queries, consecutive; scores: G * visible floats; out: their outputs.
 template <int G, typename T>
 INLINE void attend_group(const float* q, const T* k, const T* v, const T* mask, int64_t visible, int64_t hd,
                          float scale, float* scores, T* out) {
-  using L = Lanes<v8f>;
-  constexpr int W = L::kWidth;
-  const int64_t whole = hd / W * W;
-  // Scores, two keys a pass: G * 2 lane sums, two key vectors and a query vector in registers.
   int64_t j = 0;
-  for (; j < visible; j += 2) {
-    const int keys = j + 1 < visible ? 2 : 1;
-    v8f sums[G][2];
-    for (int g = 0; g < G; ++g) sums[g][0] = sums[g][1] = v8f{};
-    for (int64_t i = 0; i < whole; i += W) {
-      v8f key[2];
-      for (int u = 0; u < keys; ++u) key[u] = L::load(k + (j + u) * hd + i);
-      for (int g = 0; g < G; ++g) {
-        const v8f x = L::load(q + g * hd + i);
-        for (int u = 0; u < keys; ++u) sums[g][u] += x * key[u];
-      }
-    }
-    for (int g = 0; g < G; ++g)
-      for (int u = 0; u < keys; ++u) {
-        float acc[kLanes];
-        std::memcpy(acc, &sums[g][u], sizeof(acc));
-        scores[g * visible + j + u] = finish_dot(acc, q + g * hd, k + (j + u) * hd, whole, hd);
-      }
-  }
+  for (; j + 2 <= visible; j += 2) group_scores<G, 2>(q, k, j, visible, hd, scores);
+  if (j < visible) group_scores<G, 1>(q, k, j, visible, hd, scores);
   float norm[G];
   for (int g = 0; g < G; ++g) norm[g] = softmax_scores<v8f>(scores + g * visible, mask, visible, scale);
-  // Values, two column vectors a pass over the keys; leftover columns one at a time.
   int64_t first = 0;
-  while (first + W <= hd) {
-    const int columns = first + 2 * W <= hd ? 2 : 1;
-    v8f sums[G][2];
-    for (int g = 0; g < G; ++g) sums[g][0] = sums[g][1] = v8f{};
-    for (j = 0; j < visible; ++j) {
-      v8f value[2];
-      for (int c = 0; c < columns; ++c) value[c] = L::load(v + j * hd + first + c * W);
-      for (int g = 0; g < G; ++g) {
-        const float p = scores[g * visible + j];
-        for (int c = 0; c < columns; ++c) sums[g][c] += p * value[c];
-      }
-    }
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < columns; ++c) L::store(out + g * hd + first + c * W, sums[g][c] / norm[g]);
-    first += columns * W;
+  for (; first + 2 * kLanes <= hd; first += 2 * kLanes) group_values<G, 2>(scores, v, visible, hd, first, norm, out);
+  if (first + kLanes <= hd) {
+    group_values<G, 1>(scores, v, visible, hd, first, norm, out);
+    first += kLanes;
   }
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < G; ++g) {  // columns past the last whole vector, one at a time
     for (int64_t i = first; i < hd; ++i) {
       float sum = 0.f;
       for (j = 0; j < visible; ++j) sum += scores[g * visible + j] * f32(v[j * hd + i]);
