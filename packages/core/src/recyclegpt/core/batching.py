@@ -213,7 +213,7 @@ class BatchedDecoder:
         base_cache = model.new_cache("base", 1, len(prompt))
         hidden = model.base_hidden(ids, cache=base_cache)
         row.full_model_calls += 1
-        row.accept(int(sample(model.lm_head(hidden[:, -1]), row.params)[0]))
+        self._sample(hidden[:, -1], [row])
         module_keys = None
         if self.decoding == "alternating" and not row.finished:
             # Module catch-up over the prompt (zero state before the first token) plus the new token.
@@ -221,7 +221,7 @@ class BatchedDecoder:
             module_cache = model.new_cache("module", 1, len(row.tokens))
             state = model.module_hidden(prev, torch.tensor([row.tokens], device=self.device), cache=module_cache)
             row.module_calls += 1
-            row.accept(int(sample(model.draft_logits(state[:, -1]), row.params)[0]))
+            self._sample(state[:, -1], [row], module=True)
             module_keys = module_cache
         if not row.finished:
             self.base.add_row(base_cache.keys[:, 0], base_cache.values[:, 0])
@@ -288,10 +288,12 @@ class BatchedDecoder:
     def _sample(self, hidden: torch.Tensor, rows: list[Sequence], module: bool = False) -> None:
         """One token for each row from the base's states, or (``module``) from the module's, which
         score only the draft vocabulary where the module has one (as core's alternating decoding)."""
-        logits = self.model.draft_logits(hidden) if module else self.model.lm_head(hidden)
+        model = self.model
         if all(row.params.greedy for row in rows):
-            tokens = greedy_tokens(logits).tolist()
+            picked = model.greedy_draft(hidden)[0] if module else greedy_tokens(model.lm_head(hidden))
+            tokens = picked.tolist()
         else:
+            logits = model.draft_logits(hidden) if module else model.lm_head(hidden)
             tokens = [int(sample(logits[i : i + 1], row.params)[0]) for i, row in enumerate(rows)]
         for row, token in zip(rows, tokens, strict=True):
             row.accept(token)

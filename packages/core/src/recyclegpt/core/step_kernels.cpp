@@ -258,7 +258,6 @@ INLINE void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width)
   }
 }
 
-// One query against `visible` cached keys and values of its head: softmax(q . k * scale + mask) v.
 // scores[j] -> e^(scores[j] * scale + mask[j] - max) in place; returns their sum (ascending).
 template <typename V, typename T>
 INLINE float softmax_scores(float* scores, const T* mask, int64_t visible, float scale) {
@@ -280,6 +279,7 @@ INLINE float softmax_scores(float* scores, const T* mask, int64_t visible, float
   return norm;
 }
 
+// One query against `visible` cached keys and values of its head: softmax(q . k * scale + mask) v.
 // `scores` holds `visible` floats, `acc` hd.
 template <typename V, typename T>
 INLINE void attend_row(const float* q, const T* k, const T* v, const T* mask, int64_t visible, int64_t hd,
