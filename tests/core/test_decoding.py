@@ -206,6 +206,27 @@ def test_adaptive_drafting_starts_from_what_earlier_calls_learned(tiny_model, tr
     assert seen and min(seen) > 0.5 and learned.plan(4) >= 2  # drafts several tokens from the first cycle
 
 
+def test_speculative_decoding_teaches_measured_step_costs_but_not_pinned_ones(tiny_model) -> None:
+    """The planner's costs follow the steps decoding takes; a seeded sampling call plans with the costs
+    as measured and teaches them nothing (it must repeat itself); pinned costs stay as pinned."""
+    from recyclegpt.core.speculation import forget_measurements, step_costs
+
+    forget_measurements(tiny_model)
+    prompt = torch.tensor([[1, 2, 3]])
+    tiny_model.generate(prompt, 20, decoding="speculative", draft_length=3)
+    learned = step_costs(tiny_model, 4)
+    assert learned.learning and learned.counts["base"] > 1
+    assert learned.base_ms == [ms * learned.base_factor for ms in learned.measured[0]]
+    before = (list(learned.base_ms), learned.module_ms, dict(learned.counts))
+    tiny_model.generate(prompt, 20, decoding="speculative", draft_length=3, temperature=0.8, seed=3)
+    assert (learned.base_ms, learned.module_ms, learned.counts) == before
+    pinned = StepCosts([0.0, *(1 + 0.05 * k for k in range(5))], 0.2)
+    pin_step_costs(tiny_model, pinned)
+    tiny_model.generate(prompt, 20, decoding="speculative", draft_length=3)
+    assert pinned.base_ms == pinned.measured[0] and pinned.module_ms == 0.2 and not pinned.counts
+    forget_measurements(tiny_model)
+
+
 def test_short_calls_still_probe_a_module_that_was_rejected(tiny_model) -> None:
     """The probe clock runs across calls: many short requests still verify a draft now and then."""
     from recyclegpt.core.speculation import draft_planner

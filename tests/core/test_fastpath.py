@@ -372,6 +372,34 @@ def test_planner_follows_step_costs() -> None:
     assert DraftPlanner.confident(0.3) and not DraftPlanner.confident(0.001)
 
 
+def test_step_costs_learn_one_factor_for_full_model_steps_and_draft_times_of_their_own() -> None:
+    learned = costs(two=1.2, module=0.5)  # measured: a k-token step 1 + 0.2 (k - 1), a draft 0.5
+    measured = list(learned.base_ms)
+    for _ in range(60):  # decoding sees 3-token steps take twice, and drafts a fraction of, the measurement
+        learned.observe_base(3, 2.8)
+        learned.observe_module(0.9, first=True)
+        learned.observe_module(0.2, first=False)
+    assert learned.base_ms[1:] == pytest.approx([2 * ms for ms in measured[1:]], rel=0.01)  # the shape kept
+    assert learned.first_module_ms == pytest.approx(0.9, rel=0.01) and learned.module_ms == pytest.approx(0.2, rel=0.01)
+    assert learned.drafting_ms(3) == pytest.approx(0.9 + 2 * 0.2, rel=0.01) and learned.drafting_ms(0) == 0
+    learned.observe_base(2, 100.0)  # one step held up counts as twice the estimate at most
+    assert learned.base_ms[2] <= 1.1 * 2 * measured[2] + 1e-9
+    frozen = learned.as_measured()
+    assert frozen.base_ms == measured and frozen.module_ms == frozen.first_module_ms == 0.5
+    frozen.observe_base(1, 5.0)
+    frozen.observe_module(5.0, first=False)
+    assert frozen.base_ms == measured and frozen.module_ms == 0.5  # not learning
+
+
+def test_planner_drafts_deeper_once_it_has_seen_that_drafts_are_cheap() -> None:
+    planner = DraftPlanner(costs(two=1.1, module=0.6))  # a cold, one-off measurement of a draft
+    planner.acceptance, planner.observed = [0.6] * 5, [1] * 5
+    assert not planner.keep_drafting(1)  # 0.36 tokens expected for 0.7 steps' time
+    for _ in range(40):  # chained drafts run with warm caches
+        planner.costs.observe_module(0.05, first=False)
+    assert planner.keep_drafting(1)
+
+
 def test_planner_drafts_on_while_the_module_is_confident() -> None:
     planner = DraftPlanner(costs(two=1.1, module=0.05))
     planner.acceptance, planner.observed = [0.6] * 5, [1] * 5

@@ -7,6 +7,7 @@ predicts x[t+1]; its KV cache covers every position, exactly as in training.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -308,10 +309,12 @@ def _speculative(
 
     Without a ``planner`` every cycle drafts ``draft_length`` tokens; with one, each cycle drafts
     as far as the planner expects to pay (possibly none: a plain standard step). With ``tree`` (greedy,
-    with a planner) a cycle that drafts drafts a tree instead of a chain (:func:`_tree_cycle`).
+    with a planner) a cycle that drafts drafts a tree instead of a chain (:func:`_tree_cycle`). The
+    planner's step costs learn from the time each draft and each verification takes here.
     """
     model = state.model
     out = state.out
+    costs = planner.costs if planner is not None and planner.costs.learning else None
     prompt_hidden = state.base_step(0, state.prompt_length)
     hidden_log = torch.zeros(
         1, state.tokens.shape[1], model.config.hidden_size, dtype=prompt_hidden.dtype, device=prompt_hidden.device
@@ -326,6 +329,7 @@ def _speculative(
         depth = planner.plan(limit) if planner is not None else limit
         if planner is not None and depth > 0 and not planner.probing:
             depth = limit  # how far is decided draft by draft, from the module's confidence
+        started = time.perf_counter()
         if depth > 0:
             # Catch the module up on true states h[module_done-1 .. pending-1]; drafts chain its own.
             prev = hidden_log[:, max(module_done - 1, 0) : pending]
@@ -353,6 +357,8 @@ def _speculative(
                     token = torch.multinomial(probs, 1, generator=params.generator)[:, 0]
                 if planner is not None:
                     confidence = float(top[0] if probs is None else probs[0, token])
+                    if costs is not None:  # the float() waited for the draft: its time is known
+                        costs.observe_module(1e3 * (time.perf_counter() - started), first=step == 0)
                     chain_confidence *= planner.calibrated(confidence)
                     # Too unsure to verify at all (greedy: a sampled draft passes with chance
                     # min(1, p/q), which a low q says little about), or (past the first draft, which
@@ -370,12 +376,16 @@ def _speculative(
                 state.tokens[:, pending + 1 + step] = token
                 if step + 1 >= depth or (planner is not None and not planner.keep_drafting(step + 1, chain_confidence)):
                     break
+                started = time.perf_counter()
                 module_state = state.module_step(module_state, pending + 1 + step, 1)
             out.drafted_tokens += len(draft_tokens)
         # Verify: the base reads the pending token and every draft in one forward.
+        started = time.perf_counter()
         verify_hidden = state.base_step(pending, len(draft_tokens) + 1)
         base_logits = model.lm_head(verify_hidden[0])  # [drafts+1, V]
         accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
+        if costs is not None:  # _verify read the result: the step's time is known
+            costs.observe_base(len(draft_tokens) + 1, 1e3 * (time.perf_counter() - started))
         out.accepted_tokens += accepted
         if planner is not None and depth > 0:
             planner.observe(len(draft_tokens), accepted, dropped, confidences)
@@ -401,13 +411,15 @@ def _tree_cycle(
     draft = grow_tree(model, state.module_cache, module_state, pending, max_depth, planner.calibrated, costs)
     out.module_calls += draft.module_steps
     room = state.base_cache.max_len - pending - 1
-    chosen = draft.choose(costs, (draft.module_steps + 1) * costs.module_ms, min(MAX_TREE_NODES, room))
+    chosen = draft.choose(costs, costs.drafting_ms(draft.module_steps + 1), min(MAX_TREE_NODES, room))
     device = module_state.device
     ids = torch.tensor([[int(state.tokens[0, pending]), *(draft.tokens[n] for n in chosen)]], device=device)
     positions = torch.tensor([[pending, *(pending + draft.depths[n] for n in chosen)]], device=device)
     out.full_model_calls += 1
+    started = time.perf_counter()
     verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
     targets = greedy_tokens(model.lm_head(verify_hidden[0])).tolist()
+    costs.observe_base(len(chosen) + 1, 1e3 * (time.perf_counter() - started))
     path = draft.accept(chosen, targets)
     out.drafted_tokens += len(chosen)
     out.accepted_tokens += len(path)

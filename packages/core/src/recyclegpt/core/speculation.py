@@ -3,8 +3,9 @@
 A cycle that drafts d tokens costs one (d+1)-token full-model step plus d module steps and yields
 1 + a1 + a1*a2 + ... + a1*...*ad tokens on average, where a_j is the chance that draft j is
 accepted once drafts 1..j-1 were. :class:`DraftPlanner` keeps an exponential moving average of
-each a_j, measures the step costs once per model, dtype, device and thread count, and picks the
-d (0 = a plain standard step) with the most tokens per millisecond. Once drafting pays, how far
+each a_j, measures the step costs once per model, dtype, device and thread count and then learns
+them from the steps decoding takes (:class:`StepCosts`), and picks the d (0 = a plain standard
+step) with the most tokens per millisecond. Once drafting pays, how far
 each cycle drafts follows the module's confidence (EAGLE-2's observation: a draft module's
 probabilities are calibrated; on SmolLM2, drafts given 0.5-0.7 were accepted 74% of the time, 0.9+
 98%): it drafts on, up to ``draft_length``, while the product of its drafts' (calibrated) probabilities pays for
@@ -15,10 +16,11 @@ verified draft, how often drafts of each confidence are accepted (:class:`Confid
 and chains those rates instead of the raw probabilities. When drafting does not
 pay it probes with one draft at exponentially growing intervals, so a module that starts agreeing
 is noticed again; an estimate of a deeper a_j that cycles stop testing drifts back toward the prior
-(``UNTESTED_DRIFT``), so that depth is tried again. ``draft_length`` stays the upper bound. Costs are cached on the model, and so is
-what a call learned of acceptance: the next call starts from it (a server's steady state, where a
-module that never agrees costs a probe now and then, not a relearning per request). A seeded
-sampling call starts from the prior instead, so that it always repeats itself. None of this changes
+(``UNTESTED_DRIFT``), so that depth is tried again. ``draft_length`` stays the upper bound. Costs are
+cached on the model, and so is what a call learned of acceptance: the next call starts from both (a
+server's steady state, where a module that never agrees costs a probe now and then, not a
+relearning per request). A seeded sampling call starts from the prior and the costs as measured
+instead, and learns nothing, so that it always repeats itself. None of this changes
 the output in fp32: greedy speculative equals standard whatever the depth, and sampling follows the
 full model. In bf16, or on CPU kernels that round to bf16 (int4; int8 without AVX-512), the depth
 decides how an exact logit tie rounds, so a greedy call's tokens at such a tie can depend on the
@@ -54,18 +56,74 @@ UNTESTED_DRIFT = 0.05
 
 @dataclass
 class StepCosts:
-    """Milliseconds of a k-token full-model step (index k, k >= 1) and of a module step."""
+    """Milliseconds of a k-token full-model step (index k, k >= 1) and of a module step.
+
+    ``module_ms`` is a draft chained onto the one before it; ``first_module_ms`` the first draft of a
+    cycle, which also catches the module up on the tokens the last verification accepted and starts
+    with caches the full-model step just filled with its own weights (default: ``module_ms``;
+    measured on SmolLM2: ~1.1 ms against ~0.55 for a chained draft).
+
+    The costs start as measured (:func:`step_costs`) and, while ``learning``, follow what decoding
+    observes (:meth:`observe_base`, :meth:`observe_module`). The measurement is a short loop before
+    any decoding; decoding's own steps run with colder caches, longer contexts and whatever else the
+    machine is doing (a shared VM's speed drifts by ~20% within a day), and a planner's choices are
+    only as good as its costs. Full-model steps keep their measured shape (how a k-token step
+    compares to a 1-token one) under one learned factor, the moving average of observed / measured
+    over every width: a width observed only now and then would otherwise hold a cost from another
+    phase of the machine than its neighbours'. Drafts learn their own times.
+    """
 
     base_ms: list[float]  # base_ms[k] for k = 1..max; base_ms[0] unused
     module_ms: float
+    first_module_ms: float | None = None
+    learning: bool = True
+    smoothing: float = 0.1  # weight of the newest observation in the moving averages
 
     def __post_init__(self) -> None:
+        if self.first_module_ms is None:
+            self.first_module_ms = self.module_ms
         for k in range(2, len(self.base_ms)):  # timing noise must not make more tokens look cheaper
             self.base_ms[k] = max(self.base_ms[k], self.base_ms[k - 1])
+        self.measured = (list(self.base_ms), self.module_ms, self.first_module_ms)
+        self.base_factor = 1.0  # observed / measured full-model step time
+        self.counts: dict[str, int] = {}  # observations so far of "base", "first" and "module"
 
     @property
     def max_tokens(self) -> int:
         return len(self.base_ms) - 1
+
+    def drafting_ms(self, drafts: int) -> float:
+        """The module's share of a cycle that drafts ``drafts`` tokens in a chain."""
+        return self.first_module_ms + (drafts - 1) * self.module_ms if drafts > 0 else 0.0
+
+    def observe_base(self, tokens: int, ms: float) -> None:
+        """A ``tokens``-token full-model step (LM head and verification included) took ``ms``."""
+        if not self.learning or not 1 <= tokens <= self.max_tokens:
+            return
+        self.base_factor = self._average(self.base_factor, ms / self.measured[0][tokens], "base")
+        self.base_ms = [ms * self.base_factor for ms in self.measured[0]]
+
+    def observe_module(self, ms: float, first: bool) -> None:
+        """A draft (module step and pick) took ``ms``; ``first``: the first of its cycle."""
+        if not self.learning:
+            return
+        if first:
+            self.first_module_ms = self._average(self.first_module_ms, ms, "first")
+        else:
+            self.module_ms = self._average(self.module_ms, ms, "module")
+
+    def _average(self, current: float, observed: float, key: str) -> float:
+        """``current`` moved toward ``observed``: the mean of the observations while they are few (the
+        measurement counting as one), then a moving average. One observation counts at most as half
+        or twice ``current``: a step that a page fault or another process held up must not swing it."""
+        self.counts[key] = self.counts.get(key, 1) + 1
+        bounded = min(max(observed, current / 2), current * 2)
+        return current + max(self.smoothing, 1.0 / self.counts[key]) * (bounded - current)
+
+    def as_measured(self) -> StepCosts:
+        """The costs as first measured, not learning (a seeded call's plan must repeat itself)."""
+        base_ms, module_ms, first_module_ms = self.measured
+        return StepCosts(list(base_ms), module_ms, first_module_ms, learning=False)
 
 
 # Bins of module probability in which acceptance is learned (greedy drafts below CONFIDENCE_FLOOR are not verified).
@@ -148,7 +206,7 @@ class DraftPlanner:
         for j in range(1, depth + 1):
             chain *= self._a(j)
             tokens += chain
-        return tokens / (self.costs.base_ms[depth + 1] + depth * self.costs.module_ms)
+        return tokens / (self.costs.base_ms[depth + 1] + self.costs.drafting_ms(depth))
 
     def plan(self, limit: int) -> int:
         """Draft depth for the next cycle, at most ``limit`` (0: a standard step). Drafting may go
@@ -251,7 +309,9 @@ def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
 
 def pin_step_costs(model: RecycleGPT, costs: StepCosts) -> None:
     """Plan with ``costs`` instead of measuring them on this machine (costs measured once elsewhere,
-    or a test whose planning must not depend on how fast the machine running it is)."""
+    or a test whose planning must not depend on how fast the machine running it is); decoding does
+    not change pinned costs."""
+    costs.learning = False
     model.__dict__.setdefault(COSTS_KEY, {})[_cost_key(model)] = costs
 
 
@@ -260,9 +320,10 @@ def draft_planner(
 ) -> DraftPlanner:
     """A planner for one generate call, drafts up to ``draft_length``, over the model's cached step
     costs (of up to ``max_tokens`` tokens, default ``draft_length + 1``; a draft tree verifies more);
-    with ``remember`` it starts from what the model's earlier calls learned (see
-    :func:`remember_acceptance`), else from the prior."""
-    planner = DraftPlanner(step_costs(model, max_tokens or draft_length + 1))
+    with ``remember`` it starts from what the model's earlier calls learned of acceptance (see
+    :func:`remember_acceptance`) and of step costs, else from the prior and the costs as measured."""
+    costs = step_costs(model, max_tokens or draft_length + 1)
+    planner = DraftPlanner(costs if remember else costs.as_measured())
     memory = model.__dict__.get(ACCEPTANCE_KEY) if remember else None
     if memory is not None:
         acceptance, observed, planner.probe_interval, planner.cycles_since_probe, calibration = memory
