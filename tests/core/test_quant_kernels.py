@@ -140,7 +140,7 @@ def test_dynamic_matmul_computes_the_product_of_int8_activations_row_by_row(shap
     def dynamic(x: torch.Tensor) -> torch.Tensor:
         return build().int8_dynamic_matmul(x, packed, packed_scales, out_features, vnni)
 
-    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 3 (2) and 1
+    x = torch.randn(2, 11, in_features) * torch.linspace(0.01, 10, in_features)  # 22 rows: passes of 6 (2) and 4
     out = dynamic(x)
     assert out.shape == (2, 11, out_features) and out.dtype == torch.float32
     weight = q.double() * scales.double()[:, None]
