@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -207,24 +208,77 @@ def test_adaptive_drafting_starts_from_what_earlier_calls_learned(tiny_model, tr
 
 
 def test_speculative_decoding_teaches_measured_step_costs_but_not_pinned_ones(tiny_model) -> None:
-    """The planner's costs follow the steps decoding takes; a seeded sampling call plans with the costs
-    as measured and teaches them nothing (it must repeat itself); pinned costs stay as pinned."""
+    """The planner's costs follow the steps decoding takes, and keep what they learned when wider
+    steps are measured; a seeded sampling call plans with the costs as measured and teaches them
+    nothing (it must repeat itself); pinned costs stay as pinned."""
     from recyclegpt.core.speculation import forget_measurements, step_costs
 
     forget_measurements(tiny_model)
     prompt = torch.tensor([[1, 2, 3]])
     tiny_model.generate(prompt, 20, decoding="speculative", draft_length=3)
     learned = step_costs(tiny_model, 4)
-    assert learned.learning and learned.counts["base"] > 1
-    assert learned.base_ms == [ms * learned.base_factor for ms in learned.measured[0]]
+    assert learned.learning and learned.counts["base"] >= 19  # one reading a verification (the measurement: 1)
     before = (list(learned.base_ms), learned.module_ms, dict(learned.counts))
     tiny_model.generate(prompt, 20, decoding="speculative", draft_length=3, temperature=0.8, seed=3)
     assert (learned.base_ms, learned.module_ms, learned.counts) == before
-    pinned = StepCosts([0.0, *(1 + 0.05 * k for k in range(5))], 0.2)
-    pin_step_costs(tiny_model, pinned)
+    wider = step_costs(tiny_model, 7)  # measured again, over more widths
+    assert wider.base_factor == learned.base_factor and wider.counts == learned.counts
+    assert wider.module_ms == learned.module_ms and wider.first_module_ms == learned.first_module_ms
+    pin_step_costs(tiny_model, StepCosts([0.0, *(1 + 0.05 * k for k in range(5))], 0.2))
+    pinned = step_costs(tiny_model, 4)
     tiny_model.generate(prompt, 20, decoding="speculative", draft_length=3)
-    assert pinned.base_ms == pinned.measured[0] and pinned.module_ms == 0.2 and not pinned.counts
+    assert not pinned.learning and pinned.base_ms == pinned.measured[0] and pinned.module_ms == 0.2
+    assert not pinned.counts
     forget_measurements(tiny_model)
+
+
+class RecordingCosts(StepCosts):
+    """Step costs that keep every reading decoding gives them."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.readings: list[tuple[str, int]] = []
+
+    def observe_base(self, tokens: int, ms: float) -> None:
+        self.readings.append(("base", tokens))
+        super().observe_base(tokens, ms)
+
+    def observe_module(self, ms: float, first: bool) -> None:
+        self.readings.append(("first" if first else "chained", 1))
+        super().observe_module(ms, first)
+
+
+def test_every_verification_and_every_cycle_sized_draft_is_timed(trained_model) -> None:
+    """One reading per verification at its width; draft readings leave out the first cycle's catch-up
+    over the whole prompt."""
+    model = copy.deepcopy(trained_model)
+    costs = RecordingCosts([0.0, *(1 + 0.05 * k for k in range(8))], 0.2)
+    pin_step_costs(model, costs, learning=True)
+    forget_acceptance(model)
+    out = model.generate(pattern_prompts()[2], 30, decoding="speculative", draft_length=4)
+    widths = [tokens for kind, tokens in costs.readings if kind == "base"]
+    assert len(widths) == out.full_model_calls - 1  # all but the prompt's forward
+    assert sum(width - 1 for width in widths) == out.drafted_tokens
+    drafting_cycles = sum(width > 1 for width in widths)
+    assert drafting_cycles >= 3
+    assert costs.readings.count(("first", 1)) == drafting_cycles - 1  # every drafting cycle but the first
+    assert costs.readings.count(("chained", 1)) == out.module_calls - drafting_cycles
+    assert costs.counts["base"] == len(widths) + 1 and costs.base_ms != costs.measured[0]
+
+
+def test_seeded_sampling_repeats_itself_whatever_the_learned_costs(trained_model) -> None:
+    model = copy.deepcopy(trained_model)
+    pin_step_costs(model, StepCosts([0.0, *(1 + 0.05 * k for k in range(8))], 0.2), learning=True)
+    prompt = pattern_prompts()[1]
+    sample = {"decoding": "speculative", "draft_length": 4, "temperature": 0.9, "seed": 11}
+    first = model.generate(prompt, 24, **sample)
+    from recyclegpt.core.speculation import step_costs
+
+    learned = step_costs(model, 5)
+    for _ in range(60):  # decoding "saw" drafts that cost as much as a full step: drafting stops paying
+        learned.observe_module(1.0, first=True)
+        learned.observe_module(1.0, first=False)
+    assert model.generate(prompt, 24, **sample).sequences.equal(first.sequences)
 
 
 def test_short_calls_still_probe_a_module_that_was_rejected(tiny_model) -> None:

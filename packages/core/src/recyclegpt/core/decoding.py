@@ -141,7 +141,8 @@ def generate(
     elif decoding == "alternating":
         _alternating(state, params, eos_token_id)
     else:
-        # A seeded sampling call plans from the prior, so that it repeats whatever ran before it.
+        # A seeded sampling call plans from the prior and the costs as measured, so that it repeats
+        # whatever ran before it.
         remember = params.greedy or seed is None
         tree = draft_policy == "tree" and params.greedy
         max_tokens = max(draft_length, MAX_TREE_NODES) + 1 if tree else draft_length + 1
@@ -330,6 +331,9 @@ def _speculative(
         if planner is not None and depth > 0 and not planner.probing:
             depth = limit  # how far is decided draft by draft, from the module's confidence
         started = time.perf_counter()
+        # The first draft's time is a cycle's cost when its catch-up is a cycle's: not over a whole
+        # prompt, nor over every token of a stretch of standard steps.
+        steady = 0 < module_done and pending + 1 - module_done <= draft_length + 1
         if depth > 0:
             # Catch the module up on true states h[module_done-1 .. pending-1]; drafts chain its own.
             prev = hidden_log[:, max(module_done - 1, 0) : pending]
@@ -357,7 +361,7 @@ def _speculative(
                     token = torch.multinomial(probs, 1, generator=params.generator)[:, 0]
                 if planner is not None:
                     confidence = float(top[0] if probs is None else probs[0, token])
-                    if costs is not None:  # the float() waited for the draft: its time is known
+                    if costs is not None and (step > 0 or steady):  # float() waited for the draft
                         costs.observe_module(1e3 * (time.perf_counter() - started), first=step == 0)
                     chain_confidence *= planner.calibrated(confidence)
                     # Too unsure to verify at all (greedy: a sampled draft passes with chance
@@ -384,8 +388,8 @@ def _speculative(
         verify_hidden = state.base_step(pending, len(draft_tokens) + 1)
         base_logits = model.lm_head(verify_hidden[0])  # [drafts+1, V]
         accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
-        if costs is not None:  # _verify read the result: the step's time is known
-            costs.observe_base(len(draft_tokens) + 1, 1e3 * (time.perf_counter() - started))
+        if costs is not None:
+            costs.observe_base(len(draft_tokens) + 1, _elapsed_ms(started, next_token))
         out.accepted_tokens += accepted
         if planner is not None and depth > 0:
             planner.observe(len(draft_tokens), accepted, dropped, confidences)
@@ -418,7 +422,7 @@ def _tree_cycle(
     out.full_model_calls += 1
     started = time.perf_counter()
     verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
-    targets = greedy_tokens(model.lm_head(verify_hidden[0])).tolist()
+    targets = greedy_tokens(model.lm_head(verify_hidden[0])).tolist()  # waits for the step
     costs.observe_base(len(chosen) + 1, 1e3 * (time.perf_counter() - started))
     path = draft.accept(chosen, targets)
     out.drafted_tokens += len(chosen)
@@ -439,6 +443,14 @@ def _tree_cycle(
     hidden_log[:, pending : pending + len(path) + 1] = verify_hidden[:, rows]
     state.base_cache.keep(pending + 1, pending + rows[1:])
     return torch.tensor([[*(draft.tokens[n] for n in accepted_nodes), targets[path[-1] if path else 0]]], device=device)
+
+
+def _elapsed_ms(started: float, result: torch.Tensor) -> float:
+    """Milliseconds since ``started`` (a ``perf_counter``) until ``result`` is computed. (A verification
+    without drafts reads nothing back, so on a GPU its kernels may still be running.)"""
+    if result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return 1e3 * (time.perf_counter() - started)
 
 
 def _verify(

@@ -149,7 +149,7 @@ AVX512_TARGET void run_tiles(const Problem& pr, int64_t begin, int64_t end) {
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 constexpr int kBlock = 32;                // activation values one scale covers
 constexpr int kBlockLanes = kBlock / 4;   // lane rows of a tile per block
-constexpr int kMaxDynamicRows = 3;        // rows a pass serves: their sums and operands fit in 32 registers
+constexpr int kMaxDynamicRows = 3;        // rows a pass of the int4 tile serves: sums and operands in 32 registers
 constexpr int kMaxWideRows = 6;           // the same, with outputs kept in L1 (int8 weights)
 
 // Eight activations at i as fp32 (bf16 widens exactly: its bits are fp32's top half).
@@ -272,7 +272,12 @@ VNNI_TARGET INLINE void dynamic_tile_rows(const uint32_t* w, const float* scales
   }
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) {
-      const __m512 total = kSpilled ? _mm512_load_ps(spilled[r][p]) : out[r][p];
+      __m512 total;
+      if constexpr (kSpilled) {
+        total = _mm512_load_ps(spilled[r][p]);
+      } else {
+        total = out[r][p];
+      }
       _mm512_storeu_ps(y + r * ldy + p * kPanel, _mm512_mul_ps(total, _mm512_loadu_ps(scales + p * kPanel)));
     }
 }

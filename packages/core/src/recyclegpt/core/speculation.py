@@ -1,6 +1,7 @@
 """How far the speculative decoder drafts: from measured step costs and the acceptance it sees.
 
-A cycle that drafts d tokens costs one (d+1)-token full-model step plus d module steps and yields
+A cycle that drafts d tokens costs one (d+1)-token full-model step plus d drafts (the first dearer:
+it also catches the module up on the tokens the last verification accepted) and yields
 1 + a1 + a1*a2 + ... + a1*...*ad tokens on average, where a_j is the chance that draft j is
 accepted once drafts 1..j-1 were. :class:`DraftPlanner` keeps an exponential moving average of
 each a_j, measures the step costs once per model, dtype, device and thread count and then learns
@@ -24,7 +25,7 @@ instead, and learns nothing, so that it always repeats itself. None of this chan
 the output in fp32: greedy speculative equals standard whatever the depth, and sampling follows the
 full model. In bf16, or on CPU kernels that round to bf16 (int4; int8 without AVX-512), the depth
 decides how an exact logit tie rounds, so a greedy call's tokens at such a tie can depend on the
-calls before it.
+calls before it and on how fast the machine ran its steps.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class StepCosts:
 
     ``module_ms`` is a draft chained onto the one before it; ``first_module_ms`` the first draft of a
     cycle, which also catches the module up on the tokens the last verification accepted and starts
-    with caches the full-model step just filled with its own weights (default: ``module_ms``;
-    measured on SmolLM2: ~1.1 ms against ~0.55 for a chained draft).
+    with caches the full-model step just filled with its own weights (default: ``module_ms``; timed
+    in SmolLM2 decoding, bf16 + w8a8: ~0.8-1.0 ms against ~0.35-0.45 for a chained draft, where a
+    one-off measurement gives ~1.0 for both).
 
     The costs start as measured (:func:`step_costs`) and, while ``learning``, follow what decoding
     observes (:meth:`observe_base`, :meth:`observe_module`). The measurement is a short loop before
@@ -101,7 +103,7 @@ class StepCosts:
         if not self.learning or not 1 <= tokens <= self.max_tokens:
             return
         self.base_factor = self._average(self.base_factor, ms / self.measured[0][tokens], "base")
-        self.base_ms = [ms * self.base_factor for ms in self.measured[0]]
+        self.base_ms = [measured * self.base_factor for measured in self.measured[0]]
 
     def observe_module(self, ms: float, first: bool) -> None:
         """A draft (module step and pick) took ``ms``; ``first``: the first of its cycle."""
@@ -119,6 +121,12 @@ class StepCosts:
         self.counts[key] = self.counts.get(key, 1) + 1
         bounded = min(max(observed, current / 2), current * 2)
         return current + max(self.smoothing, 1.0 / self.counts[key]) * (bounded - current)
+
+    def inherit(self, learned: StepCosts) -> None:
+        """Take over what decoding taught ``learned`` (costs measured before these, over fewer widths)."""
+        self.base_factor, self.counts = learned.base_factor, dict(learned.counts)
+        self.module_ms, self.first_module_ms = learned.module_ms, learned.first_module_ms
+        self.base_ms = [measured * self.base_factor for measured in self.measured[0]]
 
     def as_measured(self) -> StepCosts:
         """The costs as first measured, not learning (a seeded call's plan must repeat itself)."""
@@ -303,15 +311,19 @@ def step_costs(model: RecycleGPT, max_tokens: int) -> StepCosts:
     prompt = (torch.arange(max(length, 1)) * 7919 % model.config.vocab_size).unsqueeze(0)
     ms = measure_step_costs(model, prompt, range(1, max_tokens + 1), iterations=7, inner=1)
     costs = StepCosts([0.0, *(ms[f"base_{k}"] for k in range(1, max_tokens + 1))], ms["module"])
+    if known is not None and known.learning:  # wider steps are measured now; keep what decoding taught
+        costs.inherit(known)
     cache[key] = costs
     return costs
 
 
-def pin_step_costs(model: RecycleGPT, costs: StepCosts) -> None:
+def pin_step_costs(model: RecycleGPT, costs: StepCosts, learning: bool = False) -> None:
     """Plan with ``costs`` instead of measuring them on this machine (costs measured once elsewhere,
-    or a test whose planning must not depend on how fast the machine running it is); decoding does
-    not change pinned costs."""
-    costs.learning = False
+    or a test whose planning must not depend on how fast the machine running it is): a frozen copy of
+    their present values, which decoding leaves as they are; with ``learning``, ``costs`` itself, as
+    the start that decoding refines."""
+    if not learning:
+        costs = StepCosts(list(costs.base_ms), costs.module_ms, costs.first_module_ms, learning=False)
     model.__dict__.setdefault(COSTS_KEY, {})[_cost_key(model)] = costs
 
 
