@@ -1,7 +1,9 @@
 """Timing: the one interleaved timing loop every benchmark uses, and decoder step costs.
 
-``interleaved`` runs every contender once per round (round robin) after a warm-up, so the slow
-phases of a shared, noisy machine hit all of them alike; figures are medians over rounds.
+``interleaved`` runs every contender once per round after a warm-up, so the slow phases of a
+shared, noisy machine hit all of them alike, and reverses the order every other round, so no
+contender always runs right after the same one (on a 2-core VM, which of two models ran first
+moved its step time by up to ~7%); figures are medians over rounds.
 ``measure_step_costs`` times k-token full-model steps and the module step with filled KV caches;
 the speculative decoder uses it to decide how far to draft on this machine.
 """
@@ -43,15 +45,17 @@ def interleaved(
     warmup: Callable[[str, Callable[[], T]], object] | None = None,
     on_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[tuple[T, float]]]:
-    """(result, seconds) of every run in every round, the runs interleaved round robin.
+    """(result, seconds) of every run in every round: the runs in their given order in even rounds
+    and in the reverse order in odd ones.
 
     Each run is called once untimed first (or ``warmup(name, run)`` when given).
     """
     for name, run in runs.items():
         warmup(name, run) if warmup is not None else run()
     samples: dict[str, list[tuple[T, float]]] = {name: [] for name in runs}
+    order = list(runs.items())
     for index in range(rounds):
-        for name, run in runs.items():
+        for name, run in order if index % 2 == 0 else reversed(order):
             samples[name].append(timed(run))
         if on_round is not None:
             on_round(index)
