@@ -422,8 +422,8 @@ def _tree_cycle(
     out.full_model_calls += 1
     started = time.perf_counter()
     verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
-    targets = greedy_tokens(model.lm_head(verify_hidden[0])).tolist()  # waits for the step
-    costs.observe_base(len(chosen) + 1, 1e3 * (time.perf_counter() - started))
+    targets = greedy_tokens(model.lm_head(verify_hidden[0])).tolist()
+    costs.observe_base(len(chosen) + 1, _elapsed_ms(started, verify_hidden))
     path = draft.accept(chosen, targets)
     out.drafted_tokens += len(chosen)
     out.accepted_tokens += len(path)
@@ -446,8 +446,8 @@ def _tree_cycle(
 
 
 def _elapsed_ms(started: float, result: torch.Tensor) -> float:
-    """Milliseconds since ``started`` (a ``perf_counter``) until ``result`` is computed. (A verification
-    without drafts reads nothing back, so on a GPU its kernels may still be running.)"""
+    """Milliseconds since ``started`` (a ``perf_counter``) until ``result`` is computed. (A chain
+    verification without drafts reads nothing back, so on a GPU its kernels may still be running.)"""
     if result.is_cuda:
         torch.cuda.synchronize(result.device)
     return 1e3 * (time.perf_counter() - started)

@@ -102,8 +102,7 @@ class StepCosts:
         """A ``tokens``-token full-model step (LM head and verification included) took ``ms``."""
         if not self.learning or not 1 <= tokens <= self.max_tokens:
             return
-        self.base_factor = self._average(self.base_factor, ms / self.measured[0][tokens], "base")
-        self.base_ms = [measured * self.base_factor for measured in self.measured[0]]
+        self._scale_base(self._average(self.base_factor, ms / self.measured[0][tokens], "base"))
 
     def observe_module(self, ms: float, first: bool) -> None:
         """A draft (module step and pick) took ``ms``; ``first``: the first of its cycle."""
@@ -124,9 +123,14 @@ class StepCosts:
 
     def inherit(self, learned: StepCosts) -> None:
         """Take over what decoding taught ``learned`` (costs measured before these, over fewer widths)."""
-        self.base_factor, self.counts = learned.base_factor, dict(learned.counts)
+        self.counts = dict(learned.counts)
         self.module_ms, self.first_module_ms = learned.module_ms, learned.first_module_ms
-        self.base_ms = [measured * self.base_factor for measured in self.measured[0]]
+        self._scale_base(learned.base_factor)
+
+    def _scale_base(self, factor: float) -> None:
+        """Full-model step costs: the measured ones times ``factor``."""
+        self.base_factor = factor
+        self.base_ms = [measured * factor for measured in self.measured[0]]
 
     def as_measured(self) -> StepCosts:
         """The costs as first measured, not learning (a seeded call's plan must repeat itself)."""
