@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -144,3 +145,41 @@ def test_resume_over_cached_features_continues_the_step_count(workdir, run_train
     assert checkpoint["state_dict"]["model.recycle.d2t"].numel() == 40
     # The frozen base is reloaded from `pretrained`: checkpoints carry the module only.
     assert all(key.startswith("model.recycle.") for key in checkpoint["state_dict"])
+
+
+def test_cache_of_a_module_with_feature_layers_holds_them_and_is_keyed_by_them(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = RecycleConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2, max_seq_len=32)
+    plain, blocks = RecycleGPT(config).eval(), _blocks()
+    fused = RecycleGPT(dataclasses.replace(config, feature_layers=[1])).eval()
+    fused.load_state_dict(plain.state_dict(), strict=False)  # the same base
+    cache = FeatureCache(tmp_path / "cache", storage="fp32")
+    cache.build_or_load(plain, blocks, log=lambda _: None)
+    hidden, report = cache.build_or_load(fused, blocks, log=lambda _: None)
+    assert report.built and "feature_layers" in report.reason
+    assert hidden.shape == (*blocks.shape, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden, fused.base_hidden(blocks))
+    _, report = cache.build_or_load(fused, blocks, log=lambda _: None)
+    assert not report.built
+
+
+def test_frozen_base_trains_a_module_that_reads_feature_layers(workdir, run_train, exported):
+    source = pretrained_model(workdir / "pretrained")
+    args = [
+        "--model.regime=frozen_base",
+        f"--model.pretrained={source}",
+        "--model.unroll_depth=2",
+        "--model.distill=true",
+        "--model.feature_layers=[0]",
+        "--data.feature_cache=runs/features",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+    ]
+    result = run_train(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = RecycleGPT.from_pretrained(str(exported(result.stdout)))
+    assert model.config.feature_layers == [0]
+    assert model.recycle.fuse.weight.shape == (32, 64)
+    out = model.generate(torch.tensor([[5, 6, 7]]), 8, decoding="speculative", draft_length=2)
+    assert torch.equal(out.sequences, model.generate(torch.tensor([[5, 6, 7]]), 8).sequences)

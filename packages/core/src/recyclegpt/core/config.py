@@ -19,6 +19,8 @@ class RecycleConfig:
     attention). The module reads ``concat(h[t-1], embed(x[t]))``, projects it to ``hidden_size``,
     runs ``module_layers`` decoder layers and predicts ``x[t+1]`` through the shared LM head,
     restricted to the ``draft_vocab_size`` most frequent tokens when that is set (None: all).
+    With ``feature_layers`` (EAGLE-3's fused features) h[t-1] is replaced by a projection of the
+    final state and the RMS-normalised outputs of those base layers (0-based).
     """
 
     vocab_size: int = 8192
@@ -37,6 +39,7 @@ class RecycleConfig:
     module_layers: int = 1
     module_intermediate_size: int | None = None
     draft_vocab_size: int | None = None
+    feature_layers: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -60,8 +63,21 @@ class RecycleConfig:
             raise ValueError(
                 f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.draft_vocab_size}"
             )
+        self.feature_layers = sorted(int(index) for index in self.feature_layers)
+        if any(not 0 <= index < self.num_layers - 1 for index in self.feature_layers):
+            raise ValueError(
+                f"feature_layers must be base layers 0..{self.num_layers - 2} (the last one's output is the "
+                f"final state, always read), got {self.feature_layers}"
+            )
+        if len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ValueError(f"feature_layers has repeats: {self.feature_layers}")
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the base states the module reads: the final state, then each feature layer's output."""
+        return (len(self.feature_layers) + 1) * self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
@@ -82,7 +98,7 @@ class RecycleConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
-    def from_hf(cls, hf_config: Any, module_layers: int = 1) -> RecycleConfig:
+    def from_hf(cls, hf_config: Any, module_layers: int = 1, feature_layers: list[int] | None = None) -> RecycleConfig:
         """Build from a transformers ``LlamaConfig`` (or any Llama-family config)."""
         rope_scaling = getattr(hf_config, "rope_scaling", None)
         rope_theta = getattr(hf_config, "rope_theta", None)
@@ -111,6 +127,7 @@ class RecycleConfig:
             tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf_config, "attention_bias", False)),
             module_layers=module_layers,
+            feature_layers=list(feature_layers or []),
             bos_token_id=_first(getattr(hf_config, "bos_token_id", None)),
             eos_token_id=_first(getattr(hf_config, "eos_token_id", None)),
             pad_token_id=_first(getattr(hf_config, "pad_token_id", None)),

@@ -50,10 +50,10 @@ def recycle_losses(
     if frozen_base:
         with torch.no_grad():
             hidden = model.base_hidden(input_ids)
-            base_logits = model.lm_head(hidden[:, :-1])
+            base_logits = model.lm_head(model.final_state(hidden[:, :-1]))
     else:
         hidden = model.base_hidden(input_ids)
-        base_logits = model.lm_head(hidden[:, :-1])
+        base_logits = model.lm_head(model.final_state(hidden[:, :-1]))
     targets = input_ids[:, 1:]
     vocab = base_logits.shape[-1]
     lm_loss = F.cross_entropy(base_logits.reshape(-1, vocab).float(), targets.reshape(-1))
@@ -69,7 +69,7 @@ def recycle_losses(
         rec_loss = F.cross_entropy(module_logits.reshape(-1, vocab).float(), targets.reshape(-1))
 
     if feature_weight > 0:
-        feature_loss = F.smooth_l1_loss(module_state.float(), hidden[:, :-1].detach().float())
+        feature_loss = F.smooth_l1_loss(module_state.float(), model.final_state(hidden[:, :-1]).detach().float())
     else:
         feature_loss = torch.zeros((), device=input_ids.device)
     if frozen_base:
@@ -144,7 +144,7 @@ def unrolled_module_states(
     states: list[torch.Tensor] = []
     prev = prev_hidden
     for k in range(depth):
-        x = module.fc(torch.cat((prev, embeds), dim=-1))
+        x = module.input_states(prev, embeds)
         for index, layer in enumerate(module.layers):
             attn = layer.self_attn
             normed = layer.input_layernorm(x)
@@ -174,7 +174,8 @@ def unrolled_losses(
     full_vocab_agreement: bool = False,
     feature_noise: float = 0.0,
 ) -> UnrolledLosses:
-    """Module losses at draft depths 1..``depth`` over a frozen base's final states ``hidden`` [B, T, d].
+    """Module losses at draft depths 1..``depth`` over a frozen base's states ``hidden`` [B, T, feature_width]
+    (:meth:`RecycleGPT.base_hidden`).
 
     The module scores its draft vocabulary (all tokens when it has none). ``distill``: soft
     cross-entropy to the base's softmax renormalised over that vocabulary; else cross-entropy to
@@ -187,14 +188,15 @@ def unrolled_losses(
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     hidden = hidden.to(model.lm_head.weight.dtype)
+    final = model.final_state(hidden)
     inputs, targets = input_ids[:, :-1], input_ids[:, 1:]
     head = model.draft_head_weight()
     draft_ids = model.draft_ids
     with torch.no_grad():
-        teacher = F.linear(hidden[:, :-1], head.detach()).float()  # [B, T-1, N]
+        teacher = F.linear(final[:, :-1], head.detach()).float()  # [B, T-1, N]
         teacher_probs = teacher.softmax(-1) if distill else None
         if full_vocab_agreement or draft_ids is None:
-            base_tokens = model.lm_head(hidden[:, :-1]).argmax(-1)
+            base_tokens = model.lm_head(final[:, :-1]).argmax(-1)
         else:
             base_tokens = draft_ids[teacher.argmax(-1)]
         if draft_ids is None:
@@ -221,7 +223,7 @@ def unrolled_losses(
             picked = log_probs.gather(-1, draft_targets.unsqueeze(-1)).squeeze(-1)
             loss = -(picked[keep]).sum() / keep.sum().clamp(min=1)
         if feature_weight > 0:
-            feature = F.smooth_l1_loss(state.float(), hidden[:, :-1].float(), reduction="none").mean(-1)
+            feature = F.smooth_l1_loss(state.float(), final[:, :-1].float(), reduction="none").mean(-1)
             loss = loss + feature_weight * feature[valid].mean()
         depth_losses.append(loss)
         with torch.no_grad():

@@ -243,6 +243,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(config, intermediate_size) for _ in range(num_layers))
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.kept_layers: frozenset[int] = frozenset()
 
     def run_layers(
         self,
@@ -250,9 +251,11 @@ class DecoderStack(nn.Module):
         positions: torch.Tensor | None,
         cache: KVCache | None,
         tree: torch.Tensor | None = None,
+        kept: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``tree``: the new tokens' visibility over the cache's last keys (:func:`tree_attention_mask`)
-        instead of causal attention; needs a cache and the tokens' positions."""
+        instead of causal attention; needs a cache and the tokens' positions. ``kept``: receives the
+        output of each layer in ``kept_layers``, in order."""
         num_new = x.shape[1]
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -266,6 +269,8 @@ class DecoderStack(nn.Module):
             mask = attention_mask_for(cache, start, num_new, x.device, x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, index)
+            if kept is not None and index in self.kept_layers:
+                kept.append(x)
         if cache is not None:
             cache.length = start + num_new
         return x
@@ -278,9 +283,10 @@ class LlamaBackbone(DecoderStack):
         super().__init__(config, config.num_layers, config.intermediate_size)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.kept_layers = frozenset(config.feature_layers)
 
-    def forward(self, input_ids, positions=None, cache=None, tree=None) -> torch.Tensor:  # noqa: ANN001
-        return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache, tree))
+    def forward(self, input_ids, positions=None, cache=None, tree=None, kept=None) -> torch.Tensor:  # noqa: ANN001
+        return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache, tree, kept))
 
 
 class RecyclableModule(DecoderStack):
@@ -288,6 +294,10 @@ class RecyclableModule(DecoderStack):
 
     def __init__(self, config: RecycleConfig) -> None:
         super().__init__(config, config.module_layers, config.module_intermediate_size)
+        # EAGLE-3's fused features: the base's final state and its feature layers' outputs, projected
+        # to one state. The module's own states (chained drafts) enter fc as they are.
+        self.fuse = nn.Linear(config.feature_width, config.hidden_size, bias=False) if config.feature_layers else None
+        self.hidden_size = config.hidden_size
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.draft_vocab_size is not None:
@@ -296,8 +306,14 @@ class RecyclableModule(DecoderStack):
             self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
 
     def forward(self, prev_hidden, token_embeds, positions=None, cache=None, tree=None) -> torch.Tensor:  # noqa: ANN001
-        x = self.fc(torch.cat((prev_hidden, token_embeds), dim=-1))
-        return self.norm(self.run_layers(x, positions, cache, tree))
+        return self.norm(self.run_layers(self.input_states(prev_hidden, token_embeds), positions, cache, tree))
+
+    def input_states(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """The first layer's input from ``prev_hidden``: the base's states at t-1 ([..., feature_width],
+        fused first when the module has feature layers) or the module's own state there ([..., d])."""
+        if self.fuse is not None and prev_hidden.shape[-1] != self.hidden_size:
+            prev_hidden = self.fuse(prev_hidden)
+        return self.fc(torch.cat((prev_hidden, token_embeds), dim=-1))
 
 
 class RecycleGPT(nn.Module):
@@ -345,7 +361,7 @@ class RecycleGPT(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Base logits [B, T, V] (no cache), as ``LlamaForCausalLM(...).logits``."""
-        return self.lm_head(self.model(input_ids))
+        return self.lm_head(self.model(input_ids))  # the backbone alone keeps no feature layers
 
     def base_hidden(
         self,
@@ -354,9 +370,21 @@ class RecycleGPT(nn.Module):
         cache: KVCache | None = None,
         tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The base's final (normed) hidden states h [B, T, d]: the input of the LM head. ``tree``:
-        see :meth:`DecoderStack.run_layers`."""
-        return self.model(input_ids, positions, cache, tree)
+        """The base's states the module reads [B, T, feature_width]: its final (normed) hidden states h
+        [B, T, d], the input of the LM head (:meth:`final_state`), followed, with ``feature_layers``,
+        by the RMS-normalised outputs of those layers. ``tree``: see :meth:`DecoderStack.run_layers`."""
+        if not self.config.feature_layers:
+            return self.model(input_ids, positions, cache, tree)
+        kept: list[torch.Tensor] = []
+        final = self.model(input_ids, positions, cache, tree, kept)
+        eps = self.config.rms_norm_eps
+        return torch.cat(
+            (final, *(x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) for x in kept)), dim=-1
+        )
+
+    def final_state(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's input h [..., d] of :meth:`base_hidden`'s states (a view)."""
+        return hidden[..., : self.config.hidden_size]
 
     def module_hidden(
         self,
@@ -366,7 +394,8 @@ class RecycleGPT(nn.Module):
         cache: KVCache | None = None,
         tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The module's output state at position t from h[t-1] [B, T, d] and x[t] [B, T]."""
+        """The module's output state at position t from the base's states at t-1 [B, T, feature_width]
+        (or its own state there [B, T, d]) and x[t] [B, T]."""
         return self.recycle(prev_hidden, self.model.embed_tokens(input_ids), positions, cache, tree)
 
     def new_cache(self, part: str, batch_size: int, max_len: int) -> KVCache:
@@ -460,8 +489,10 @@ class RecycleGPT(nn.Module):
             layer.load_state_dict(last.state_dict())
         self.recycle.norm.load_state_dict(self.model.norm.state_dict())
         d = self.config.hidden_size
-        self.recycle.fc.weight.zero_()
-        self.recycle.fc.weight[:, :d].copy_(torch.eye(d))
+        for projection in (self.recycle.fc, self.recycle.fuse):
+            if projection is not None:  # fuse, too, passes the final state through
+                projection.weight.zero_()
+                projection.weight[:, :d].copy_(torch.eye(d))
 
     # ----------------------------------------------------------------------------- decoding
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> GenerationOutput:

@@ -60,7 +60,8 @@ def cache_key(
 ) -> dict[str, Any]:
     """What determines the states of ``blocks``; ``base_sha256``: the base's digest taken earlier
     (before it was converted or quantized to compute them), else taken now. An unquantized key has
-    no ``quantize`` entry, so caches written before it existed stay valid."""
+    no ``quantize`` entry (nor one of ``feature_layers`` without them), so caches written before they
+    existed stay valid."""
     key = {
         "base_sha256": base_sha256 or base_digest(model),
         "blocks_sha256": tensor_digest([blocks]),
@@ -71,6 +72,8 @@ def cache_key(
     }
     if quantize != "none":
         key["quantize"] = quantize
+    if model.config.feature_layers:  # the states hold those layers' outputs too
+        key["feature_layers"] = list(model.config.feature_layers)
     return key
 
 

@@ -44,6 +44,8 @@ class RecycleLM(LightningModule):
         module_init: ``base`` starts the module from the base (last layer copied, fc a pass-through of h).
         feature_noise: in training, uniform noise of this fraction of each base state's RMS on the states
             the module reads (EAGLE's augmentation against a module that memorises its features).
+        feature_layers: base layers (0-based) whose outputs the module reads beside the final state,
+            through one projection (EAGLE-3's fused low/mid/high features); frozen_base only.
 
     In frozen_base with any of these (or with ``data.feature_cache``) the step computes the unrolled
     losses of :func:`recyclegpt.core.losses.unrolled_losses` and logs loss, agreement and accuracy per depth.
@@ -70,6 +72,7 @@ class RecycleLM(LightningModule):
         draft_vocab_size: int | None = None,
         module_init: ModuleInit = "random",
         feature_noise: float = 0.0,
+        feature_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         if regime == "frozen_base" and pretrained is None:
@@ -78,8 +81,8 @@ class RecycleLM(LightningModule):
             raise ValueError("regime joint from scratch needs model.config")
         if unroll_depth < 1:
             raise ValueError(f"unroll_depth must be >= 1, got {unroll_depth}")
-        if regime == "joint" and (unroll_depth > 1 or draft_vocab_size or module_init != "random"):
-            raise ValueError("unroll_depth, draft_vocab_size and module_init need regime frozen_base")
+        if regime == "joint" and (unroll_depth > 1 or draft_vocab_size or module_init != "random" or feature_layers):
+            raise ValueError("unroll_depth, draft_vocab_size, module_init and feature_layers need regime frozen_base")
         self.save_hyperparameters(logger=False)
         self.strict_loading = regime != "frozen_base"  # frozen-base checkpoints hold the module only
         if isinstance(config, dict):
@@ -137,7 +140,9 @@ class RecycleLM(LightningModule):
     def build_model(self) -> RecycleGPT:
         hp = self.hparams
         if hp.pretrained is not None:
-            model = RecycleGPT.from_pretrained(hp.pretrained, module_layers=hp.module_layers)
+            model = RecycleGPT.from_pretrained(
+                hp.pretrained, module_layers=hp.module_layers, feature_layers=hp.feature_layers
+            )
             model.train()
             return model
         if self.tokenizer is None:

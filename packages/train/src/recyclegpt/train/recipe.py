@@ -77,13 +77,14 @@ def module_tokens_per_second(
 ) -> float:
     """Unrolled module training (forward, backward, AdamW) over random features, in ``compute``
     (bf16: autocast, as Lightning's ``bf16-mixed``)."""
-    probe = RecycleGPT(dataclasses.replace(model.config, num_layers=1))  # same module and head; base unused
+    # Same module and head; the base (unused) only as deep as the feature layers it names.
+    probe = RecycleGPT(dataclasses.replace(model.config, num_layers=max(model.config.feature_layers, default=-1) + 2))
     if model.config.draft_vocab_size is not None:
         probe.set_draft_vocab(torch.arange(model.config.draft_vocab_size))
     probe.freeze_base()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, block_size))
-    hidden = torch.randn(batch_size, block_size, model.config.hidden_size)
+    hidden = torch.randn(batch_size, block_size, model.config.feature_width)
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -353,7 +354,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. fetch and load the base.
     start = time.perf_counter()
-    model = RecycleGPT.from_pretrained(model_cfg["pretrained"], module_layers=model_cfg.get("module_layers", 1))
+    model = RecycleGPT.from_pretrained(
+        model_cfg["pretrained"],
+        module_layers=model_cfg.get("module_layers", 1),
+        feature_layers=model_cfg.get("feature_layers") or [],
+    )
     if model_cfg.get("draft_vocab_size"):
         model.set_draft_vocab(torch.arange(model_cfg["draft_vocab_size"]))  # sizes only, for calibration
     phases["fetch + load base"] = time.perf_counter() - start
@@ -568,7 +573,8 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         "",
         f"Module: {model_cfg.get('module_layers', 1)} layer, unroll depth {model_cfg.get('unroll_depth', 1)}, "
         f"distill={model_cfg.get('distill', False)}, draft vocabulary {model_cfg.get('draft_vocab_size')}, "
-        f"init {model_cfg.get('module_init', 'random')}; data {report['data']}; "
+        f"init {model_cfg.get('module_init', 'random')}, "
+        f"feature layers {model_cfg.get('feature_layers') or 'none'} + final; data {report['data']}; "
         f"{report['plan']['corpus_tokens']} corpus tokens"
         + (f" written by the base ({_weights(report['plan'])})" if "selfgen_dtype" in report["plan"] else "")
         + f", {report['plan'].get('trained_steps') or report['plan']['max_steps']} steps.",

@@ -197,6 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         "data.feature_quantize set to the same)",
     )
     parser.add_argument("--feature-dtype", default="bf16", choices=("bf16", "fp32"), help="storage of the states")
+    parser.add_argument(
+        "--feature-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="with --feature-cache: base layers whose outputs the states also hold (model.feature_layers)",
+    )
     parser.add_argument("--samples", type=int, default=512, help="prompts to continue (at most)")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much generation time")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt")
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dtype = resolve_dtype(args.dtype, "cpu")
         if args.blocks_out is not None:  # as the trainer loads it: those weights key the feature cache
-            model = RecycleGPT.from_pretrained(args.model)
+            model = RecycleGPT.from_pretrained(args.model, feature_layers=args.feature_layers)
         else:
             model = RecycleGPT.from_pretrained(args.model, dtype=dtype, quantize=args.quantize)
     except (OSError, ValueError) as error:
