@@ -8,34 +8,18 @@ import math
 import pytest
 import torch
 
-from recyclegpt.core import RecycleGPT, recycle_losses
+from recyclegpt.core import RecycleGPT
 from recyclegpt.core.model import KVCache, attention_mask_for
 from recyclegpt.core.sampling import greedy_tokens
 from recyclegpt.core.speculation import StepCosts, forget_acceptance, pin_step_costs
 
-from .conftest import tiny_config
-
-PATTERN = [5, 17, 42, 8, 99 % 97, 63, 21, 70, 33]
+from .conftest import PATTERN, pattern_trained, tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained_model() -> RecycleGPT:
     """A tiny model whose base and module both learned a repeating sequence (high acceptance)."""
-    torch.manual_seed(0)
-    model = RecycleGPT(tiny_config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sequence = torch.tensor(PATTERN * 8)
-    batch = torch.stack([sequence.roll(-shift)[:48] for shift in range(len(PATTERN))])
-    for _ in range(80):
-        loss = recycle_losses(model, batch, feature_weight=1.0).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    # On some CI machines a tiny module step costs most of a tiny full step, and drafting rightly does
-    # not pay; pin costs where it does (a k-token step 1 + 0.05 (k - 1), a module step 0.2) so the
-    # tests check the planner's logic, not the speed of the machine.
-    pin_step_costs(model, StepCosts([0.0, *(1 + 0.05 * k for k in range(8))], 0.2))
-    return model.eval()
+    return pattern_trained(tiny_config())
 
 
 def pattern_prompts() -> list[torch.Tensor]:
