@@ -290,12 +290,10 @@ class BatchedDecoder:
         score only the draft vocabulary where the module has one (as core's alternating decoding)."""
         model = self.model
         if all(row.params.greedy for row in rows):
-            picked = (
-                model.greedy_draft(hidden)[0] if module else greedy_tokens(model.lm_head(model.final_state(hidden)))
-            )
+            picked = model.greedy_draft(hidden)[0] if module else greedy_tokens(model.base_logits(hidden))
             tokens = picked.tolist()
         else:
-            logits = model.draft_logits(hidden) if module else model.lm_head(model.final_state(hidden))
+            logits = model.draft_logits(hidden) if module else model.base_logits(hidden)
             tokens = [int(sample(logits[i : i + 1], row.params)[0]) for i, row in enumerate(rows)]
         for row, token in zip(rows, tokens, strict=True):
             row.accept(token)

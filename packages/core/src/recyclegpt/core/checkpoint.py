@@ -157,16 +157,15 @@ def _load_own(
         rebuild_structure(model, setup)
     if fresh_module:
         base = {k: v for k, v in load_file(str(path / WEIGHTS_NAME)).items() if not k.startswith("recycle.")}
-        missing, unexpected = model.load_state_dict(base, strict=False)
-        tied = {"lm_head.weight", "model.embed_tokens.weight"} if config.tie_embeddings else set()
-        stored_tied = bool(tied & base.keys())  # one name of the shared tensor was written
-        missing = [k for k in missing if not k.startswith("recycle.") and not (stored_tied and k in tied)]
+        if config.tie_embeddings and "lm_head.weight" in base and "model.embed_tokens.weight" not in base:
+            base["model.embed_tokens.weight"] = base.pop("lm_head.weight")  # the shared tensor's other name
+        _load_base_weights(model, base, f"{path / WEIGHTS_NAME} does not match config.json")
     else:
         missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}"
-        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{path / WEIGHTS_NAME} does not match config.json: missing {missing}, unexpected {unexpected}"
+            )
     model.tokenizer = load_tokenizer(path)
     return model
 
@@ -222,14 +221,17 @@ def from_llama_state_dict(
     """A RecycleGPT whose base takes a LlamaForCausalLM state dict and whose module is fresh."""
     model = RecycleGPT(config)
     state_dict = {k: v for k, v in state_dict.items() if "rotary_emb" not in k}
-    if config.tie_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [
-        k for k in missing if not k.startswith("recycle.") and not (config.tie_embeddings and k == "lm_head.weight")
-    ]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: weights do not fit a Llama layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    _load_base_weights(model, state_dict, f"{source}: weights do not fit a Llama layout")
     return model
+
+
+def _load_base_weights(model: RecycleGPT, state_dict: dict[str, torch.Tensor], error: str) -> None:
+    """The base's weights from ``state_dict`` into ``model``, whose module stays as initialised; a
+    missing or unexpected base weight raises ``error`` with them."""
+    tied = model.config.tie_embeddings
+    if tied:
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith("recycle.") and not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{error}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -262,7 +262,7 @@ def _standard(state: _DecodeState, params: SamplingParams, eos_token_id: int | N
     hidden = state.base_step(0, state.prompt_length)
     kept = [hidden] if keep_hidden else []
     while True:
-        state.append(sample(model.lm_head(model.final_state(hidden[:, -1])), params).unsqueeze(1), eos_token_id)
+        state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
         if state.done:
             break
         hidden = state.base_step(state.length - 1, 1)
@@ -276,7 +276,7 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     """Full call (prompt, or the last two tokens) -> token; module call -> one more token."""
     model = state.model
     hidden = state.base_step(0, state.prompt_length)
-    state.append(sample(model.lm_head(model.final_state(hidden[:, -1])), params).unsqueeze(1), eos_token_id)
+    state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
     if state.done:
         return
     # Module catch-up over the prompt (zero state before the first token) plus the new token.
@@ -291,7 +291,7 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
         if state.done:
             return
         hidden = state.base_step(state.length - 2, 2)
-        state.append(sample(model.lm_head(model.final_state(hidden[:, -1])), params).unsqueeze(1), eos_token_id)
+        state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
         if state.done:
             return
         # The module covers the two slots the full call just read, each with its true h[t-1].
@@ -321,7 +321,7 @@ def _speculative(
         1, state.tokens.shape[1], model.config.feature_width, dtype=prompt_hidden.dtype, device=prompt_hidden.device
     )
     hidden_log[:, : state.prompt_length] = prompt_hidden
-    state.append(sample(model.lm_head(model.final_state(prompt_hidden[:, -1])), params).unsqueeze(1), eos_token_id)
+    state.append(sample(model.base_logits(prompt_hidden[:, -1]), params).unsqueeze(1), eos_token_id)
     module_done = 0  # the module cache holds slots 0..module_done-1, computed from true states
     greedy = params.greedy
     while not state.done:
@@ -386,7 +386,7 @@ def _speculative(
         # Verify: the base reads the pending token and every draft in one forward.
         started = time.perf_counter()
         verify_hidden = state.base_step(pending, len(draft_tokens) + 1)
-        base_logits = model.lm_head(model.final_state(verify_hidden[0]))  # [drafts+1, V]
+        base_logits = model.base_logits(verify_hidden[0])  # [drafts+1, V]
         accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
         if costs is not None:
             costs.observe_base(len(draft_tokens) + 1, _elapsed_ms(started, next_token))
@@ -422,7 +422,7 @@ def _tree_cycle(
     out.full_model_calls += 1
     started = time.perf_counter()
     verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
-    targets = greedy_tokens(model.lm_head(model.final_state(verify_hidden[0]))).tolist()
+    targets = greedy_tokens(model.base_logits(verify_hidden[0])).tolist()
     costs.observe_base(len(chosen) + 1, _elapsed_ms(started, verify_hidden))
     path = draft.accept(chosen, targets)
     out.drafted_tokens += len(chosen)

@@ -48,7 +48,7 @@ class FullModelScorer:
         device = self.model.lm_head.weight.device
         ids = torch.tensor([token_ids], device=device)
         hidden = self.model.base_hidden(ids, cache=self.cache)
-        rows = self.model.lm_head(self.model.final_state(hidden[0])).float().log_softmax(-1)  # row i predicts token i+1
+        rows = self.model.base_logits(hidden[0]).float().log_softmax(-1)  # row i predicts token i+1
         first_unscored = self._last is None  # the sequence's first token has no prediction
         predictors = rows[:-1] if first_unscored else torch.cat((self._last.unsqueeze(0), rows[:-1]))
         self._last = rows[-1]

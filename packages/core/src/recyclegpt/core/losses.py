@@ -50,10 +50,10 @@ def recycle_losses(
     if frozen_base:
         with torch.no_grad():
             hidden = model.base_hidden(input_ids)
-            base_logits = model.lm_head(model.final_state(hidden[:, :-1]))
+            base_logits = model.base_logits(hidden[:, :-1])
     else:
         hidden = model.base_hidden(input_ids)
-        base_logits = model.lm_head(model.final_state(hidden[:, :-1]))
+        base_logits = model.base_logits(hidden[:, :-1])
     targets = input_ids[:, 1:]
     vocab = base_logits.shape[-1]
     lm_loss = F.cross_entropy(base_logits.reshape(-1, vocab).float(), targets.reshape(-1))

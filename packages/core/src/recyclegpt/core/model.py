@@ -371,8 +371,9 @@ class RecycleGPT(nn.Module):
         tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The base's states the module reads [B, T, feature_width]: its final (normed) hidden states h
-        [B, T, d], the input of the LM head (:meth:`final_state`), followed, with ``feature_layers``,
-        by the RMS-normalised outputs of those layers. ``tree``: see :meth:`DecoderStack.run_layers`."""
+        [B, T, d], the input of the LM head (:meth:`final_state`, :meth:`base_logits`), followed, with
+        ``feature_layers``, by the RMS-normalised outputs of those layers. ``tree``: see
+        :meth:`DecoderStack.run_layers`."""
         if not self.config.feature_layers:
             return self.model(input_ids, positions, cache, tree)
         kept: list[torch.Tensor] = []
@@ -385,6 +386,10 @@ class RecycleGPT(nn.Module):
     def final_state(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head's input h [..., d] of :meth:`base_hidden`'s states (a view)."""
         return hidden[..., : self.config.hidden_size]
+
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base's logits [..., V] from :meth:`base_hidden`'s states."""
+        return self.lm_head(self.final_state(hidden))
 
     def module_hidden(
         self,

@@ -99,7 +99,7 @@ def measure_step_costs(
         def step() -> None:
             for _ in range(inner):
                 base_cache.rollback(length)
-                greedy_tokens(model.lm_head(model.final_state(model.base_hidden(step_tokens[k], cache=base_cache))))
+                greedy_tokens(model.base_logits(model.base_hidden(step_tokens[k], cache=base_cache)))
 
         return step
 

@@ -38,7 +38,7 @@ def teacher_forced_quality(
     for batch in blocks.split(batch_size):
         ids = batch.to(device)
         hidden = model.base_hidden(ids)
-        base_logits = model.lm_head(model.final_state(hidden[:, :-1])).float()
+        base_logits = model.base_logits(hidden[:, :-1]).float()
         module_logits = model.lm_head(model.module_hidden(shift_hidden(hidden)[:, :-1], ids[:, :-1])).float()
         targets = ids[:, 1:]
         base_greedy = base_logits.argmax(-1)
