@@ -191,6 +191,30 @@ def test_adaptive_drafting_starts_from_what_earlier_calls_learned(tiny_model, tr
     assert seen and min(seen) > 0.5 and learned.plan(4) >= 2  # drafts several tokens from the first cycle
 
 
+def test_own_acceptance_keeps_a_policys_learning_apart_from_the_models_memory(tiny_model) -> None:
+    """Calls inside ``own_acceptance`` start from and leave their learning under their own name; the
+    model's own memory is what it was before, and a second scope with another name starts fresh."""
+    from recyclegpt.core.speculation import draft_planner, own_acceptance
+
+    forget_acceptance(tiny_model)
+    ids = torch.tensor([[1, 2, 3]])
+    tiny_model.generate(ids, 20, decoding="speculative")
+    outer = draft_planner(tiny_model, 4)
+    memories: dict[str, object] = {}
+    with own_acceptance(tiny_model, memories, "tree"):
+        assert draft_planner(tiny_model, 4).acceptance == []  # not the model's memory
+        tiny_model.generate(ids, 40, decoding="speculative", draft_policy="tree")
+    assert memories["tree"] is not None
+    after = draft_planner(tiny_model, 4)
+    assert (after.acceptance, after.observed) == (outer.acceptance, outer.observed)
+    with own_acceptance(tiny_model, memories, "auto"):
+        assert draft_planner(tiny_model, 4).acceptance == []
+    with own_acceptance(tiny_model, memories, "tree"):
+        again = draft_planner(tiny_model, 4)
+        assert again.observed and sum(again.observed) > 0  # what the tree calls learned, back
+    forget_acceptance(tiny_model)
+
+
 def test_speculative_decoding_teaches_measured_step_costs_but_not_pinned_ones(tiny_model) -> None:
     """The planner's costs follow the steps decoding takes, and keep what they learned when wider
     steps are measured; a seeded sampling call plans with the costs as measured and teaches them

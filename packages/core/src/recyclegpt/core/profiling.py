@@ -3,7 +3,10 @@
 ``interleaved`` runs every contender once per round after a warm-up, so the slow phases of a
 shared, noisy machine hit all of them alike, and reverses the order every other round, so no
 contender always runs right after the same one (on a 2-core VM, which of two models ran first
-moved its step time by up to ~7%); figures are medians over rounds.
+moved its step time by up to ~7%); figures are medians over rounds. ``interleaved_items`` does the
+same over several inputs (prompts) with each input as its own turn, so contenders that each take
+seconds over all the inputs still run within a fraction of a second of one another (a 2-core VM's
+speed moved by a third from one second to the next).
 ``measure_step_costs`` times k-token full-model steps and the module step with filled KV caches;
 the speculative decoder uses it to decide how far to draft on this machine.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -22,6 +25,7 @@ from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.sampling import greedy_tokens
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 
 def synchronize() -> None:
@@ -59,6 +63,37 @@ def interleaved(
             samples[name].append(timed(run))
         if on_round is not None:
             on_round(index)
+    return samples
+
+
+def interleaved_items(
+    runs: dict[str, Callable[[X], T]],
+    items: Sequence[X],
+    rounds: int,
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, list[tuple[list[T], float]]]:
+    """(results over ``items``, total seconds) of every run in every round. A round is one turn per
+    item: every run on that item, the order reversed every other turn (:func:`interleaved`, with
+    ``len(items)`` turns a round). Each run is called once untimed on the first item first."""
+    if not items:
+        raise ValueError("interleaved_items needs at least one item")
+    turn = {"item": 0}  # the item this turn's calls read; :func:`interleaved` moves it on after each turn
+
+    def next_turn(index: int) -> None:
+        turn["item"] = (index + 1) % len(items)
+        if on_round is not None and turn["item"] == 0:
+            on_round(index // len(items))
+
+    per_turn = interleaved(
+        {name: (lambda run=run: run(items[turn["item"]])) for name, run in runs.items()},
+        rounds * len(items),
+        warmup=lambda name, _call: runs[name](items[0]),
+        on_round=next_turn,
+    )
+    samples: dict[str, list[tuple[list[T], float]]] = {}
+    for name, turns in per_turn.items():
+        grouped = [turns[start : start + len(items)] for start in range(0, len(turns), len(items))]
+        samples[name] = [([result for result, _ in group], sum(seconds for _, seconds in group)) for group in grouped]
     return samples
 
 

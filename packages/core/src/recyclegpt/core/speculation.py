@@ -30,6 +30,8 @@ calls before it and on how fast the machine ran its steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -358,6 +360,23 @@ def remember_acceptance(model: RecycleGPT, planner: DraftPlanner) -> None:
         planner.cycles_since_probe,
         planner.calibration.copy(),
     )
+
+
+@contextmanager
+def own_acceptance(model: RecycleGPT, memories: dict[str, object], name: str) -> Iterator[None]:
+    """Within: the model's calls start from, and leave what they learn of acceptance in,
+    ``memories[name]`` instead of the model's one memory (restored after). A benchmark that runs the
+    adaptive and the tree policy side by side keeps each one's learning its own, as a server running
+    one policy would; the step costs, a property of the machine, stay shared."""
+    outer = model.__dict__.pop(ACCEPTANCE_KEY, None)
+    if memories.get(name) is not None:
+        model.__dict__[ACCEPTANCE_KEY] = memories[name]
+    try:
+        yield
+    finally:
+        memories[name] = model.__dict__.pop(ACCEPTANCE_KEY, None)
+        if outer is not None:
+            model.__dict__[ACCEPTANCE_KEY] = outer
 
 
 def forget_acceptance(model: RecycleGPT) -> None:

@@ -16,9 +16,9 @@ import torch
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.fastpath import decoding_setup
 from recyclegpt.core.peer import peer_generate, transformers_peer
-from recyclegpt.core.profiling import interleaved
+from recyclegpt.core.profiling import interleaved_items
 from recyclegpt.core.quantize import rounds_to_bf16
-from recyclegpt.core.speculation import forget_acceptance
+from recyclegpt.core.speculation import forget_acceptance, own_acceptance
 from recyclegpt.eval.peer import CallCounter
 
 DRAFT_LENGTHS = tuple(range(1, 7))
@@ -60,6 +60,7 @@ class Decoders:
         self.max_new_tokens = max_new_tokens
         self.peer = transformers_peer(peer_model if peer_model is not None else model)
         self.peer_calls = CallCounter(self.peer)
+        self.acceptance: dict[str, object] = {}  # what each policy's calls learned, kept apart
 
     def __call__(self, method: str, prompt: torch.Tensor) -> Decoded:
         if method == "transformers":
@@ -68,13 +69,14 @@ class Decoders:
             return Decoded(sequences[:, prompt.shape[1] :], self.peer_calls.calls - before)
         decoding, _, draft = method.partition("@")
         if draft in POLICIES:
-            out = self.model.generate(
-                prompt,
-                self.max_new_tokens,
-                decoding=decoding,
-                draft_length=max(DRAFT_LENGTHS),
-                draft_policy=POLICIES[draft],
-            )
+            with own_acceptance(self.model, self.acceptance, draft):
+                out = self.model.generate(
+                    prompt,
+                    self.max_new_tokens,
+                    decoding=decoding,
+                    draft_length=max(DRAFT_LENGTHS),
+                    draft_policy=POLICIES[draft],
+                )
         else:
             out = self.model.generate(
                 prompt, self.max_new_tokens, decoding=decoding, draft_length=int(draft or 4), draft_policy="fixed"
@@ -96,13 +98,13 @@ def run_benchmark(
     """Tokens/s of every method in every repeat, and each method's outputs (from the first repeat).
 
     One warm-up pass (first prompt, every method) runs before anything is timed; the loop is
-    core's :func:`recyclegpt.core.profiling.interleaved`, as in ``recyclegpt-bench-core``.
+    core's :func:`recyclegpt.core.profiling.interleaved_items`: prompt by prompt, every method on
+    the prompt before the next one, so all methods see the same phase of a noisy machine.
     """
-    runs = {method: (lambda method=method: [decoders(method, p) for p in prompts]) for method in methods}
-    samples = interleaved(
-        runs,
+    samples = interleaved_items(
+        {method: (lambda prompt, method=method: decoders(method, prompt)) for method in methods},
+        prompts,
         repeats,
-        warmup=lambda method, _run: decoders(method, prompts[0]),
         on_round=lambda i: print(f"speed: repeat {i + 1}/{repeats} done", file=sys.stderr, flush=True),
     )
     rates = {m: [sum(d.new_tokens.numel() for d in decoded) / s for decoded, s in samples[m]] for m in methods}
