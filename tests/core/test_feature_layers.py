@@ -45,6 +45,7 @@ def test_base_states_are_the_final_state_then_each_feature_layers_normalised_out
         assert states.shape == (2, 9, 3 * d)
         torch.testing.assert_close(model.final_state(states), plain.base_hidden(ids))
         torch.testing.assert_close(model(ids), plain(ids))  # the base itself is unchanged
+        assert torch.equal(model.base_hidden(ids, features=False), model.final_state(states))  # h alone
         for slot, index in enumerate((0, 1), start=1):
             x = outputs[index]
             expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)

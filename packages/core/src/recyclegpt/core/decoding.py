@@ -208,11 +208,12 @@ class _DecodeState:
             return None
         return self.slot_positions[:, start : start + count]
 
-    def base_step(self, start: int, count: int) -> torch.Tensor:
-        """Run the base on slots start..start+count-1 (its cache must end at start); hidden states."""
+    def base_step(self, start: int, count: int, features: bool = True) -> torch.Tensor:
+        """Run the base on slots start..start+count-1 (its cache must end at start); hidden states
+        (h alone with ``features=False``: see :meth:`RecycleGPT.base_hidden`)."""
         self.out.full_model_calls += 1
         ids = self.tokens[:, start : start + count]
-        return self.model.base_hidden(ids, self.positions(start, count), self.base_cache)
+        return self.model.base_hidden(ids, self.positions(start, count), self.base_cache, features=features)
 
     def module_step(self, prev_hidden: torch.Tensor, start: int, count: int) -> torch.Tensor:
         """Run the module on slots start..start+count-1 with the given h[t-1]; output states."""
@@ -259,13 +260,13 @@ class _DecodeState:
 
 def _standard(state: _DecodeState, params: SamplingParams, eos_token_id: int | None, keep_hidden: bool = False) -> None:
     model = state.model
-    hidden = state.base_step(0, state.prompt_length)
+    hidden = state.base_step(0, state.prompt_length, features=keep_hidden)  # no module reads them here
     kept = [hidden] if keep_hidden else []
     while True:
         state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
         if state.done:
             break
-        hidden = state.base_step(state.length - 1, 1)
+        hidden = state.base_step(state.length - 1, 1, features=keep_hidden)
         if keep_hidden:
             kept.append(hidden)
     if keep_hidden:

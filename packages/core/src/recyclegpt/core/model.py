@@ -369,12 +369,14 @@ class RecycleGPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         tree: torch.Tensor | None = None,
+        features: bool = True,
     ) -> torch.Tensor:
         """The base's states the module reads [B, T, feature_width]: its final (normed) hidden states h
         [B, T, d], the input of the LM head (:meth:`final_state`, :meth:`base_logits`), followed, with
-        ``feature_layers``, by the RMS-normalised outputs of those layers. ``tree``: see
+        ``feature_layers``, by the RMS-normalised outputs of those layers (not with ``features=False``:
+        h alone, for a caller that only needs the base's logits). ``tree``: see
         :meth:`DecoderStack.run_layers`."""
-        if not self.config.feature_layers:
+        if not self.config.feature_layers or not features:
             return self.model(input_ids, positions, cache, tree)
         kept: list[torch.Tensor] = []
         final = self.model(input_ids, positions, cache, tree, kept)
