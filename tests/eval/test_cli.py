@@ -94,6 +94,8 @@ def test_quality_writes_every_key(tiny_model_dir, heldout_text, tmp_path):
         (["speed", "--model", "{model}", "--data", "{empty}"], "is empty"),
         (["speed", "--model", "{model}", "--data", "{data}", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["speed", "--model", "{model}"], "exactly one of --prompts FILE or --data FILE"),
+        (["speed", "--model", "{model}", "--data", "{data}", "--chat"], "--chat reads user messages from --prompts"),
+        (["speed", "--model", "{model}", "--prompts", "{data}", "--chat"], "needs a tokenizer with a chat template"),
         (["speed", "--model", "{model}", "--data", "{data}", "--dtype", "fp8"], "invalid choice"),
         (["speed", "--model", "{model}", "--data", "{data}", "--repeats", "two"], "repeats"),
         (["speed", "--model", "{model}", "--data", "{data}", "--max-new-tokens", "500"], "exceeds the model's context"),

@@ -36,6 +36,24 @@ def test_prompts_from_file_one_per_line_skipping_blanks(tmp_path, tiny_model_dir
     assert tokenizer.decode(prompts[1][0]) == "A grey cat"
 
 
+def test_chat_prompts_from_file_are_user_turns_in_the_chat_template(tmp_path, tiny_model_dir):
+    from recyclegpt.core.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    path = tmp_path / "prompts.txt"
+    path.write_text("The queen sold a map\n\nA grey cat\n")
+    with pytest.raises(EvalError, match="chat template"):
+        data.prompts_from_file(str(path), tokenizer, len(tokenizer), chat=True)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    prompts = data.prompts_from_file(str(path), tokenizer, len(tokenizer), chat=True)
+    assert len(prompts) == 2
+    expected = tokenizer("<|user|> A grey cat\n<|assistant|> ", add_special_tokens=False)["input_ids"]
+    assert prompts[1][0].tolist() == expected
+
+
 def test_check_fits_names_the_prompt():
     with pytest.raises(EvalError, match="prompt 2 has 10 tokens"):
         data.check_fits([torch.zeros(1, 4), torch.zeros(1, 10)], max_new_tokens=8, context=16)

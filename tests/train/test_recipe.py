@@ -139,3 +139,18 @@ def test_self_generation_quantizes_to_w8a8_only_where_its_kernels_run(monkeypatc
     monkeypatch.setattr(quant_kernels, "dynamic_available", lambda: True)
     assert selfgen_quantize("auto") == ("none" if torch.cuda.is_available() else "w8a8")
     assert selfgen_quantize("int8") == "int8"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--chat-share", "2"], "--chat-share must be between 0 and 1"),
+        (["--chat-share", "0.5", "--selfgen-share", "0"], "needs --selfgen-share > 0"),
+    ],
+)
+def test_a_bad_chat_share_is_a_one_line_error_before_anything_loads(args, message) -> None:
+    from recyclegpt.train.recipe import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "no/such/config.yaml", *args])
+    assert message in str(exit_info.value)

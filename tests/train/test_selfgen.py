@@ -150,3 +150,78 @@ def test_a_quantized_base_writes_the_blocks_and_states_it_decodes_and_keys_them_
     assert "quantize" in cache.mismatch(cache_key(unquantized, written, "fp32", "fp32"))
     with pytest.raises(ValueError, match="feature_quantize must be one of"):
         TextDataModule(tokenizer=str(source), train_blocks=str(tmp_path / "b.safetensors"), feature_quantize="int3")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_chat_prompts_put_corpus_slices_in_the_chat_template(tmp_path: Path) -> None:
+    from recyclegpt.train.selfgen import CHAT_INSTRUCTIONS, chat_prompts
+
+    model = RecycleGPT.from_pretrained(str(pretrained_model(tmp_path / "base")))
+    tokenizer = model.tokenizer
+    ids = torch.tensor(
+        tokenizer("def main():\n    return parse(arguments)\n" * 60, add_special_tokens=False)["input_ids"]
+    )
+    with pytest.raises(ValueError, match="chat template"):
+        chat_prompts(tokenizer, ids, 4, 72)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    prompts = chat_prompts(tokenizer, ids, 6, 72, seed=3)
+    assert prompts.shape == (6, 72)
+    suffix = tokenizer("\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    stream = ids.tolist()
+    for row in prompts.tolist():
+        text = tokenizer.decode(row)
+        assert text.startswith("<|user|>\n") and text.endswith("<|assistant|>\n")
+        assert any(instruction in text for instruction in CHAT_INSTRUCTIONS)
+        prefix = next(
+            tokenizer(f"<|user|>\n{instruction}\n\n", add_special_tokens=False)["input_ids"]
+            for instruction in CHAT_INSTRUCTIONS
+            if instruction in text
+        )
+        middle = row[len(prefix) : len(row) - len(suffix)]
+        assert row[: len(prefix)] == prefix and row[len(row) - len(suffix) :] == suffix
+        assert any(stream[s : s + len(middle)] == middle for s in range(len(stream)))  # a slice of the corpus
+    assert torch.equal(chat_prompts(tokenizer, ids, 6, 72, seed=3), prompts)  # seeded
+    with pytest.raises(ValueError, match="raise it"):
+        chat_prompts(tokenizer, ids, 2, 40)
+
+
+def test_blocks_from_chat_and_corpus_prompts_of_two_lengths(tmp_path: Path) -> None:
+    """Groups of prompts of different lengths give blocks of one size, each row what the base writes
+    alone, their batches interleaved in proportion (a time budget keeps the mix)."""
+    from recyclegpt.train.selfgen import mixed_prompts, prompt_batches, self_generate_blocks
+
+    model = RecycleGPT.from_pretrained(str(pretrained_model(tmp_path / "base"))).eval()
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    text = "def main():\n    return parse(arguments)\n" * 60
+    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    groups = mixed_prompts(model.tokenizer, ids, 8, 8, chat_share=0.5, chat_prompt_tokens=72)
+    assert [tuple(g.shape) for g in groups] == [(4, 72), (4, 8)]
+    assert [b.shape[1] for b in prompt_batches(groups, 2)] == [72, 8, 72, 8]
+    assert [b.shape[1] for b in prompt_batches([groups[0], groups[1][:2]], 1)] == [72, 8, 72, 72, 8, 72]
+    assert len(mixed_prompts(model.tokenizer, ids, 8, 8)) == 1  # no chat share: the corpus prompts alone
+    blocks, hidden, report = self_generate_blocks(model, groups, block_size=88, batch_size=2)
+    assert blocks.shape == (8, 88) and hidden.shape[:2] == (8, 88)
+    assert report.new_tokens == 4 * (88 - 72) + 4 * (88 - 8)
+    rows = [row for batch in prompt_batches(groups, 2) for row in batch]
+    for prompt, block in zip(rows, blocks, strict=True):
+        alone = model.generate(prompt[None], 88 - prompt.numel()).sequences[0]
+        assert torch.equal(block, alone)
+
+
+def test_cli_rejects_a_bad_chat_share_and_a_tokenizer_without_a_chat_template(tmp_path: Path) -> None:
+    base = pretrained_model(tmp_path / "base")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def main():\n    return parse(arguments)\n" * 40, encoding="utf-8")
+    command = [sys.executable, "-m", "recyclegpt.train.selfgen", "--model", str(base), "--prompts-from", str(corpus)]
+    command += ["--out", str(tmp_path / "out.txt"), "--samples", "3", "--new-tokens", "8"]
+    for extra, message in [
+        (["--chat-share", "1.5"], "--chat-share must be between 0 and 1"),
+        (["--chat-share", "0.5"], "chat template"),
+    ]:
+        bad = subprocess.run([*command, *extra], capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr

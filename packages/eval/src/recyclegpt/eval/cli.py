@@ -63,6 +63,12 @@ def build_parser() -> ArgumentParser:
     speed = ArgumentParser(description="Tokens/s of transformers, standard, alternating and speculative decoding.")
     _common(speed, "speed")
     speed.add_argument("--prompts", default=None, help="UTF-8 file, one prompt per line (blank lines skipped)")
+    speed.add_argument(
+        "--chat",
+        action="store_true",
+        help="with --prompts: each line is a user message, sent through the tokenizer's chat template "
+        "as a chat client's request would be",
+    )
     speed.add_argument("--data", default=None, help="UTF-8 text to cut --num-prompts prompts from")
     speed.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     speed.add_argument("--repeats", type=int, default=3, help="timed repeats (median); one warm-up runs first")
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         _, failures = run_speed(
             a.model,
             prompts_file=a.prompts,
+            chat=a.chat,
             data_file=a.data,
             max_new_tokens=a.max_new_tokens,
             repeats=a.repeats,

@@ -125,6 +125,7 @@ def run_speed(
     prompt_tokens: int = 32,
     max_new_tokens: int = 64,
     repeats: int = 3,
+    chat: bool = False,
     dtype: str = "auto",
     quantize: str = "none",
     json_path: str = "artifacts/eval/speed.json",
@@ -134,6 +135,8 @@ def run_speed(
     """Benchmark every decoding method; the result and a list of correctness failures (empty: all good)."""
     if (prompts_file is None) == (data_file is None):
         raise EvalError("give exactly one of --prompts FILE or --data FILE")
+    if chat and prompts_file is None:
+        raise EvalError("--chat reads user messages from --prompts FILE (one a line)")
     _require_positive(
         num_prompts=num_prompts, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, repeats=repeats
     )
@@ -143,7 +146,7 @@ def run_speed(
     dtype = dtype_name(net.model.norm.weight.dtype)  # what 'auto' resolved to
     quantize = decoding_setup(net).get("quantize", "none")  # a directory saved quantized stays so
     if prompts_file:
-        prompts = data.prompts_from_file(prompts_file, net.tokenizer, net.config.vocab_size)
+        prompts = data.prompts_from_file(prompts_file, net.tokenizer, net.config.vocab_size, chat=chat)
     else:
         ids = data.tokenize(net.tokenizer, text, net.config.vocab_size)
         prompts = data.prompts_from_ids(ids, num_prompts, prompt_tokens)
@@ -159,6 +162,7 @@ def run_speed(
         "command": "speed",
         "model": model,
         "source": prompts_file or data_file,
+        "chat": chat,
         "device": _device_name(net),
         "hardware": hardware_summary(net.lm_head.weight.device),
         "dtype": dtype,
@@ -205,6 +209,7 @@ def run_speed(
     params = {
         "model": model,
         "source": prompts_file or data_file,
+        "chat": chat,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,

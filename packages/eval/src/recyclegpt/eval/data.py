@@ -68,9 +68,20 @@ def prompts_from_ids(ids: torch.Tensor, num_prompts: int, prompt_tokens: int) ->
     return [ids[s : s + prompt_tokens].unsqueeze(0) for s in starts]
 
 
-def prompts_from_file(path: str, tokenizer: Any, vocab_size: int) -> list[torch.Tensor]:
-    """One prompt per non-blank line of a UTF-8 text file, each tokenised to [1, M]."""
+def prompts_from_file(path: str, tokenizer: Any, vocab_size: int, chat: bool = False) -> list[torch.Tensor]:
+    """One prompt per non-blank line of a UTF-8 text file, each tokenised to [1, M]; with ``chat``,
+    each line is a user message in the tokenizer's chat template, up to where the answer begins."""
     lines = [line.strip() for line in read_text(path).splitlines()]
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise EvalError("--chat needs a tokenizer with a chat template; this model's has none")
+        lines = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": line}], tokenize=False, add_generation_prompt=True
+            )
+            for line in lines
+            if line
+        ]
     prompts = [tokenize(tokenizer, line, vocab_size) for line in lines if line]
     prompts = [p.unsqueeze(0) for p in prompts if p.numel() > 0]
     if not prompts:

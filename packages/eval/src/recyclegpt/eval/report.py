@@ -86,7 +86,7 @@ def speed_markdown(result: dict[str, Any]) -> str:
     cost = result["step_cost"]
     spec = result["speculative"]
     return (
-        f"## Speed: {result['model']} ({result['dtype']}{_quantized(result)}, {result['device']}, {result['prompts']} prompts, "
+        f"## Speed: {result['model']} ({result['dtype']}{_quantized(result)}, {result['device']}, {result['prompts']} {'chat ' if result.get('chat') else ''}prompts, "
         f"{result['max_new_tokens']} new tokens, median of {result['repeats']} repeats; {result.get('hardware', 'hardware not recorded')})\n\n{table}\n\n"
         f"c = module step / full step = {cost['module_step_ms']:.3f} ms / {cost['base_step_ms']:.3f} ms = "
         f"{cost['c']:.3f}; alternating bound 2/(1+c) = {cost['alternating_bound']:.2f}x. "

@@ -45,9 +45,10 @@ from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, rounds_to_bf16
 from recyclegpt.train.callbacks import TRAINED_LINE
 from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
-from recyclegpt.train.selfgen import corpus_ids, corpus_prompts, self_generate_training_data, write_samples
+from recyclegpt.train.selfgen import corpus_ids, mixed_prompts, self_generate_training_data, write_samples
 from recyclegpt.train.trainer import AUTO, resolve_precision
 
+CHAT_PROMPT_TOKENS = 64  # a chat request (--chat-share): SmolLM2's template with its system turn takes 30
 BYTES_PER_TOKEN = 4.0  # English prose through a 49k BPE (TinyStories + SmolLM2: ~4.1); only for sizing
 # The fit process loads the base again, then writes and logs the exported model: SmolLM2's fit spent
 # 60-65 s outside training and its validation cache against a 22-25 s load in the recipe's first phase.
@@ -173,7 +174,8 @@ def self_generate_corpus(
     dtype = auto_dtype("cpu")
     quantize = selfgen_quantize(args.selfgen_quantize)
     count = args.max_tokens // block_size + 1 if args.max_tokens else 100_000  # else more than any budget reaches
-    prompts = corpus_prompts(ids, count, prompt_tokens)
+    chat_tokens = min(CHAT_PROMPT_TOKENS, block_size // 2)
+    prompts = mixed_prompts(model.tokenizer, ids, count, prompt_tokens, args.chat_share, chat_tokens)
     blocks_path = out / "selfgen.safetensors"
     blocks, report = self_generate_training_data(
         model, prompts, block_size, dtype, blocks_path, feature_cache, storage, args.selfgen_batch, seconds, quantize
@@ -188,6 +190,7 @@ def self_generate_corpus(
         "selfgen_dtype": dtype_name(dtype),
         "selfgen_quantize": quantize,
         "selfgen_cached_features": feature_cache is not None,
+        "selfgen_chat_share": args.chat_share,
     }
 
 
@@ -299,6 +302,14 @@ def main(argv: list[str] | None = None) -> None:
         "training features (0: train on the corpus text)",
     )
     parser.add_argument(
+        "--chat-share",
+        type=float,
+        default=0.0,
+        help="share of the self-generation prompts made chat requests of 64 tokens (the tokenizer's chat "
+        "template around an instruction and a corpus slice): an instruction-tuned base then writes "
+        "assistant turns for its module to learn as well (see recyclegpt.train.selfgen.chat_prompts)",
+    )
+    parser.add_argument(
         "--selfgen-batch",
         type=int,
         default=64,
@@ -334,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
         import recyclegpt.eval  # noqa: F401 - the recipe's report runs recyclegpt-eval
     except ImportError:
         sys.exit("recyclegpt-recipe: error: needs recyclegpt-eval (pip install -e packages/eval)")
+    if not 0 <= args.chat_share <= 1:
+        sys.exit(f"recyclegpt-recipe: error: --chat-share must be between 0 and 1, got {args.chat_share}")
+    if args.chat_share > 0 and args.selfgen_share <= 0:
+        sys.exit(
+            "recyclegpt-recipe: error: --chat-share makes self-generation prompts chat requests: needs --selfgen-share > 0"
+        )
     config_path = Path(args.config)
     if not config_path.exists():
         sys.exit(f"recyclegpt-recipe: error: no config {config_path}")
@@ -362,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     if model_cfg.get("draft_vocab_size"):
         model.set_draft_vocab(torch.arange(model_cfg["draft_vocab_size"]))  # sizes only, for calibration
     phases["fetch + load base"] = time.perf_counter() - start
+    if args.chat_share > 0 and not getattr(model.tokenizer, "chat_template", None):
+        sys.exit(
+            f"recyclegpt-recipe: error: --chat-share needs a chat template; {model_cfg['pretrained']}'s tokenizer has none"
+        )
 
     # Data: the config's files, or the embedded corpus when they are missing.
     overrides: list[str] = []
@@ -577,6 +598,11 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         f"feature layers {model_cfg.get('feature_layers') or 'none'} + final; data {report['data']}; "
         f"{report['plan']['corpus_tokens']} corpus tokens"
         + (f" written by the base ({_weights(report['plan'])})" if "selfgen_dtype" in report["plan"] else "")
+        + (
+            f", {report['plan']['selfgen_chat_share']:.0%} of its prompts chat requests"
+            if report["plan"].get("selfgen_chat_share")
+            else ""
+        )
         + f", {report['plan'].get('trained_steps') or report['plan']['max_steps']} steps.",
         "",
         "| draft depth | " + " | ".join(sorted(agreement, key=int)) + " |",

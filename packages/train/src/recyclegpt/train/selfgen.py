@@ -7,6 +7,11 @@ of its drafts. So the recipe first lets the base continue prompts drawn from the
 (batched decoding, greedy by default: the decoding the evaluation and alternating use), and trains
 the module on those texts.
 
+With ``--chat-share`` part of the prompts are chat requests instead of bare text: the tokenizer's
+chat template around a user turn of an instruction and a slice of the corpus
+(:func:`chat_prompts`), so an instruction-tuned base writes what it writes for its users, its
+assistant turns, and its module learns that text too.
+
 With ``--blocks-out`` it writes token blocks for ``data.train_blocks`` instead, and with
 ``--feature-cache`` also the base's final states of them, kept while it decoded, as a feature cache the
 trainer uses as is: the base reads its own text once, not twice.
@@ -65,12 +70,91 @@ def corpus_prompts(ids: torch.Tensor, count: int, prompt_tokens: int, seed: int 
     return torch.stack([ids[s : s + prompt_tokens] for s in starts.tolist()])
 
 
-def _timed_batches(prompts: torch.Tensor, batch_size: int, seconds: float | None) -> Iterator[torch.Tensor]:
-    """``prompts`` ``batch_size`` rows at a time; with ``seconds``, none after the batch that ends
-    nearest that time (a batch of 64 can take a minute on a CPU)."""
+# Instructions of the chat prompts (:func:`chat_prompts`), each followed by a slice of the corpus.
+CHAT_INSTRUCTIONS = (
+    "Explain the main idea of this text in simple words:",
+    "What lesson can we learn from this?",
+    "Summarize this in two sentences:",
+    "Continue this story:",
+    "Write a short poem about this:",
+    "What happens next? Answer in a few sentences:",
+    "Rewrite this in a more formal style:",
+    "List three facts from this text:",
+    "Why do you think this happened?",
+    "Describe the characters in this text:",
+    "Give some advice to the people in this story:",
+    "Ask three questions about this text and answer them:",
+)
+_CONTENT = "\x00content\x00"  # stands in for the user turn while the chat template is split around it
+
+
+def chat_prompts(tokenizer: Any, ids: torch.Tensor, count: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
+    """``count`` chat requests of exactly ``prompt_tokens`` tokens [count, prompt_tokens]: the
+    tokenizer's chat template (its default system turn included) around a user turn of one of
+    :data:`CHAT_INSTRUCTIONS` and a slice of the token stream ``ids`` at a seeded random start, cut
+    to fit, ending where the assistant's answer begins."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat prompts need a tokenizer with a chat template; this one has none")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _CONTENT}], tokenize=False, add_generation_prompt=True
+    )
+    before, after = rendered.split(_CONTENT)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    suffix = encode(after)
+    prefixes = [encode(f"{before}{instruction}\n\n") for instruction in CHAT_INSTRUCTIONS]
+    room = prompt_tokens - len(suffix) - max(len(prefix) for prefix in prefixes)
+    if room < 8:
+        raise ValueError(f"chat prompts of {prompt_tokens} tokens leave {room} for the text (need 8): raise it")
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(prefixes), (count,), generator=generator).tolist()
+    starts = corpus_prompts(ids, count, prompt_tokens, seed).tolist()  # slices long enough for any prefix
+    rows = []
+    for pick, start in zip(picks, starts, strict=True):
+        prefix = prefixes[pick]
+        rows.append(prefix + start[: prompt_tokens - len(prefix) - len(suffix)] + suffix)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def prompt_batches(prompts: torch.Tensor | list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Batches of ``batch_size`` rows of ``prompts``: one tensor [N, P], or several groups of other
+    prompt lengths, whose batches are interleaved in proportion to their sizes (a time budget that
+    ends early keeps the mix)."""
+    groups = [prompts] if isinstance(prompts, torch.Tensor) else [group for group in prompts if group.shape[0]]
+    keyed = []
+    for group in groups:
+        batches = list(group.split(batch_size))
+        keyed += [((index + 0.5) / len(batches), batch) for index, batch in enumerate(batches)]
+    return [batch for _, batch in sorted(keyed, key=lambda item: item[0])]
+
+
+def mixed_prompts(
+    tokenizer: Any,
+    ids: torch.Tensor,
+    count: int,
+    prompt_tokens: int,
+    chat_share: float = 0.0,
+    chat_prompt_tokens: int = 64,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """``count`` prompts from the token stream ``ids``: a ``chat_share`` of them chat requests of
+    ``chat_prompt_tokens`` (:func:`chat_prompts`), the rest bare slices of ``prompt_tokens``
+    (:func:`corpus_prompts`); two groups for :func:`prompt_batches`."""
+    chats = round(chat_share * count)
+    groups = [chat_prompts(tokenizer, ids, chats, chat_prompt_tokens, seed)] if chats else []
+    if count - chats:
+        groups.append(corpus_prompts(ids, count - chats, prompt_tokens, seed + 1 if chats else seed))
+    return groups
+
+
+def _timed_batches(batches: list[torch.Tensor], seconds: float | None) -> Iterator[torch.Tensor]:
+    """``batches`` in turn; with ``seconds``, none after the batch that ends nearest that time (a
+    batch of 64 can take a minute on a CPU)."""
     start = time.perf_counter()
-    for index, first in enumerate(range(0, prompts.shape[0], batch_size)):
-        yield prompts[first : first + batch_size]
+    for index, batch in enumerate(batches):
+        yield batch
         elapsed = time.perf_counter() - start
         if seconds is not None and elapsed + elapsed / (index + 1) / 2 >= seconds:
             return  # one more batch would end further past ``seconds`` than stopping now ends before it
@@ -78,14 +162,15 @@ def _timed_batches(prompts: torch.Tensor, batch_size: int, seconds: float | None
 
 def self_generate(
     model: RecycleGPT,
-    prompts: torch.Tensor,
+    prompts: torch.Tensor | list[torch.Tensor],
     new_tokens: int,
     batch_size: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
     seconds: float | None = None,
 ) -> tuple[list[list[int]], SelfGenReport]:
-    """The base's continuations of ``prompts`` [N, P], ``batch_size`` rows at a time.
+    """The base's continuations of ``prompts`` [N, P] (or groups of them: :func:`prompt_batches`),
+    ``batch_size`` rows at a time.
 
     Each sample is its prompt followed by what the base wrote, cut at its EOS; ``seconds`` bounds the
     time (see :func:`_timed_batches`). Batched rows are computed exactly as lone ones in fp32; in bf16
@@ -95,7 +180,7 @@ def self_generate(
     samples: list[list[int]] = []
     written = 0
     start = time.perf_counter()
-    for batch in _timed_batches(prompts, batch_size, seconds):
+    for batch in _timed_batches(prompt_batches(prompts, batch_size), seconds):
         batch = batch.to(model.lm_head.weight.device)
         out = model.generate(
             batch, new_tokens, temperature=temperature, seed=seed + len(samples), eos_token_id=eos, pad_token_id=eos
@@ -111,34 +196,35 @@ def self_generate(
 
 def self_generate_blocks(
     model: RecycleGPT,
-    prompts: torch.Tensor,
+    prompts: torch.Tensor | list[torch.Tensor],
     block_size: int,
     batch_size: int = 64,
     seconds: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SelfGenReport]:
-    """Greedy continuations of ``prompts`` [N, P] to blocks of exactly ``block_size`` tokens [N, T],
-    with the base's final states at every slot [N, T, d], kept while it decoded them (so a feature
-    cache of them costs no second pass of the base). An EOS does not stop a row: what the base writes
-    after it is its own text too."""
-    if prompts.shape[1] >= block_size:
-        raise ValueError(f"prompts of {prompts.shape[1]} tokens leave nothing to write in blocks of {block_size}")
-    new_tokens = block_size - prompts.shape[1] + 1  # the states of all block_size slots
+    """Greedy continuations of ``prompts`` [N, P] (or groups of them: :func:`prompt_batches`) to
+    blocks of exactly ``block_size`` tokens [N, T], with the base's final states at every slot
+    [N, T, d], kept while it decoded them (so a feature cache of them costs no second pass of the
+    base). An EOS does not stop a row: what the base writes after it is its own text too."""
+    batches = prompt_batches(prompts, batch_size)
+    longest = max(batch.shape[1] for batch in batches)
+    if longest >= block_size:
+        raise ValueError(f"prompts of {longest} tokens leave nothing to write in blocks of {block_size}")
     blocks, states = [], []
+    written = 0
     start = time.perf_counter()
-    for batch in _timed_batches(prompts, batch_size, seconds):
+    for batch in _timed_batches(batches, seconds):
+        new_tokens = block_size - batch.shape[1] + 1  # the states of all block_size slots
         out = model.generate(batch.to(model.lm_head.weight.device), new_tokens, output_hidden_states=True)
         blocks.append(out.sequences[:, :block_size].cpu())
         states.append(out.hidden_states[:, :block_size].cpu())
+        written += batch.shape[0] * (block_size - batch.shape[1])
     tokens = torch.cat(blocks)
-    report = SelfGenReport(
-        tokens.shape[0], tokens.shape[0] * (block_size - prompts.shape[1]), time.perf_counter() - start
-    )
-    return tokens, torch.cat(states), report
+    return tokens, torch.cat(states), SelfGenReport(tokens.shape[0], written, time.perf_counter() - start)
 
 
 def self_generate_training_data(
     model: RecycleGPT,
-    prompts: torch.Tensor,
+    prompts: torch.Tensor | list[torch.Tensor],
     block_size: int,
     dtype: torch.dtype,
     blocks_path: str | Path,
@@ -208,6 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much generation time")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=224, help="tokens the base writes per prompt")
+    parser.add_argument(
+        "--chat-share",
+        type=float,
+        default=0.0,
+        help="fraction of the prompts made chat requests (the tokenizer's chat template around an "
+        "instruction and a corpus slice), so an instruction-tuned base writes its assistant turns",
+    )
+    parser.add_argument("--chat-prompt-tokens", type=int, default=64, help="tokens per chat prompt")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the evaluation decodes")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16 (auto: bf16 only where native)")
@@ -224,12 +318,15 @@ def main(argv: list[str] | None = None) -> None:
         "--prompt-tokens": args.prompt_tokens,
         "--new-tokens": args.new_tokens,
         "--batch-size": args.batch_size,
+        "--chat-prompt-tokens": args.chat_prompt_tokens,
     }
     for flag, value in counts.items():
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
     if args.temperature < 0:
         fail(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.chat_share <= 1:
+        fail(f"--chat-share must be between 0 and 1, got {args.chat_share}")
     if args.out is None and args.blocks_out is None:
         fail("give --out (text), --blocks-out (token blocks) or both")
     if args.blocks_out is not None and args.temperature > 0:
@@ -253,9 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     context = model.config.max_seq_len
     if args.prompt_tokens + args.new_tokens + 1 > context:
         fail(f"--prompt-tokens + --new-tokens must stay below the context of {context}")
+    block_size = args.prompt_tokens + args.new_tokens
+    if args.chat_share > 0 and args.blocks_out is not None and args.chat_prompt_tokens >= block_size:
+        fail(f"--chat-prompt-tokens {args.chat_prompt_tokens} leaves nothing to write in blocks of {block_size}")
+    if args.chat_share > 0 and args.blocks_out is None and args.chat_prompt_tokens + args.new_tokens + 1 > context:
+        fail(f"--chat-prompt-tokens + --new-tokens must stay below the context of {context}")
     try:
         ids = corpus_ids(model.tokenizer, [args.prompts_from], args.max_bytes)
-        prompts = corpus_prompts(ids, args.samples, args.prompt_tokens, args.seed)
+        prompts = mixed_prompts(
+            model.tokenizer, ids, args.samples, args.prompt_tokens, args.chat_share, args.chat_prompt_tokens, args.seed
+        )
     except ValueError as error:  # CorpusError included
         fail(str(error))
     seconds = args.minutes * 60 if args.minutes else None
@@ -263,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         blocks, report = self_generate_training_data(
             model,
             prompts,
-            args.prompt_tokens + args.new_tokens,
+            block_size,
             dtype,
             args.blocks_out,
             args.feature_cache,
