@@ -146,6 +146,8 @@ def test_self_generation_quantizes_to_w8a8_only_where_its_kernels_run(monkeypatc
     [
         (["--chat-share", "2"], "--chat-share must be between 0 and 1"),
         (["--chat-share", "0.5", "--selfgen-share", "0"], "needs --selfgen-share > 0"),
+        (["--chat-prompts-from", "README.md"], "give --chat-share > 0"),
+        (["--chat-share", "0.5", "--chat-prompts-from", "no/such.txt"], "--chat-prompts-from: "),
     ],
 )
 def test_a_bad_chat_share_is_a_one_line_error_before_anything_loads(args, message) -> None:

@@ -193,7 +193,7 @@ def test_chat_prompts_put_corpus_slices_in_the_chat_template(tmp_path: Path) -> 
 def test_blocks_from_chat_and_corpus_prompts_of_two_lengths(tmp_path: Path) -> None:
     """Groups of prompts of different lengths give blocks of one size, each row what the base writes
     alone, their batches interleaved in proportion (a time budget keeps the mix)."""
-    from recyclegpt.train.selfgen import mixed_prompts, prompt_batches, self_generate_blocks
+    from recyclegpt.train.selfgen import chat_prompts, mixed_prompts, prompt_batches, self_generate_blocks
 
     model = RecycleGPT.from_pretrained(str(pretrained_model(tmp_path / "base"))).eval()
     model.tokenizer.chat_template = CHAT_TEMPLATE
@@ -204,6 +204,9 @@ def test_blocks_from_chat_and_corpus_prompts_of_two_lengths(tmp_path: Path) -> N
     assert [b.shape[1] for b in prompt_batches(groups, 2)] == [72, 8, 72, 8]
     assert [b.shape[1] for b in prompt_batches([groups[0], groups[1][:2]], 1)] == [72, 8, 72, 72, 8, 72]
     assert len(mixed_prompts(model.tokenizer, ids, 8, 8)) == 1  # no chat share: the corpus prompts alone
+    quoted = torch.tensor(model.tokenizer("class Parser:\n    pass\n" * 60, add_special_tokens=False)["input_ids"])
+    only_chat = mixed_prompts(model.tokenizer, ids, 4, 8, chat_share=1.0, chat_prompt_tokens=72, chat_ids=quoted)
+    assert len(only_chat) == 1 and torch.equal(only_chat[0], chat_prompts(model.tokenizer, quoted, 4, 72))
     blocks, hidden, report = self_generate_blocks(model, groups, block_size=88, batch_size=2)
     assert blocks.shape == (8, 88) and hidden.shape[:2] == (8, 88)
     assert report.new_tokens == 4 * (88 - 72) + 4 * (88 - 8)

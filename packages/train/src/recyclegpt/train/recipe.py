@@ -44,7 +44,7 @@ from recyclegpt.core.losses import unrolled_losses
 from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, rounds_to_bf16
 from recyclegpt.train.callbacks import TRAINED_LINE
-from recyclegpt.train.corpus import STDLIB, stdlib_heldout_text
+from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, stdlib_heldout_text
 from recyclegpt.train.selfgen import corpus_ids, mixed_prompts, self_generate_training_data, write_samples
 from recyclegpt.train.trainer import AUTO, resolve_precision
 
@@ -175,7 +175,10 @@ def self_generate_corpus(
     quantize = selfgen_quantize(args.selfgen_quantize)
     count = args.max_tokens // block_size + 1 if args.max_tokens else 100_000  # else more than any budget reaches
     chat_tokens = min(CHAT_PROMPT_TOKENS, block_size // 2)
-    prompts = mixed_prompts(model.tokenizer, ids, count, prompt_tokens, args.chat_share, chat_tokens)
+    chat_ids = None
+    if args.chat_prompts_from:
+        chat_ids = corpus_ids(model.tokenizer, args.chat_prompts_from, args.selfgen_prompt_bytes)
+    prompts = mixed_prompts(model.tokenizer, ids, count, prompt_tokens, args.chat_share, chat_tokens, chat_ids=chat_ids)
     blocks_path = out / "selfgen.safetensors"
     blocks, report = self_generate_training_data(
         model, prompts, block_size, dtype, blocks_path, feature_cache, storage, args.selfgen_batch, seconds, quantize
@@ -191,6 +194,7 @@ def self_generate_corpus(
         "selfgen_quantize": quantize,
         "selfgen_cached_features": feature_cache is not None,
         "selfgen_chat_share": args.chat_share,
+        "selfgen_chat_source": ", ".join(args.chat_prompts_from or prompt_files) if args.chat_share else None,
     }
 
 
@@ -310,6 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         "assistant turns for its module to learn as well (see recyclegpt.train.selfgen.chat_prompts)",
     )
     parser.add_argument(
+        "--chat-prompts-from",
+        nargs="+",
+        default=None,
+        help="text the chat requests quote (files, directories or globs; default: the training text)",
+    )
+    parser.add_argument(
         "--selfgen-batch",
         type=int,
         default=64,
@@ -347,6 +357,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("recyclegpt-recipe: error: needs recyclegpt-eval (pip install -e packages/eval)")
     if not 0 <= args.chat_share <= 1:
         sys.exit(f"recyclegpt-recipe: error: --chat-share must be between 0 and 1, got {args.chat_share}")
+    if args.chat_prompts_from and args.chat_share <= 0:
+        sys.exit("recyclegpt-recipe: error: --chat-prompts-from is the text of chat requests: give --chat-share > 0")
+    if args.chat_prompts_from:
+        try:
+            check_readable(args.chat_prompts_from)
+        except CorpusError as error:
+            sys.exit(f"recyclegpt-recipe: error: --chat-prompts-from: {error}")
     if args.chat_share > 0 and args.selfgen_share <= 0:
         sys.exit(
             "recyclegpt-recipe: error: --chat-share makes self-generation prompts chat requests: needs --selfgen-share > 0"
@@ -599,7 +616,8 @@ def render(report: dict[str, Any], model_cfg: dict[str, Any]) -> str:
         f"{report['plan']['corpus_tokens']} corpus tokens"
         + (f" written by the base ({_weights(report['plan'])})" if "selfgen_dtype" in report["plan"] else "")
         + (
-            f", {report['plan']['selfgen_chat_share']:.0%} of its prompts chat requests"
+            f", {report['plan']['selfgen_chat_share']:.0%} of its prompts chat requests quoting "
+            f"{report['plan'].get('selfgen_chat_source')}"
             if report["plan"].get("selfgen_chat_share")
             else ""
         )

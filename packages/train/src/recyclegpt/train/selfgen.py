@@ -138,12 +138,14 @@ def mixed_prompts(
     chat_share: float = 0.0,
     chat_prompt_tokens: int = 64,
     seed: int = 0,
+    chat_ids: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``count`` prompts from the token stream ``ids``: a ``chat_share`` of them chat requests of
-    ``chat_prompt_tokens`` (:func:`chat_prompts`), the rest bare slices of ``prompt_tokens``
-    (:func:`corpus_prompts`); two groups for :func:`prompt_batches`."""
+    ``chat_prompt_tokens`` (:func:`chat_prompts`, their text from ``chat_ids`` when given), the rest
+    bare slices of ``prompt_tokens`` (:func:`corpus_prompts`); two groups for :func:`prompt_batches`."""
     chats = round(chat_share * count)
-    groups = [chat_prompts(tokenizer, ids, chats, chat_prompt_tokens, seed)] if chats else []
+    source = ids if chat_ids is None else chat_ids
+    groups = [chat_prompts(tokenizer, source, chats, chat_prompt_tokens, seed)] if chats else []
     if count - chats:
         groups.append(corpus_prompts(ids, count - chats, prompt_tokens, seed + 1 if chats else seed))
     return groups
