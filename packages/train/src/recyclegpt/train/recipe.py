@@ -357,9 +357,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("recyclegpt-recipe: error: needs recyclegpt-eval (pip install -e packages/eval)")
     if not 0 <= args.chat_share <= 1:
         sys.exit(f"recyclegpt-recipe: error: --chat-share must be between 0 and 1, got {args.chat_share}")
-    if args.chat_prompts_from and args.chat_share <= 0:
-        sys.exit("recyclegpt-recipe: error: --chat-prompts-from is the text of chat requests: give --chat-share > 0")
     if args.chat_prompts_from:
+        if args.chat_share <= 0:
+            sys.exit(
+                "recyclegpt-recipe: error: --chat-prompts-from is the text of chat requests: give --chat-share > 0"
+            )
         try:
             check_readable(args.chat_prompts_from)
         except CorpusError as error:
