@@ -71,6 +71,22 @@ def fp16_kernel_available() -> bool:
     )
 
 
+@functools.cache
+def fp16_rows_independent() -> bool:
+    """Does FBGEMM's fp16 GEMM give each row what a 1-row call gives, whatever the row count? True
+    with its AVX-512 kernels; its AVX2 kernels round some row counts differently (2 and 7 rows of a
+    call differed in the last bit, measured on a Zen 3 EPYC), which would break the exact match of
+    speculative and standard decoding, so there :class:`Fp16Linear` runs rows one at a time."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator)
+    x = torch.randn(16, 64, generator=generator)
+    packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+    alone = torch.cat([torch.ops.quantized.linear_dynamic_fp16(row, packed) for row in x.split(1)])
+    return all(
+        torch.equal(torch.ops.quantized.linear_dynamic_fp16(x[:rows], packed), alone[:rows]) for rows in range(2, 17)
+    )
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 weight [N, K] and fp32 scales [N] with ``weight ~= int8 * scales[:, None]``."""
     weight = weight.detach().float()
@@ -354,7 +370,8 @@ class W4A8Linear(Int8Activations, Int4Linear):
 
 class Fp16Linear(QuantizedLinear):
     """``nn.Linear`` with an fp16 weight [N, K]; on x86 CPUs FBGEMM's packed fp16 GEMM over fp32
-    activations (its packed copy lives beside the plain one, so memory is about fp32's)."""
+    activations (its packed copy lives beside the plain one, so memory is about fp32's), one row
+    per call where its rows depend on their neighbours (:func:`fp16_rows_independent`)."""
 
     kernel_dtype = torch.float32
     row_block = None  # the kernel's cost grows slowly with rows; splitting would only add calls
@@ -386,6 +403,8 @@ class Fp16Linear(QuantizedLinear):
         return (torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None),)
 
     def cpu_matmul(self, flat: torch.Tensor, *kernel_inputs: torch.Tensor) -> torch.Tensor:
+        if flat.shape[0] > 1 and not fp16_rows_independent():
+            return torch.cat([torch.ops.quantized.linear_dynamic_fp16(row, kernel_inputs[0]) for row in flat.split(1)])
         return torch.ops.quantized.linear_dynamic_fp16(flat, kernel_inputs[0])
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
