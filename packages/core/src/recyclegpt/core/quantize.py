@@ -48,7 +48,7 @@ from recyclegpt.core import quant_kernels
 QUANTIZE_CHOICES = ("none", "int8", "int4", "fp16", "w8a8", "w4a8")
 QUANTIZE_HELP = (
     "int8: weight-only int8 linears; int4: the base's decoder linears int4, the rest int8 (fastest single "
-    "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps: batches, draft verification); "
+    "requests); fp16: fp16 weights, fp32 compute (cheap multi-token steps on AVX-512 CPUs; row by row on AVX2 ones); "
     "w8a8: int8 weights and int8 activations in blocks of 32 (integer kernels on AVX-512 VNNI and AVX2 CPUs: "
     "cheap multi-token steps, the best for speculative decoding there); w4a8: w8a8 with the base's decoder "
     "linears int4 (the fastest single requests on those CPUs)"
