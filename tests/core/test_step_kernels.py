@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 
 from recyclegpt.core import RecycleGPT, cpu_kernels, quant_kernels, step_kernels
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
@@ -208,8 +209,9 @@ def test_kernels_turn_off_over_the_same_weights() -> None:
     assert type(model.model.layers[0]) is DecoderLayer and type(model.recycle.layers[0]) is DecoderLayer
     assert type(model.model.norm) is RMSNorm and type(model.recycle.norm) is RMSNorm
     assert model.model.layers[0].self_attn is attention
-    with torch.no_grad():
-        assert torch.equal(model(ids), fused)  # no cache: the eager layer ran either way
+    assert type(model.lm_head) is nn.Linear and type(attention.qkv_proj) is nn.Linear  # torch's matmul again
+    with torch.no_grad():  # no cache: the eager layer ran either way, over another fp32 matmul
+        torch.testing.assert_close(model(ids), fused, atol=1e-5, rtol=1e-5)
 
 
 def test_the_environment_switch_turns_kernels_off(monkeypatch) -> None:

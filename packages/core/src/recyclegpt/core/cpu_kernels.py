@@ -1,8 +1,8 @@
 """The project's C++ CPU kernels, built once per machine at first use.
 
-One extension holds the decode-step kernels (``step_kernels.cpp``) and the int8 matmuls
-(``quant_kernels.cpp``). torch's ``cpp_extension`` compiles it (~30-40 s on 2 cores; a C++
-compiler and ``ninja``) and caches it (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, the
+One extension holds the decode-step kernels (``step_kernels.cpp``), the int8 matmuls
+(``quant_kernels.cpp``) and the fp32 matmul (``float_kernels.cpp``). torch's ``cpp_extension``
+compiles it (~30-40 s on 2 cores; a C++ compiler and ``ninja``) and caches it (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, the
 callers fall back to eager PyTorch and torch's own kernels, after one logged warning.
 """
 
@@ -16,7 +16,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / "step_kernels.cpp", HERE / "quant_kernels.cpp"]
+SOURCES = [HERE / "step_kernels.cpp", HERE / "quant_kernels.cpp", HERE / "float_kernels.cpp"]
 FUNCTIONS = [
     "rms_norm",
     "add_rms_norm",
@@ -28,6 +28,8 @@ FUNCTIONS = [
     "int8_dynamic_supported",
     "int8_dynamic_avx2_supported",
     "int4_dynamic_matmul",
+    "float_matmul",
+    "float_matmul_supported",
 ]
 
 

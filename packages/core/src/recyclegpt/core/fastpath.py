@@ -16,8 +16,9 @@ VNNI and AVX2 CPUs both one-token and k-token steps are cheaper than int8's, at 
 file: the fastest there). The result
 is recorded in ``config.extra["decoding_setup"]``, so ``save_pretrained`` writes it and
 ``from_pretrained`` rebuilds the same structure before loading the weights. Fused layers also run
-their few-token CPU steps through fused C++ kernels (:mod:`recyclegpt.core.step_kernels`) where
-those build: a runtime choice, not recorded.
+their few-token CPU steps through fused C++ kernels (:mod:`recyclegpt.core.step_kernels`), and
+unquantized linears their fp32 CPU products through a row-independent matmul
+(:mod:`recyclegpt.core.float_kernels`), where those build: a runtime choice, not recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recyclegpt.core.float_kernels import swap_linears
 from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, RMSNorm, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
@@ -104,11 +106,13 @@ def fuse_projections(model: RecycleGPT) -> None:
 
 
 def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
-    """Run the fused layers' few-token CPU steps through the step kernels (``enabled``, unless the
-    environment switches them off) or eagerly; whether kernel layers are in place afterwards. The
-    kernels are built at the first CPU step that needs them (a model that only runs on CUDA never
-    builds them); where they cannot be built, kernel layers run eagerly."""
+    """Run the fused layers' few-token CPU steps through the step kernels and the unquantized
+    linears' fp32 CPU products through the fp32 kernel (:mod:`recyclegpt.core.float_kernels`)
+    (``enabled``, unless the environment switches them off), or eagerly; whether kernel layers are
+    in place afterwards. The kernels are built at the first CPU step that needs them (a model that
+    only runs on CUDA never builds them); where they cannot be built, kernel layers run eagerly."""
     enabled = enabled and step_kernels_enabled()
+    swap_linears(model, enabled)  # before the fresh layers below, which look their linears up once
     for stack in _stacks(model):
         if enabled and not isinstance(stack.norm, KernelRMSNorm):
             stack.norm = KernelRMSNorm.from_norm(stack.norm)

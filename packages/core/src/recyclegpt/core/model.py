@@ -460,7 +460,8 @@ class RecycleGPT(nn.Module):
         if self.config.draft_vocab_size is None:
             return self.lm_head(module_state)
         select_rows = getattr(self.lm_head, "select_rows", None)
-        if select_rows is not None:  # a quantized head (core.quantize: int8 or fp16) keeps its own format
+        if select_rows is not None and not (torch.is_grad_enabled() and self.lm_head.weight.requires_grad):
+            # a quantized or kernel head (core.quantize, core.float_kernels) keeps its own kind
             return self._cached_draft_rows(lambda: select_rows(self.draft_ids))(module_state)
         return F.linear(module_state, self.draft_head_weight())
 

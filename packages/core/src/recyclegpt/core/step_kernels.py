@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 from recyclegpt.core.cpu_kernels import build, switched_on
+from recyclegpt.core.float_kernels import step_forward
 from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
 
 MAX_STEP_TOKENS = 16  # longer inputs (prompts) are compute, not overhead: eager's kernels are faster there
@@ -74,17 +75,18 @@ class KernelDecoderLayer(DecoderLayer):
         """The submodules a kernel step calls, looked up once: ``nn.Module`` attribute lookups and
         ``__call__`` cost about a microsecond each, a sizeable share of a small model's step (the
         step calls the linears' ``forward`` directly: decoding registers no hooks). Replacing a
-        submodule afterwards (quantizing) needs a fresh layer: ``fastpath.use_step_kernels`` makes one."""
+        submodule afterwards (quantizing) needs a fresh layer: ``fastpath.use_step_kernels`` makes one.
+        The linears come as their ``forward`` (:func:`recyclegpt.core.float_kernels.step_forward`)."""
         parts = self.__dict__.get("_step_parts")
         if parts is None:
             attention, mlp = self.self_attn, self.mlp
             parts = (
                 self.input_layernorm,
                 self.post_attention_layernorm,
-                attention.qkv_proj,
-                attention.o_proj,
-                mlp.gate_up_proj,
-                mlp.down_proj,
+                step_forward(attention.qkv_proj),
+                step_forward(attention.o_proj),
+                step_forward(mlp.gate_up_proj),
+                step_forward(mlp.down_proj),
                 attention.num_heads,
                 attention.num_kv_heads,
             )
@@ -100,8 +102,8 @@ class KernelDecoderLayer(DecoderLayer):
         kernels = load()
         norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads = self.step_parts()
         x = x.contiguous()
-        qkv = qkv_proj.forward(kernels.rms_norm(x, norm1.weight, norm1.eps)).contiguous()
+        qkv = qkv_proj(kernels.rms_norm(x, norm1.weight, norm1.eps)).contiguous()
         mask = NO_MASK if mask is None else mask
         attended = kernels.rope_attend(qkv, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
-        x, normed = kernels.add_rms_norm(x, o_proj.forward(attended).contiguous(), norm2.weight, norm2.eps)
-        return x + down_proj.forward(kernels.silu_mul(gate_up_proj.forward(normed).contiguous()))
+        x, normed = kernels.add_rms_norm(x, o_proj(attended).contiguous(), norm2.weight, norm2.eps)
+        return x + down_proj(kernels.silu_mul(gate_up_proj(normed).contiguous()))
