@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recyclegpt.core import RecycleGPT, quant_kernels
+from recyclegpt.core import RecycleGPT, float_kernels, quant_kernels
 from recyclegpt.core import quantize as quantize_module
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
@@ -453,7 +453,9 @@ def test_bench_core_names_a_trained_module_and_rejects_a_bad_gguf(tiny_model, tm
     assert "is not a .gguf file" in str(bad.value.code)
     bench_main(
         ["--model", str(tmp_path / "model"), "--new-tokens", "4", "--repeats", "1", "--dtype", "fp32"]
-        + ["--quantize", "none", "--no-transformers", "--draft-length", "2"]
+        + ["--quantize", "none", "--no-transformers", "--draft-length", "2", "--torch-matmul"]
     )
     out = capsys.readouterr().out
     assert "M module)" in out and "untrained" not in out and "standard [fp32]" in out
+    if float_kernels.available():  # the fp32 kernel's variant beside torch's matmul
+        assert "| fp32, torch matmul |" in out and "standard [fp32, torch matmul]" in out

@@ -3,6 +3,7 @@ same parameters as nn.Linear, and the decoders' relations kept on top of it."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -13,7 +14,7 @@ from torch import nn
 from recyclegpt.core import RecycleGPT, float_kernels
 from recyclegpt.core.cpu_kernels import build
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
-from recyclegpt.core.float_kernels import KernelLinear
+from recyclegpt.core.float_kernels import KernelLinear, KernelStep
 
 from .conftest import tiny_config
 
@@ -110,3 +111,16 @@ def test_a_draft_vocabularys_head_rows_compute_what_the_full_head_gives_there() 
         full = model.lm_head(state)
         drafted = model.draft_head_logits(state)
     assert torch.equal(drafted, full[..., model.draft_ids])
+
+
+def test_a_deep_copy_of_a_model_that_has_decoded_steps_over_its_own_weights(prompts) -> None:
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config()).eval())
+    model.generate(prompts[2], 3)  # its step layers have looked their linears up
+    twin = copy.deepcopy(model)
+    for copied, original in ((twin, model), (model, twin)):
+        layer = copied.model.layers[0]
+        qkv_step = layer.step_parts()[2]
+        assert isinstance(qkv_step, KernelStep) and qkv_step.weight is layer.self_attn.qkv_proj.weight
+        assert qkv_step.weight is not original.model.layers[0].self_attn.qkv_proj.weight
+    assert torch.equal(twin.generate(prompts[2], 6).sequences, model.generate(prompts[2], 6).sequences)

@@ -290,7 +290,7 @@ class BatchedDecoder:
         score only the draft vocabulary where the module has one (as core's alternating decoding)."""
         model = self.model
         if all(row.params.greedy for row in rows):
-            picked = model.greedy_draft(hidden)[0] if module else greedy_tokens(model.base_logits(hidden))
+            picked = model.greedy_draft_token(hidden) if module else greedy_tokens(model.base_logits(hidden))
             tokens = picked.tolist()
         else:
             logits = model.draft_logits(hidden) if module else model.base_logits(hidden)

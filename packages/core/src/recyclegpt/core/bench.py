@@ -3,7 +3,7 @@
 Default: a random 12-layer model. ``--model smollm2`` (or any path ``from_pretrained`` takes)
 benchmarks a real model; when it is a GGUF file and ``llama_cpp`` is importable, llama.cpp runs on
 the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no dependency). Every
-variant (``--quantize none int8 int4 fp16``) reports ms per 1, 2 and 5-token full-model steps and per module
+variant (``--quantize none int8 int4 fp16``; ``--torch-matmul`` adds fp32 on torch's matmul) reports ms per 1, 2 and 5-token full-model steps and per module
 step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
 runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from recyclegpt.core.config import RecycleConfig
-from recyclegpt.core.fastpath import prepare_for_decoding
+from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.peer import peer_generate, transformers_peer
 from recyclegpt.core.precision import DTYPE_CHOICES, dtype_name, hardware_summary, resolve_dtype
@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--quantize", nargs="+", default=list(QUANTIZE_CHOICES), choices=QUANTIZE_CHOICES)
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
+    parser.add_argument(
+        "--torch-matmul",
+        action="store_true",
+        help="fp32 on CPU: also run the unquantized variant on torch's matmul instead of this project's fp32 kernel",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
     parser.add_argument("--prompt", default=SMOLLM2_PROMPT, help="prompt text for a model with a tokenizer")
     parser.add_argument(
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     for quantize in args.quantize:
         label = f"{dtype_name(dtype)}" + ("" if quantize == "none" else f"+{quantize}")
         variants[label] = quantized[quantize].to(device=device, dtype=dtype)
+        if quantize == "none" and args.torch_matmul and dtype == torch.float32 and device == "cpu":
+            plain = prepare_for_decoding(copy.deepcopy(model)).to(device=device, dtype=dtype)
+            use_step_kernels(plain, float_matmul=False)
+            variants[f"{label}, torch matmul"] = plain
 
     runs: dict[str, Run] = {}
     skipped: list[str] = []

@@ -190,8 +190,10 @@ class _DecodeState:
             prompt_positions = (self.padding_mask.long().cumsum(-1) - 1).clamp(min=0)
             later = torch.arange(1, self.tokens.shape[1] - self.prompt_length + 1, device=device)
             self.slot_positions = torch.cat((prompt_positions, prompt_positions[:, -1:] + later), dim=1)
-        self.finished = torch.zeros(self.batch, dtype=torch.bool, device=device)
-        self.eos_at = torch.full((self.batch,), -1, dtype=torch.long, device=device)
+        # Kept on the host: a few tensor operations per token cost ~50 us on a CPU, a sizeable share
+        # of a small model's step (and ``done`` reads them back every step anyway).
+        self.finished = [False] * self.batch
+        self.eos_at = [-1] * self.batch  # slot of each row's first EOS
         self.out = GenerationOutput(sequences=input_ids, prompt_length=self.prompt_length)
 
     @property
@@ -200,7 +202,7 @@ class _DecodeState:
 
     @property
     def done(self) -> bool:
-        return self.stopped or self.num_new >= self.max_new_tokens or bool(self.finished.all())
+        return self.stopped or self.num_new >= self.max_new_tokens or all(self.finished)
 
     def positions(self, start: int, count: int) -> torch.Tensor | None:
         """Rotary positions of slots start..start+count-1 (None: the slot indices themselves)."""
@@ -239,11 +241,10 @@ class _DecodeState:
         new_tokens = new_tokens[:, :count]
         self.tokens[:, self.length : self.length + count] = new_tokens
         if eos_token_id is not None:
-            hits = new_tokens == eos_token_id
-            first = torch.where(hits.any(1), hits.float().argmax(1) + self.length, torch.full_like(self.eos_at, -1))
-            newly = (~self.finished) & (first >= 0)
-            self.eos_at = torch.where(newly, first, self.eos_at)
-            self.finished |= newly
+            for row, tokens in enumerate(new_tokens.tolist()):
+                if not self.finished[row] and eos_token_id in tokens:
+                    self.eos_at[row] = self.length + tokens.index(eos_token_id)
+                    self.finished[row] = True
         self.length += count
         if self.on_tokens is not None and self.on_tokens(new_tokens):
             self.stopped = True
@@ -252,7 +253,8 @@ class _DecodeState:
         sequences = self.tokens[:, : self.length].clone()
         if pad_token_id is not None:
             slots = torch.arange(self.length, device=sequences.device).unsqueeze(0)
-            after_eos = (self.eos_at.unsqueeze(1) >= 0) & (slots > self.eos_at.unsqueeze(1))
+            eos_at = torch.tensor(self.eos_at, device=sequences.device).unsqueeze(1)
+            after_eos = (eos_at >= 0) & (slots > eos_at)
             sequences[after_eos] = pad_token_id
         self.out.sequences = sequences
         return self.out
@@ -285,7 +287,7 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     module_state = state.module_step(prev, 0, state.length)
     while True:
         if params.greedy:
-            draft = model.greedy_draft(module_state[:, -1])[0]
+            draft = model.greedy_draft_token(module_state[:, -1])
         else:
             draft = sample(model.draft_logits(module_state[:, -1]), params)
         state.append(draft.unsqueeze(1), eos_token_id)

@@ -105,14 +105,15 @@ def fuse_projections(model: RecycleGPT) -> None:
                 layer.mlp = FusedMLP(layer.mlp)
 
 
-def use_step_kernels(model: RecycleGPT, enabled: bool = True) -> bool:
-    """Run the fused layers' few-token CPU steps through the step kernels and the unquantized
-    linears' fp32 CPU products through the fp32 kernel (:mod:`recyclegpt.core.float_kernels`)
-    (``enabled``, unless the environment switches them off), or eagerly; whether kernel layers are
-    in place afterwards. The kernels are built at the first CPU step that needs them (a model that
-    only runs on CUDA never builds them); where they cannot be built, kernel layers run eagerly."""
+def use_step_kernels(model: RecycleGPT, enabled: bool = True, float_matmul: bool = True) -> bool:
+    """Run the fused layers' few-token CPU steps through the step kernels and (``float_matmul``) the
+    unquantized linears' fp32 CPU products through the fp32 kernel
+    (:mod:`recyclegpt.core.float_kernels`) (``enabled``, unless the environment switches them off),
+    or eagerly; whether kernel layers are in place afterwards. The kernels are built at the first
+    CPU step that needs them (a model that only runs on CUDA never builds them); where they cannot be
+    built, kernel layers run eagerly."""
     enabled = enabled and step_kernels_enabled()
-    swap_linears(model, enabled)  # before the fresh layers below, which look their linears up once
+    swap_linears(model, enabled and float_matmul)  # before the fresh layers below, which look their linears up once
     for stack in _stacks(model):
         if enabled and not isinstance(stack.norm, KernelRMSNorm):
             stack.norm = KernelRMSNorm.from_norm(stack.norm)

@@ -44,10 +44,10 @@ def usable(kernels: ModuleType) -> bool:
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Is ``x @ weight.T`` an fp32 CPU inference product the kernel takes here?"""
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and weight.device.type == "cpu"
+        x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and x.is_cpu
+        and weight.is_cpu
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and available()
     )
@@ -74,9 +74,10 @@ class KernelLinear(nn.Linear):
         return linear_over(nn.Linear, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not runs_kernel(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        out = build().float_matmul(x, self.weight)
+        weight = self.weight
+        if not runs_kernel(x, weight):
+            return F.linear(x, weight, self.bias)
+        out = build().float_matmul(x, weight)
         return out if self.bias is None else out + self.bias
 
     def select_rows(self, ids: torch.Tensor) -> KernelLinear:
@@ -97,17 +98,26 @@ def swap_linears(root: nn.Module, kernel: bool) -> None:
             swap_linears(child, kernel)
 
 
-def step_forward(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``linear.forward`` for a decode step's inference calls on CPU, with a bias-free
-    :class:`KernelLinear`'s kernel called directly on fp32 inputs (its checks cost a few
-    microseconds a call, a sizeable share of a small model's step)."""
-    if type(linear) is not KernelLinear or linear.bias is not None or not available():
-        return linear.forward
-    kernel, weight, fp32 = build().float_matmul, linear.weight, torch.float32
+class KernelStep:
+    """A bias-free :class:`KernelLinear`'s forward for decode steps: the kernel on fp32 inputs, without
+    the module's checks (they cost a few microseconds a call, a sizeable share of a small model's
+    step). An object, not a closure, so that a deep copy of a model reads the copy's weight."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is fp32 and weight.dtype is fp32:
-            return kernel(x, weight)
+    __slots__ = ("kernel", "weight")
+
+    def __init__(self, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weight: nn.Parameter) -> None:
+        self.kernel, self.weight = kernel, weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if x.dtype is torch.float32 and weight.dtype is torch.float32:
+            return self.kernel(x, weight)
         return F.linear(x, weight)
 
-    return forward
+
+def step_forward(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a decode step calls for ``linear`` on CPU: a :class:`KernelStep` where the kernel runs,
+    else ``linear.forward``."""
+    if type(linear) is not KernelLinear or linear.bias is not None or not available():
+        return linear.forward
+    return KernelStep(build().float_matmul, linear.weight)

@@ -60,6 +60,13 @@ class RotaryEmbedding(nn.Module):
         # positions [B, T] -> cos, sin [B, 1, T, head_dim]
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
+    def span(self, start: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of positions start..start+count-1 for every row: views of the tables, [1, 1, T,
+        head_dim] (indexing by a position tensor costs ~20 us a table on a CPU: a sizeable share of a
+        small model's decode step)."""
+        cos, sin = self.cos.narrow(0, start, count)[None, None], self.sin.narrow(0, start, count)[None, None]
+        return (cos, sin) if cos.dtype == dtype else (cos.to(dtype), sin.to(dtype))
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -259,8 +266,9 @@ class DecoderStack(nn.Module):
         num_new = x.shape[1]
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + num_new, device=x.device).unsqueeze(0)
-        cos, sin = self.rotary(positions, x.dtype)
+            cos, sin = self.rotary.span(start, num_new, x.dtype)
+        else:
+            cos, sin = self.rotary(positions, x.dtype)
         if tree is not None:
             if cache is None or cache.has_padding or x.shape[0] != 1:
                 raise ValueError("tree attention needs a KV cache and one unpadded row")
@@ -475,6 +483,11 @@ class RecycleGPT(nn.Module):
         if self.config.draft_vocab_size is None:
             return index, top
         return index + self.recycle.d2t[index], top
+
+    def greedy_draft_token(self, module_state: torch.Tensor) -> torch.Tensor:
+        """:meth:`greedy_draft`'s token alone (alternating decoding needs no probability: a softmax less)."""
+        index = greedy_tokens(self.draft_head_logits(module_state))
+        return index if self.config.draft_vocab_size is None else index + self.recycle.d2t[index]
 
     def draft_logits(self, module_state: torch.Tensor) -> torch.Tensor:
         """Module logits over the full vocabulary [..., V]: -inf outside the draft vocabulary,
