@@ -124,3 +124,13 @@ def test_a_deep_copy_of_a_model_that_has_decoded_steps_over_its_own_weights(prom
         assert isinstance(qkv_step, KernelStep) and qkv_step.weight is layer.self_attn.qkv_proj.weight
         assert qkv_step.weight is not original.model.layers[0].self_attn.qkv_proj.weight
     assert torch.equal(twin.generate(prompts[2], 6).sequences, model.generate(prompts[2], 6).sequences)
+
+
+def test_prompts_run_torchs_matmul_and_steps_the_kernel() -> None:
+    layer = KernelLinear.from_linear(nn.Linear(64, 40, bias=False))
+    prompt, step = torch.randn(2, float_kernels.MAX_STEP_TOKENS + 1, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(prompt), nn.functional.linear(prompt, layer.weight))
+        assert torch.equal(layer(step), build().float_matmul(step, layer.weight))
+        rows = step.view(-1, 64)  # a head over many rows (a batch's last states) stays on the kernel
+        assert torch.equal(layer(rows), build().float_matmul(rows, layer.weight))

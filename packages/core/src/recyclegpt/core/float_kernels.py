@@ -9,7 +9,7 @@ one gives. It is not bit-equal to MKL (another summation order), so a prepared m
 differ from the unprepared one's in the last bits.
 
 :class:`KernelLinear` is ``nn.Linear`` (same parameters, same state dict) whose fp32 inference calls
-on CPU run the kernel; training, CUDA, other dtypes and ``RECYCLEGPT_FLOAT_KERNELS=0`` run
+on CPU run the kernel; prompts, training, CUDA, other dtypes and ``RECYCLEGPT_FLOAT_KERNELS=0`` run
 ``F.linear``. :func:`recyclegpt.core.fastpath.use_step_kernels` puts it in place with the step
 kernels: a runtime choice, not recorded in a saved model.
 """
@@ -27,6 +27,7 @@ from torch import nn
 from recyclegpt.core.cpu_kernels import build, switched_on
 
 ENV_SWITCH = "RECYCLEGPT_FLOAT_KERNELS"
+MAX_STEP_TOKENS = 16  # as the step kernels': longer inputs are prompts
 
 
 def available() -> bool:
@@ -42,9 +43,12 @@ def usable(kernels: ModuleType) -> bool:
 
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Is ``x @ weight.T`` an fp32 CPU inference product the kernel takes here?"""
+    """Is ``x @ weight.T`` an fp32 CPU inference product the kernel takes here? Not a prompt: rows of
+    more than :data:`MAX_STEP_TOKENS` tokens ([B, T, K], T > 16) are compute, where torch's matmul is
+    faster (64 rows: ~1.2x), and a prompt is prefilled alone, so no result depends on that choice."""
     return (
-        x.dtype is torch.float32
+        not (x.dim() == 3 and x.shape[1] > MAX_STEP_TOKENS)
+        and x.dtype is torch.float32
         and weight.dtype is torch.float32
         and x.is_cpu
         and weight.is_cpu
