@@ -45,7 +45,8 @@ def usable(kernels: ModuleType) -> bool:
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Is ``x @ weight.T`` an fp32 CPU inference product the kernel takes here? Not a prompt: rows of
     more than :data:`MAX_STEP_TOKENS` tokens ([B, T, K], T > 16) are compute, where torch's matmul is
-    faster (64 rows: ~1.2x), and a prompt is prefilled alone, so no result depends on that choice."""
+    faster (64 rows: ~1.2x). Decode steps of any batch stay on the kernel, and the server prefills
+    each prompt alone, so its batched rows still equal lone requests."""
     return (
         not (x.dim() == 3 and x.shape[1] > MAX_STEP_TOKENS)
         and x.dtype is torch.float32
