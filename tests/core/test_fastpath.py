@@ -446,6 +446,18 @@ def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:
     assert "speculative<=2 [fp32+int8]" in out and "5 tokens" in out
 
 
+def test_bench_core_times_the_models_linears_on_torch_and_the_kernel(capsys) -> None:
+    args = ["--layers", "1", "--hidden", "64", "--vocab", "96", "--linears", "--repeats", "1"]
+    if not float_kernels.available():
+        with pytest.raises(SystemExit, match="needs the fp32 kernel"):
+            bench_main(args)
+        return
+    bench_main(args)
+    out = capsys.readouterr().out
+    assert "| q/k/v (64 -> 192) |" in out and "| LM head (64 -> 96) |" in out and "64 rows: torch / kernel" in out
+    assert "standard [" not in out  # it times linears instead of decoding
+
+
 def test_bench_core_names_a_trained_module_and_rejects_a_bad_gguf(tiny_model, tmp_path, capsys) -> None:
     tiny_model.save_pretrained(str(tmp_path / "model"))
     with pytest.raises(SystemExit) as bad:

@@ -6,6 +6,7 @@ the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no d
 variant (``--quantize none int8 int4 fp16``; ``--torch-matmul`` adds fp32 on torch's matmul) reports ms per 1, 2 and 5-token full-model steps and per module
 step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
 runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
+``--linears`` times the model's fp32 linears instead, torch's matmul against this project's kernel.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from recyclegpt.core import float_kernels
 from recyclegpt.core.config import RecycleConfig
+from recyclegpt.core.cpu_kernels import build
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.peer import peer_generate, transformers_peer
 from recyclegpt.core.precision import DTYPE_CHOICES, dtype_name, hardware_summary, resolve_dtype
-from recyclegpt.core.profiling import interleaved, measure_step_costs
+from recyclegpt.core.profiling import interleaved, measure_step_costs, median_seconds
 from recyclegpt.core.quantize import QUANTIZE_CHOICES
 
 STEP_TOKENS = (1, 2, 5)
+LINEAR_ROWS = (1, 2, 5, 8, 64)
 SMOLLM2_PROMPT = (
     "<|im_start|>user\nExplain in a few sentences why the sky is blue, and what changes at sunset.<|im_end|>\n"
     "<|im_start|>assistant\n"
@@ -80,6 +85,41 @@ def llama_cpp_run(gguf: Path, prompt: torch.Tensor, new_tokens: int, threads: in
     return run
 
 
+def linear_table(model: RecycleGPT, rounds: int, inner: int = 20) -> list[str]:
+    """Markdown rows: microseconds per fp32 call of each kind of ``model``'s linears (a base layer's
+    fused projections and the LM head) over 1-64 rows, torch's matmul and the fp32 kernel
+    (:mod:`recyclegpt.core.float_kernels`) interleaved."""
+    fused = prepare_for_decoding(copy.deepcopy(model)).float()
+    layer = fused.model.layers[0]
+    weights = {
+        "q/k/v": layer.self_attn.qkv_proj.weight,
+        "o": layer.self_attn.o_proj.weight,
+        "gate/up": layer.mlp.gate_up_proj.weight,
+        "down": layer.mlp.down_proj.weight,
+        "LM head": fused.lm_head.weight,
+    }
+    kernel = build().float_matmul
+    generator = torch.Generator().manual_seed(0)
+    runs: dict[str, Callable[[], None]] = {}
+    for name, weight in weights.items():
+        weight = weight.detach().contiguous()
+        for rows in LINEAR_ROWS:
+            x = torch.randn(rows, weight.shape[1], generator=generator)
+            for impl, matmul in (("torch", F.linear), ("kernel", kernel)):
+                runs[f"{name}|{rows}|{impl}"] = lambda m=matmul, x=x, w=weight: [m(x, w) for _ in range(inner)]
+    with torch.inference_mode():
+        samples = interleaved(runs, rounds)
+    us = {key: 1e6 * median_seconds(values) / inner for key, values in samples.items()}
+    lines = [
+        "| linear (K -> N) | " + " | ".join(f"{r} row{'s' * (r > 1)}: torch / kernel (us)" for r in LINEAR_ROWS) + " |"
+    ]
+    lines.append("|---" * (len(LINEAR_ROWS) + 1) + "|")
+    for name, weight in weights.items():
+        cells = [f"{us[f'{name}|{r}|torch']:.1f} / {us[f'{name}|{r}|kernel']:.1f}" for r in LINEAR_ROWS]
+        lines.append(f"| {name} ({weight.shape[1]} -> {weight.shape[0]}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def random_model(args: argparse.Namespace) -> RecycleGPT:
     config = RecycleConfig(
         vocab_size=args.vocab,
@@ -107,6 +147,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--quantize", nargs="+", default=list(QUANTIZE_CHOICES), choices=QUANTIZE_CHOICES)
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
+    parser.add_argument(
+        "--linears",
+        action="store_true",
+        help="instead of decoding: time the model's fp32 linears over 1-64 rows, torch's matmul against the fp32 kernel",
+    )
     parser.add_argument(
         "--torch-matmul",
         action="store_true",
@@ -162,6 +207,14 @@ def main(argv: list[str] | None = None) -> None:
             prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length))
         trained = "" if is_recyclegpt_dir(path) else "untrained "  # a GGUF or Hugging Face base gets a fresh module
         what = f"{args.model} ({model.num_parameters('base') / 1e6:.0f}M base + {model.num_parameters('module') / 1e6:.1f}M {trained}module)"
+    if args.linears:
+        if not float_kernels.available():
+            sys.exit("error: --linears needs the fp32 kernel, which does not run here (a C++ compiler and an AVX2 CPU)")
+        print(
+            f"{what}: fp32 linears, medians of {args.repeats} interleaved rounds; measured on: {hardware_summary('cpu')}"
+        )
+        print("\n".join(linear_table(model, args.repeats)))
+        return
     # Quantize the stored (fp32) weights, then cast: scales from bf16-rounded weights lose a little more.
     # Every variant decodes on the fast path (fused projections, step kernels); "none" keeps the weights.
     quantized = {q: prepare_for_decoding(copy.deepcopy(model), quantize=q) for q in args.quantize}
