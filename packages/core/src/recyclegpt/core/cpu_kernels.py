@@ -16,6 +16,9 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
+# The most tokens a row of a decode step has, for every kernel that serves steps: longer inputs are
+# prompts (compute, not overhead), where eager PyTorch and torch's matmul are faster.
+MAX_STEP_TOKENS = 16
 SOURCES = [HERE / "step_kernels.cpp", HERE / "quant_kernels.cpp", HERE / "float_kernels.cpp"]
 FUNCTIONS = [
     "rms_norm",

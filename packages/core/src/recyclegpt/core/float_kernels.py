@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.core.cpu_kernels import build, switched_on
+from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, build, switched_on
 
 ENV_SWITCH = "RECYCLEGPT_FLOAT_KERNELS"
-MAX_STEP_TOKENS = 16  # as the step kernels': longer inputs are prompts
 
 
 def available() -> bool:

@@ -21,11 +21,10 @@ from types import ModuleType
 
 import torch
 
-from recyclegpt.core.cpu_kernels import build, switched_on
+from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, build, switched_on
 from recyclegpt.core.float_kernels import step_forward
 from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
 
-MAX_STEP_TOKENS = 16  # longer inputs (prompts) are compute, not overhead: eager's kernels are faster there
 ENV_SWITCH = "RECYCLEGPT_STEP_KERNELS"
 NO_MASK = torch.empty(0)  # rope_attend's "causal, no mask"
 
