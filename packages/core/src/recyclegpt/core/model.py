@@ -478,15 +478,15 @@ class RecycleGPT(nn.Module):
         and the top softmax value of :meth:`draft_logits` are, computed over the draft vocabulary
         only (its logits, not a full-vocabulary scatter: ~0.4 of a SmolLM2 module step less)."""
         logits = self.draft_head_logits(module_state)
-        index = greedy_tokens(logits)  # the first draft index among equal maxima (draft ids ascend)
-        top = logits.float().softmax(-1).amax(-1)
-        if self.config.draft_vocab_size is None:
-            return index, top
-        return index + self.recycle.d2t[index], top
+        return self._draft_token(logits), logits.float().softmax(-1).amax(-1)
 
     def greedy_draft_token(self, module_state: torch.Tensor) -> torch.Tensor:
         """:meth:`greedy_draft`'s token alone (alternating decoding needs no probability: a softmax less)."""
-        index = greedy_tokens(self.draft_head_logits(module_state))
+        return self._draft_token(self.draft_head_logits(module_state))
+
+    def _draft_token(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """The full-vocabulary id of the argmax of :meth:`draft_head_logits`."""
+        index = greedy_tokens(draft_logits)  # the first draft index among equal maxima (draft ids ascend)
         return index if self.config.draft_vocab_size is None else index + self.recycle.d2t[index]
 
     def draft_logits(self, module_state: torch.Tensor) -> torch.Tensor:
