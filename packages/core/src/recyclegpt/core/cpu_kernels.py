@@ -1,7 +1,8 @@
 """The project's C++ CPU kernels, built once per machine at first use.
 
 One extension holds the decode-step kernels (``step_kernels.cpp``), the int8 matmuls
-(``quant_kernels.cpp``) and the fp32 matmul (``float_kernels.cpp``). torch's ``cpp_extension``
+(``quant_kernels.cpp``), the fp32 matmul (``float_kernels.cpp``) and the whole fp32 layer step over
+them (``layer_kernels.cpp``). torch's ``cpp_extension``
 compiles it (~30-40 s on 2 cores; a C++ compiler and ``ninja``) and caches it (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, the
 callers fall back to eager PyTorch and torch's own kernels, after one logged warning.
 """
@@ -19,7 +20,7 @@ HERE = Path(__file__).parent
 # The most tokens a row of a decode step has, for every kernel that serves steps: longer inputs are
 # prompts (compute, not overhead), where eager PyTorch and torch's matmul are faster.
 MAX_STEP_TOKENS = 16
-SOURCES = [HERE / "step_kernels.cpp", HERE / "quant_kernels.cpp", HERE / "float_kernels.cpp"]
+SOURCES = [HERE / name for name in ("step_kernels.cpp", "quant_kernels.cpp", "float_kernels.cpp", "layer_kernels.cpp")]
 FUNCTIONS = [
     "rms_norm",
     "add_rms_norm",
@@ -33,6 +34,7 @@ FUNCTIONS = [
     "int4_dynamic_matmul",
     "float_matmul",
     "float_matmul_supported",
+    "fp32_layer_step",
 ]
 
 

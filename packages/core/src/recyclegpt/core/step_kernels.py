@@ -3,7 +3,10 @@
 A decode step of a small model on a CPU is per-operator overhead: around its four matmuls an eager
 SmolLM2 layer runs ~160 small operators (~150 us). :class:`KernelDecoderLayer` runs the same layer
 with four fused calls from ``step_kernels.cpp`` (RMSNorm; rotary embedding + cache write +
-attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. The kernels compute
+attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. Where all four
+linears run the fp32 matmul (:mod:`recyclegpt.core.float_kernels`), the whole layer is one call
+(``layer_kernels.cpp``), which makes the same calls in C++: the same bits, without ~20 us of Python
+and argument conversion a layer. The kernels compute
 each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
 speculative decoding stays equal to standard), and round where the eager layer rounds. Where the
 CPU has AVX2 they run eight-lane code that gives the same bits as their one-lane code.
@@ -22,7 +25,7 @@ from types import ModuleType
 import torch
 
 from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, build, switched_on
-from recyclegpt.core.float_kernels import step_forward
+from recyclegpt.core.float_kernels import KernelStep, step_forward
 from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
 
 ENV_SWITCH = "RECYCLEGPT_STEP_KERNELS"
@@ -75,19 +78,22 @@ class KernelDecoderLayer(DecoderLayer):
         ``__call__`` cost about a microsecond each, a sizeable share of a small model's step (the
         step calls the linears' ``forward`` directly: decoding registers no hooks). Replacing a
         submodule afterwards (quantizing) needs a fresh layer: ``fastpath.use_step_kernels`` makes one.
-        The linears come as their ``forward`` (:func:`recyclegpt.core.float_kernels.step_forward`)."""
+        The linears come as their ``forward`` (:func:`recyclegpt.core.float_kernels.step_forward`);
+        the last part is their four weights where all four run the fp32 kernel (else None)."""
         parts = self.__dict__.get("_step_parts")
         if parts is None:
             attention, mlp = self.self_attn, self.mlp
+            linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            steps = [step_forward(linear) for linear in linears]
+            # All four on the fp32 kernel: the whole layer runs as one call (fp32_layer_step).
+            whole = all(isinstance(step, KernelStep) for step in steps)
             parts = (
                 self.input_layernorm,
                 self.post_attention_layernorm,
-                step_forward(attention.qkv_proj),
-                step_forward(attention.o_proj),
-                step_forward(mlp.gate_up_proj),
-                step_forward(mlp.down_proj),
+                *steps,
                 attention.num_heads,
                 attention.num_kv_heads,
+                tuple(step.weight for step in steps) if whole else None,
             )
             self.__dict__["_step_parts"] = parts
         return parts
@@ -99,10 +105,16 @@ class KernelDecoderLayer(DecoderLayer):
         if not (keys.is_contiguous() and values.is_contiguous()):
             return super().forward(x, cos, sin, mask, cache, layer_index)
         kernels = load()
-        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads = self.step_parts()
+        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads, weights = self.step_parts()
+        mask = NO_MASK if mask is None else mask
+        if weights is not None and x.dtype is torch.float32 and weights[0].dtype is torch.float32:
+            qkv_w, o_w, gate_up_w, down_w = weights
+            return kernels.fp32_layer_step(
+                x, norm1.weight, norm1.eps, qkv_w, o_w, norm2.weight, norm2.eps, gate_up_w, down_w,
+                cos, sin, keys, values, cache.length, mask, heads, kv_heads,
+            )  # fmt: skip
         x = x.contiguous()
         qkv = qkv_proj(kernels.rms_norm(x, norm1.weight, norm1.eps)).contiguous()
-        mask = NO_MASK if mask is None else mask
         attended = kernels.rope_attend(qkv, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
         x, normed = kernels.add_rms_norm(x, o_proj(attended).contiguous(), norm2.weight, norm2.eps)
         return x + down_proj(kernels.silu_mul(gate_up_proj(normed).contiguous()))
