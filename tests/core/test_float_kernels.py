@@ -170,23 +170,63 @@ def test_a_whole_fp32_layer_step_gives_the_bits_of_its_kernels_one_by_one(new_to
     assert torch.equal(keys, split_keys) and torch.equal(values, split_values)  # the new keys and values written
 
 
-def test_fp32_steps_run_a_layer_in_one_call_and_quantized_ones_kernel_by_kernel(monkeypatch, prompts) -> None:
+def counted_calls(monkeypatch, name: str) -> list[int]:
+    """The token counts of every call of the extension's ``name`` from now on."""
     kernels, calls = build(), []
-    whole_layer_step = kernels.fp32_layer_step
+    real = getattr(kernels, name)
 
     def counted(*args):  # noqa: ANN002, ANN202
         calls.append(args[0].shape[1])
-        return whole_layer_step(*args)
+        return real(*args)
 
-    monkeypatch.setattr(kernels, "fp32_layer_step", counted)
+    monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def test_fp32_steps_run_a_stack_in_one_call_and_quantized_ones_kernel_by_kernel(monkeypatch, prompts) -> None:
+    stack_calls, layer_calls = (
+        counted_calls(monkeypatch, "fp32_layers_step"),
+        counted_calls(monkeypatch, "fp32_layer_step"),
+    )
     torch.manual_seed(0)
     plain = RecycleGPT(tiny_config()).eval()
     model = prepare_for_decoding(copy.deepcopy(plain))
     standard = model.generate(prompts[2], 5, decoding="standard").sequences
-    assert calls == [8] * 2 + [1] * 4 * 2  # the 8-token prompt (a few tokens: a step), 4 one-token steps; 2 layers
-    calls.clear()
+    assert stack_calls == [8] + [1] * 4 and layer_calls == []  # the 8-token prompt is a few tokens: a step too
+    stack_calls.clear()
     assert torch.equal(model.generate(prompts[2], 5, decoding="speculative", draft_length=3).sequences, standard)
-    assert calls and max(calls) > 1  # verification steps of several tokens, module steps (1 layer) too
-    calls.clear()
+    assert stack_calls and max(stack_calls) > 1  # verification steps of several tokens, module steps too
+    stack_calls.clear()
     prepare_for_decoding(copy.deepcopy(plain), quantize="w8a8").generate(prompts[2], 5)
-    assert calls == []
+    assert stack_calls == [] and layer_calls == []
+
+
+def test_a_stack_in_one_call_gives_the_bits_of_a_call_a_layer(prompts) -> None:
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
+    layer_by_layer = copy.deepcopy(model)
+    for stack in (layer_by_layer.model, layer_by_layer.recycle):
+        stack.layers_step = None
+    for decoding in ("standard", "alternating", "speculative"):
+        one, many = (
+            model.generate(prompts[3], 9, decoding=decoding),
+            layer_by_layer.generate(prompts[3], 9, decoding=decoding),
+        )
+        assert torch.equal(one.sequences, many.sequences), decoding
+    cache, layer_cache = model.new_cache("base", 1, 32), layer_by_layer.new_cache("base", 1, 32)
+    with torch.inference_mode():
+        for ids in (prompts[2], prompts[1]):
+            assert torch.equal(model.base_hidden(ids, cache=cache), layer_by_layer.base_hidden(ids, cache=layer_cache))
+    assert torch.equal(cache.keys, layer_cache.keys) and torch.equal(cache.values, layer_cache.values)
+
+
+def test_feature_layers_run_layer_by_layer_to_keep_their_outputs(monkeypatch, prompts) -> None:
+    stack_calls, layer_calls = (
+        counted_calls(monkeypatch, "fp32_layers_step"),
+        counted_calls(monkeypatch, "fp32_layer_step"),
+    )
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3, feature_layers=[1])).eval())
+    model.generate(prompts[1], 4, decoding="speculative", draft_length=2)
+    assert layer_calls  # the base's steps keep layer 1's output
+    assert stack_calls  # the module, which keeps none, runs in one call

@@ -35,6 +35,7 @@ FUNCTIONS = [
     "float_matmul",
     "float_matmul_supported",
     "fp32_layer_step",
+    "fp32_layers_step",
 ]
 
 

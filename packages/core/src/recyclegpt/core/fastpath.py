@@ -33,7 +33,7 @@ from recyclegpt.core.float_kernels import swap_linears
 from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, RMSNorm, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
-from recyclegpt.core.step_kernels import KernelDecoderLayer, KernelRMSNorm
+from recyclegpt.core.step_kernels import KernelDecoderLayer, KernelRMSNorm, WholeStackStep
 from recyclegpt.core.step_kernels import enabled_by_environment as step_kernels_enabled
 
 SETUP_KEY = "decoding_setup"
@@ -122,6 +122,7 @@ def use_step_kernels(model: RecycleGPT, enabled: bool = True, float_matmul: bool
         for index, layer in enumerate(stack.layers):
             # A fresh layer object either way: a kernel layer's cached submodules may predate quantization.
             stack.layers[index] = (KernelDecoderLayer if enabled else DecoderLayer).from_layer(layer)
+        stack.layers_step = WholeStackStep(stack.layers) if enabled else None
     return enabled
 
 

@@ -251,6 +251,9 @@ class DecoderStack(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, intermediate_size) for _ in range(num_layers))
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.kept_layers: frozenset[int] = frozenset()
+        # Set by the fast path (recyclegpt.core.step_kernels.WholeStackStep): runs every layer of a
+        # decode step in one call where it can, else returns None.
+        self.layers_step: Callable | None = None
 
     def run_layers(
         self,
@@ -273,7 +276,16 @@ class DecoderStack(nn.Module):
             if cache is None or cache.has_padding or x.shape[0] != 1:
                 raise ValueError("tree attention needs a KV cache and one unpadded row")
             mask = tree_attention_mask(start, tree, x.dtype)
+        elif cache is not None and cache.has_padding:
+            mask = attention_mask_for(cache, start, num_new, x.device, x.dtype)
         else:
+            mask = None  # causal: a one-call step attends causally over the cache without a mask tensor
+        if self.layers_step is not None and (kept is None or not self.kept_layers):
+            out = self.layers_step(x, cos, sin, mask, cache)
+            if out is not None:
+                cache.length = start + num_new
+                return out
+        if mask is None:
             mask = attention_mask_for(cache, start, num_new, x.device, x.dtype)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, index)
