@@ -123,7 +123,7 @@ def test_a_deep_copy_of_a_model_that_has_decoded_steps_over_its_own_weights(prom
         qkv_step = layer.step_parts()[2]
         assert isinstance(qkv_step, KernelStep) and qkv_step.weight is layer.self_attn.qkv_proj.weight
         assert qkv_step.weight is not original.model.layers[0].self_attn.qkv_proj.weight
-        assert layer.step_parts()[-1][0] is layer.self_attn.qkv_proj.weight  # the whole-layer call's weights too
+        assert layer.step_parts()[-1].tensors[2] is layer.self_attn.qkv_proj.weight  # the one-call layer's too
     assert torch.equal(twin.generate(prompts[2], 6).sequences, model.generate(prompts[2], 6).sequences)
 
 
@@ -135,98 +135,3 @@ def test_prompts_run_torchs_matmul_and_steps_the_kernel() -> None:
         assert torch.equal(layer(step), build().float_matmul(step, layer.weight))
         rows = step.view(-1, 64)  # a head over many rows (a batch's last states) stays on the kernel
         assert torch.equal(layer(rows), build().float_matmul(rows, layer.weight))
-
-
-@pytest.mark.parametrize("new_tokens, masked", [(1, False), (3, False), (2, True)])
-def test_a_whole_fp32_layer_step_gives_the_bits_of_its_kernels_one_by_one(new_tokens: int, masked: bool) -> None:
-    torch.manual_seed(0)
-    model = prepare_for_decoding(RecycleGPT(tiny_config(hidden_size=48, num_heads=6, num_kv_heads=2)).eval())
-    layer, kernels = model.model.layers[1], build()
-    attention, mlp = layer.self_attn, layer.mlp
-    heads, kv_heads, start = attention.num_heads, attention.num_kv_heads, 7
-    x = torch.randn(2, new_tokens, 48)
-    cos, sin = model.model.rotary.span(start, new_tokens, torch.float32)
-    keys, values = torch.randn(2, kv_heads, 16, 8), torch.randn(2, kv_heads, 16, 8)
-    mask = torch.empty(0)
-    if masked:  # left padding: the first two keys of row 0 hidden
-        mask = torch.zeros(2, 1, new_tokens, start + new_tokens).masked_fill(
-            torch.ones(new_tokens, start + new_tokens).tril(start) == 0, float("-inf")
-        )
-        mask[0, :, :, :2] = float("-inf")
-    split_keys, split_values = keys.clone(), values.clone()
-    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    qkv = kernels.float_matmul(kernels.rms_norm(x, norm1.weight, norm1.eps), attention.qkv_proj.weight)
-    attended = kernels.rope_attend(qkv, cos, sin, split_keys, split_values, start, mask, heads, kv_heads)
-    summed, normed = kernels.add_rms_norm(
-        x, kernels.float_matmul(attended, attention.o_proj.weight), norm2.weight, norm2.eps
-    )
-    gated = kernels.silu_mul(kernels.float_matmul(normed, mlp.gate_up_proj.weight))
-    expected = summed + kernels.float_matmul(gated, mlp.down_proj.weight)
-    whole = kernels.fp32_layer_step(
-        x, norm1.weight, norm1.eps, attention.qkv_proj.weight, attention.o_proj.weight, norm2.weight, norm2.eps,
-        mlp.gate_up_proj.weight, mlp.down_proj.weight, cos, sin, keys, values, start, mask, heads, kv_heads,
-    )  # fmt: skip
-    assert torch.equal(whole, expected)
-    assert torch.equal(keys, split_keys) and torch.equal(values, split_values)  # the new keys and values written
-
-
-def counted_calls(monkeypatch, name: str) -> list[int]:
-    """The token counts of every call of the extension's ``name`` from now on."""
-    kernels, calls = build(), []
-    real = getattr(kernels, name)
-
-    def counted(*args):  # noqa: ANN002, ANN202
-        calls.append(args[0].shape[1])
-        return real(*args)
-
-    monkeypatch.setattr(kernels, name, counted)
-    return calls
-
-
-def test_fp32_steps_run_a_stack_in_one_call_and_quantized_ones_kernel_by_kernel(monkeypatch, prompts) -> None:
-    stack_calls, layer_calls = (
-        counted_calls(monkeypatch, "fp32_layers_step"),
-        counted_calls(monkeypatch, "fp32_layer_step"),
-    )
-    torch.manual_seed(0)
-    plain = RecycleGPT(tiny_config()).eval()
-    model = prepare_for_decoding(copy.deepcopy(plain))
-    standard = model.generate(prompts[2], 5, decoding="standard").sequences
-    assert stack_calls == [8] + [1] * 4 and layer_calls == []  # the 8-token prompt is a few tokens: a step too
-    stack_calls.clear()
-    assert torch.equal(model.generate(prompts[2], 5, decoding="speculative", draft_length=3).sequences, standard)
-    assert stack_calls and max(stack_calls) > 1  # verification steps of several tokens, module steps too
-    stack_calls.clear()
-    prepare_for_decoding(copy.deepcopy(plain), quantize="w8a8").generate(prompts[2], 5)
-    assert stack_calls == [] and layer_calls == []
-
-
-def test_a_stack_in_one_call_gives_the_bits_of_a_call_a_layer(prompts) -> None:
-    torch.manual_seed(0)
-    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
-    layer_by_layer = copy.deepcopy(model)
-    for stack in (layer_by_layer.model, layer_by_layer.recycle):
-        stack.layers_step = None
-    for decoding in ("standard", "alternating", "speculative"):
-        one, many = (
-            model.generate(prompts[3], 9, decoding=decoding),
-            layer_by_layer.generate(prompts[3], 9, decoding=decoding),
-        )
-        assert torch.equal(one.sequences, many.sequences), decoding
-    cache, layer_cache = model.new_cache("base", 1, 32), layer_by_layer.new_cache("base", 1, 32)
-    with torch.inference_mode():
-        for ids in (prompts[2], prompts[1]):
-            assert torch.equal(model.base_hidden(ids, cache=cache), layer_by_layer.base_hidden(ids, cache=layer_cache))
-    assert torch.equal(cache.keys, layer_cache.keys) and torch.equal(cache.values, layer_cache.values)
-
-
-def test_feature_layers_run_layer_by_layer_to_keep_their_outputs(monkeypatch, prompts) -> None:
-    stack_calls, layer_calls = (
-        counted_calls(monkeypatch, "fp32_layers_step"),
-        counted_calls(monkeypatch, "fp32_layer_step"),
-    )
-    torch.manual_seed(0)
-    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3, feature_layers=[1])).eval())
-    model.generate(prompts[1], 4, decoding="speculative", draft_length=2)
-    assert layer_calls  # the base's steps keep layer 1's output
-    assert stack_calls  # the module, which keeps none, runs in one call

@@ -1,7 +1,7 @@
 """The project's C++ CPU kernels, built once per machine at first use.
 
 One extension holds the decode-step kernels (``step_kernels.cpp``), the int8 matmuls
-(``quant_kernels.cpp``), the fp32 matmul (``float_kernels.cpp``) and the whole fp32 layer step over
+(``quant_kernels.cpp``), the fp32 matmul (``float_kernels.cpp``) and whole decoder layers over
 them (``layer_kernels.cpp``). torch's ``cpp_extension``
 compiles it (~30-40 s on 2 cores; a C++ compiler and ``ninja``) and caches it (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, the
 callers fall back to eager PyTorch and torch's own kernels, after one logged warning.
@@ -34,8 +34,7 @@ FUNCTIONS = [
     "int4_dynamic_matmul",
     "float_matmul",
     "float_matmul_supported",
-    "fp32_layer_step",
-    "fp32_layers_step",
+    "decode_layers_step",
 ]
 
 

@@ -204,11 +204,16 @@ class QuantizedLinear(nn.Module):
             out = self.cpu_matmul(flat, *kernel_inputs)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def cpu_kernel(self) -> tuple[Callable[..., torch.Tensor], ...]:
+        """:meth:`make_kernel`'s ``(matmul, *operands)``, made at the first call and kept (in ``_kernel``)
+        until the buffers move or reload."""
+        if self._kernel is None:
+            self._kernel = self.make_kernel()
+        return self._kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and self.has_cpu_kernel():
-            if self._kernel is None:
-                self._kernel = self.make_kernel()
-            matmul, *operands = self._kernel
+            matmul, *operands = self.cpu_kernel()
             out = matmul(x, *operands)
         else:
             out = F.linear(x, self.dequantized(x.dtype))

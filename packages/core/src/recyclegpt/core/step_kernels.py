@@ -23,12 +23,15 @@ import functools
 from types import ModuleType
 
 import torch
+from torch import nn
 
 from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, build, switched_on
 from recyclegpt.core.float_kernels import KernelStep, step_forward
 from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
+from recyclegpt.core.quantize import QuantizedLinear
 
 ENV_SWITCH = "RECYCLEGPT_STEP_KERNELS"
+WHOLE_LAYERS_SWITCH = "RECYCLEGPT_WHOLE_LAYERS"  # 0: layers call their kernels one by one
 NO_MASK = torch.empty(0)  # rope_attend's "causal, no mask"
 
 
@@ -79,21 +82,18 @@ class KernelDecoderLayer(DecoderLayer):
         step calls the linears' ``forward`` directly: decoding registers no hooks). Replacing a
         submodule afterwards (quantizing) needs a fresh layer: ``fastpath.use_step_kernels`` makes one.
         The linears come as their ``forward`` (:func:`recyclegpt.core.float_kernels.step_forward`);
-        the last part is their four weights where all four run the fp32 kernel (else None)."""
+        the last part is the layer as one call (:class:`WholeLayers`), or None where it cannot be."""
         parts = self.__dict__.get("_step_parts")
         if parts is None:
             attention, mlp = self.self_attn, self.mlp
             linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
-            steps = [step_forward(linear) for linear in linears]
-            # All four on the fp32 kernel: the whole layer runs as one call (fp32_layer_step).
-            whole = all(isinstance(step, KernelStep) for step in steps)
             parts = (
                 self.input_layernorm,
                 self.post_attention_layernorm,
-                *steps,
+                *(step_forward(linear) for linear in linears),
                 attention.num_heads,
                 attention.num_kv_heads,
-                tuple(step.weight for step in steps) if whole else None,
+                WholeLayers.of_layer(self.input_layernorm, self.post_attention_layernorm, linears),
             )
             self.__dict__["_step_parts"] = parts
         return parts
@@ -105,14 +105,15 @@ class KernelDecoderLayer(DecoderLayer):
         if not (keys.is_contiguous() and values.is_contiguous()):
             return super().forward(x, cos, sin, mask, cache, layer_index)
         kernels = load()
-        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads, weights = self.step_parts()
+        parts = self.step_parts()
+        if parts[-1] is not None and not parts[-1].current():  # a quantized linear rebuilt its kernel
+            self.__dict__.pop("_step_parts")
+            parts = self.step_parts()
+        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads, whole = parts
         mask = NO_MASK if mask is None else mask
-        if weights is not None and x.dtype is torch.float32 and weights[0].dtype is torch.float32:
-            qkv_w, o_w, gate_up_w, down_w = weights
-            return kernels.fp32_layer_step(
-                x, norm1.weight, norm1.eps, qkv_w, o_w, norm2.weight, norm2.eps, gate_up_w, down_w,
-                cos, sin, keys, values, cache.length, mask, heads, kv_heads,
-            )  # fmt: skip
+        if whole is not None and whole.runs(x):
+            keys, values = cache.keys.narrow(0, layer_index, 1), cache.values.narrow(0, layer_index, 1)
+            return whole(kernels, x, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
         x = x.contiguous()
         qkv = qkv_proj(kernels.rms_norm(x, norm1.weight, norm1.eps)).contiguous()
         attended = kernels.rope_attend(qkv, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
@@ -120,50 +121,128 @@ class KernelDecoderLayer(DecoderLayer):
         return x + down_proj(kernels.silu_mul(gate_up_proj(normed).contiguous()))
 
 
-class WholeStackStep:
-    """Every layer of a stack in one ``fp32_layers_step`` call, for the fp32 decode steps whose layers
-    all run whole (:meth:`KernelDecoderLayer.step_parts`): the same bits as a call a layer, without
-    the Python between the layers (~20 us a layer, measured on a Zen 3 EPYC). ``__call__`` declines
-    (None) anything else, and the stack runs its layers one by one."""
+class WholeLayers:
+    """Decoder layers as one ``decode_layers_step`` call (``layer_kernels.cpp``): the same bits as
+    their kernels one by one, without the Python between them. Each linear runs the fp32 matmul
+    (fp32 steps) or a w8a8 / w4a8 kernel (fp32 or bf16 steps); a layer with any other linear
+    (biased, weight-only quantized, a torch fallback) cannot be one."""
 
-    __slots__ = ("layers", "_arguments")
+    __slots__ = ("tensors", "ints", "eps", "sources", "float_weight")
+
+    def __init__(self, tensors: list, ints: list[int], eps: list[float], sources: tuple, float_weight) -> None:  # noqa: ANN001
+        self.tensors, self.ints, self.eps = tensors, ints, eps
+        self.sources = sources  # (quantized linear, the kernel tuple its operands came from)
+        self.float_weight = float_weight  # one fp32-kernel weight, or None: fp32 steps only where set
+
+    @classmethod
+    def of_layer(cls, input_norm: RMSNorm, post_norm: RMSNorm, linears: list[nn.Module]) -> WholeLayers | None:
+        """A layer as one call, or None where it cannot be or ``RECYCLEGPT_WHOLE_LAYERS=0`` says not to."""
+        if not switched_on(WHOLE_LAYERS_SWITCH):
+            return None
+        tensors, ints, sources, float_weight = [input_norm.weight, post_norm.weight], [], [], None
+        for linear in linears:
+            step = step_forward(linear)
+            if isinstance(step, KernelStep):
+                tensors.append(step.weight)
+                ints += [0, 0, 0]
+                float_weight = step.weight
+                continue
+            operands = quantized_operands(linear)
+            if operands is None:
+                return None
+            kind, kernel = operands
+            _, *rest = kernel
+            tensors += rest[:-2]
+            ints += [kind, rest[-2], int(rest[-1])]
+            sources.append((linear, kernel))
+        return cls(tensors, ints, [input_norm.eps, post_norm.eps], tuple(sources), float_weight)
+
+    @classmethod
+    def joined(cls, parts: list[WholeLayers]) -> WholeLayers:
+        """One call for ``parts``, in order."""
+        float_weights = [part.float_weight for part in parts if part.float_weight is not None]
+        return cls(
+            [t for part in parts for t in part.tensors],
+            [n for part in parts for n in part.ints],
+            [e for part in parts for e in part.eps],
+            tuple(source for part in parts for source in part.sources),
+            float_weights[0] if float_weights else None,
+        )
+
+    def current(self) -> bool:
+        """Are the quantized linears' kernels still the ones read (``.to`` and reloading rebuild them)?"""
+        return all(linear._kernel is kernel for linear, kernel in self.sources)
+
+    def runs(self, x: torch.Tensor) -> bool:
+        """Can a step of ``x`` (dtype; the rest is checked by the caller) run as this call?"""
+        if x.dtype is torch.float32:
+            return self.float_weight is None or self.float_weight.dtype is torch.float32
+        return x.dtype is torch.bfloat16 and self.float_weight is None
+
+    def __call__(self, kernels, x, cos, sin, keys, values, start, mask, heads, kv_heads):  # noqa: ANN001, ANN204
+        return kernels.decode_layers_step(
+            x, self.tensors, self.ints, self.eps, cos, sin, keys, values, start, mask, heads, kv_heads
+        )
+
+
+def quantized_operands(linear: nn.Module) -> tuple[int, tuple] | None:
+    """(kind, kernel tuple) of a bias-free w8a8 (1) or w4a8 (2) linear on its int8-activation kernel
+    here (building its kernel copy now), else None."""
+    if not (
+        isinstance(linear, QuantizedLinear)
+        and linear.bias is None
+        and linear.weight.device.type == "cpu"
+        and linear.has_cpu_kernel()
+    ):
+        return None
+    kernel, kernels = linear.cpu_kernel(), load()
+    if kernel[0] is kernels.int8_dynamic_matmul:
+        return 1, kernel
+    if kernel[0] is kernels.int4_dynamic_matmul:
+        return 2, kernel
+    return None
+
+
+class WholeStackStep:
+    """Every layer of a stack in one ``decode_layers_step`` call, for the decode steps whose layers
+    can all be one call (:class:`WholeLayers`): the same bits as a call a layer, without the Python
+    between the layers (~20 us a layer, measured on a Zen 3 EPYC). ``__call__`` declines (None)
+    anything else, and the stack runs its layers one by one."""
+
+    __slots__ = ("layers", "heads", "_whole")
 
     def __init__(self, layers: list[KernelDecoderLayer]) -> None:
         self.layers = list(layers)
-        self._arguments: tuple | None = None
+        attention = self.layers[0].self_attn if self.layers else None
+        self.heads = (attention.num_heads, attention.num_kv_heads) if attention is not None else (0, 0)
+        self._whole: WholeLayers | bool | None = None
 
-    def arguments(self) -> tuple | None:
-        """(weights, eps, heads, kv_heads) for the C++ call, looked up once; None where a layer does
-        not run whole (quantized or biased linears)."""
-        if self._arguments is None:
-            self._arguments = self._look_up() or ()
-        return self._arguments or None
-
-    def _look_up(self) -> tuple | None:
-        weights, eps = [], []
-        for layer in self.layers:
-            norm1, norm2, *_, heads, kv_heads, whole = layer.step_parts()
-            if whole is None:
-                return None
-            qkv, o, gate_up, down = whole
-            weights += [norm1.weight, qkv, o, norm2.weight, gate_up, down]
-            eps += [norm1.eps, norm2.eps]
-        return (weights, eps, heads, kv_heads) if weights else None
+    def whole(self) -> WholeLayers | None:
+        """The layers as one call, looked up once (again where a quantized linear rebuilt its kernel)."""
+        whole = self._whole
+        if isinstance(whole, WholeLayers) and not whole.current():
+            for layer in self.layers:
+                layer.__dict__.pop("_step_parts", None)
+            whole = None
+        if whole is None:
+            parts = [layer.step_parts()[-1] for layer in self.layers]
+            whole = WholeLayers.joined(parts) if parts and all(part is not None for part in parts) else False
+            self._whole = whole
+        return whole or None
 
     def __call__(self, x, cos, sin, mask, cache):  # noqa: ANN001, ANN204 - hot path
-        arguments = self.arguments()
-        if arguments is None or cache is None:
+        whole = self.whole()
+        if whole is None or cache is None:
             return None
-        weights, eps, heads, kv_heads = arguments
         keys, values = cache.keys, cache.values
         if not (
-            x.dtype is torch.float32
-            and weights[1].dtype is torch.float32
-            and keys.dtype is torch.float32
-            and few_token_cpu_step(x, weights[0])
+            whole.runs(x)
+            and keys.dtype is x.dtype
+            and few_token_cpu_step(x, whole.tensors[0])
             and keys.is_contiguous()
             and values.is_contiguous()
         ):
             return None
+        heads, kv_heads = self.heads
         mask = NO_MASK if mask is None else mask
-        return load().fp32_layers_step(x, weights, eps, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
+        return whole(load(), x, cos, sin, keys, values, cache.length, mask, heads, kv_heads)

@@ -1,0 +1,134 @@
+"""Decoder layers in one C++ call (layer_kernels.cpp): the same bits as their kernels one by one,
+for fp32, w8a8 and w4a8 linears, used wherever a step can be one call and nowhere else."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+from recyclegpt.core import RecycleGPT, float_kernels, quant_kernels
+from recyclegpt.core.cpu_kernels import build
+from recyclegpt.core.fastpath import prepare_for_decoding
+from recyclegpt.core.step_kernels import WHOLE_LAYERS_SWITCH
+
+from .conftest import tiny_config
+
+DECODERS = ("standard", "alternating", "speculative")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built() -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here (layers run eagerly)")
+    assert build() is not None
+
+
+def needs(quantize: str | None) -> None:
+    if quantize is None and not float_kernels.available():
+        pytest.skip("this CPU lacks AVX2 and FMA: fp32 linears run F.linear, not the one-call layers")
+    if quantize is not None and not quant_kernels.dynamic_available():
+        pytest.skip("this CPU runs no int8-activation kernel (AVX2 or AVX-512 VNNI)")
+
+
+def counted_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(tokens, layers) of every decode_layers_step call from now on."""
+    kernels, calls = build(), []
+    real = kernels.decode_layers_step
+
+    def counted(x, tensors, ints, eps, *rest):  # noqa: ANN001, ANN002, ANN202
+        calls.append((x.shape[1], len(eps) // 2))
+        return real(x, tensors, ints, eps, *rest)
+
+    monkeypatch.setattr(kernels, "decode_layers_step", counted)
+    return calls
+
+
+def prepared_pair(monkeypatch, quantize: str | None, dtype: torch.dtype = torch.float32, **config):
+    """The same prepared model twice: layers as one call, and (switched off) kernel by kernel."""
+    torch.manual_seed(0)
+    plain = RecycleGPT(tiny_config(num_layers=3, **config)).eval()
+    whole = prepare_for_decoding(copy.deepcopy(plain), quantize=quantize).to(dtype)
+    monkeypatch.setenv(WHOLE_LAYERS_SWITCH, "0")
+    one_by_one = prepare_for_decoding(copy.deepcopy(plain), quantize=quantize).to(dtype)
+    one_by_one.generate(torch.tensor([[1, 2]]), 2)  # its layers look their parts up while switched off
+    monkeypatch.delenv(WHOLE_LAYERS_SWITCH)
+    return whole, one_by_one
+
+
+@pytest.mark.parametrize(
+    "quantize, dtype",
+    [(None, torch.float32), ("w8a8", torch.float32), ("w4a8", torch.float32), ("w8a8", torch.bfloat16)],
+)
+def test_layers_in_one_call_give_the_bits_of_their_kernels_one_by_one(monkeypatch, prompts, quantize, dtype) -> None:
+    needs(quantize)
+    whole, one_by_one = prepared_pair(monkeypatch, quantize, dtype, hidden_size=64, num_heads=4)
+    calls = counted_calls(monkeypatch)
+    for decoding in DECODERS:
+        for prompt in prompts:
+            ours, theirs = (
+                whole.generate(prompt, 7, decoding=decoding),
+                one_by_one.generate(prompt, 7, decoding=decoding),
+            )
+            assert torch.equal(ours.sequences, theirs.sequences), (decoding, prompt.shape)
+    assert (1, 3) in calls and (1, 1) in calls  # one-token steps of the base's 3 layers and the module's 1
+    assert all(layers in (1, 3) for _, layers in calls) and max(tokens for tokens, _ in calls) > 1
+    calls.clear()
+    one_by_one.generate(prompts[2], 4)
+    assert calls == []
+    assert_same_states(whole, one_by_one, prompts)
+
+
+def assert_same_states(model: RecycleGPT, reference: RecycleGPT, prompts: list[torch.Tensor]) -> None:
+    """The base's and the module's states and caches, step by step, are the reference's to the bit."""
+    caches = [(m.new_cache("base", 1, 40), m.new_cache("module", 1, 40)) for m in (model, reference)]
+    with torch.inference_mode():
+        for ids in (prompts[2], prompts[1], prompts[0]):
+            states = []
+            for m, (base_cache, module_cache) in zip((model, reference), caches, strict=True):
+                hidden = m.base_hidden(ids, cache=base_cache)
+                states.append((hidden, m.module_hidden(hidden, ids, cache=module_cache)))
+            assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+    for ours, theirs in zip(caches[0], caches[1], strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+
+
+def test_padded_rows_decode_in_one_call_as_they_would_alone(monkeypatch, prompts) -> None:
+    needs(None)
+    whole, _ = prepared_pair(monkeypatch, None)
+    long, short = prompts[2][0], prompts[1][0]
+    batch = torch.stack((long, torch.cat((torch.zeros(len(long) - len(short), dtype=torch.long), short))))
+    mask = (torch.arange(len(long)) >= len(long) - len(short)).long().expand(2, -1).clone()
+    mask[0] = 1
+    calls = counted_calls(monkeypatch)
+    together = whole.generate(batch, 6, attention_mask=mask).new_tokens
+    assert calls  # the padded batch's steps ran as one call, with the padding mask
+    assert torch.equal(together[0], whole.generate(prompts[2], 6).new_tokens[0])
+    assert torch.equal(together[1], whole.generate(prompts[1], 6).new_tokens[0])
+
+
+def test_a_step_that_cannot_be_one_call_runs_layer_by_layer(monkeypatch, prompts) -> None:
+    needs(None)
+    calls = counted_calls(monkeypatch)
+    torch.manual_seed(0)
+    plain = RecycleGPT(tiny_config(num_layers=3)).eval()
+    prepare_for_decoding(copy.deepcopy(plain), quantize="int8").generate(prompts[2], 4)  # weight-only int8
+    prepare_for_decoding(RecycleGPT(tiny_config(attention_bias=True)).eval()).generate(prompts[2], 4)  # biased q/k/v
+    assert calls == []
+    featured = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3, feature_layers=[1])).eval())
+    featured.generate(prompts[1], 4, decoding="speculative", draft_length=2)
+    assert (1, 1) in calls and (1, 3) not in calls  # the base keeps layer 1's output: a call a layer
+
+
+def test_reloaded_quantized_weights_are_what_the_next_call_reads(monkeypatch, prompts) -> None:
+    needs("w8a8")
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize="w8a8")
+    model.generate(prompts[2], 4)  # the one-call layers have read the kernels' packed weights
+    torch.manual_seed(1)
+    other = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize="w8a8")
+    model.load_state_dict(other.state_dict())
+    assert_same_states(model, other, prompts)
