@@ -465,9 +465,10 @@ def test_bench_core_names_a_trained_module_and_rejects_a_bad_gguf(tiny_model, tm
     assert "is not a .gguf file" in str(bad.value.code)
     bench_main(
         ["--model", str(tmp_path / "model"), "--new-tokens", "4", "--repeats", "1", "--dtype", "fp32"]
-        + ["--quantize", "none", "--no-transformers", "--draft-length", "2", "--torch-matmul"]
+        + ["--quantize", "none", "--no-transformers", "--draft-length", "2", "--torch-matmul", "--layer-by-layer"]
     )
     out = capsys.readouterr().out
     assert "M module)" in out and "untrained" not in out and "standard [fp32]" in out
+    assert "| fp32, layer by layer |" in out and "standard [fp32, layer by layer]" in out
     if float_kernels.available():  # the fp32 kernel's variant beside torch's matmul
         assert "| fp32, torch matmul |" in out and "standard [fp32, torch matmul]" in out

@@ -12,7 +12,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT, float_kernels, quant_kernels
 from recyclegpt.core.cpu_kernels import build
-from recyclegpt.core.fastpath import prepare_for_decoding
+from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.step_kernels import WHOLE_LAYERS_SWITCH
 
 from .conftest import tiny_config
@@ -47,16 +47,14 @@ def counted_calls(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
-def prepared_pair(monkeypatch, quantize: str | None, dtype: torch.dtype = torch.float32, **config):
-    """The same prepared model twice: layers as one call, and (switched off) kernel by kernel."""
+def prepared_pair(quantize: str | None, dtype: torch.dtype = torch.float32, **config):
+    """The same prepared model twice: layers as one call, and kernel by kernel."""
     torch.manual_seed(0)
     plain = RecycleGPT(tiny_config(num_layers=3, **config)).eval()
     whole = prepare_for_decoding(copy.deepcopy(plain), quantize=quantize).to(dtype)
-    monkeypatch.setenv(WHOLE_LAYERS_SWITCH, "0")
-    one_by_one = prepare_for_decoding(copy.deepcopy(plain), quantize=quantize).to(dtype)
-    one_by_one.generate(torch.tensor([[1, 2]]), 2)  # its layers look their parts up while switched off
-    monkeypatch.delenv(WHOLE_LAYERS_SWITCH)
-    return whole, one_by_one
+    one_by_one = prepare_for_decoding(copy.deepcopy(plain), quantize=quantize)
+    use_step_kernels(one_by_one, whole_layers=False)
+    return whole, one_by_one.to(dtype)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +63,7 @@ def prepared_pair(monkeypatch, quantize: str | None, dtype: torch.dtype = torch.
 )
 def test_layers_in_one_call_give_the_bits_of_their_kernels_one_by_one(monkeypatch, prompts, quantize, dtype) -> None:
     needs(quantize)
-    whole, one_by_one = prepared_pair(monkeypatch, quantize, dtype, hidden_size=64, num_heads=4)
+    whole, one_by_one = prepared_pair(quantize, dtype, hidden_size=64, num_heads=4)
     calls = counted_calls(monkeypatch)
     for decoding in DECODERS:
         for prompt in prompts:
@@ -98,7 +96,7 @@ def assert_same_states(model: RecycleGPT, reference: RecycleGPT, prompts: list[t
 
 def test_padded_rows_decode_in_one_call_as_they_would_alone(monkeypatch, prompts) -> None:
     needs(None)
-    whole, _ = prepared_pair(monkeypatch, None)
+    whole, _ = prepared_pair(None)
     long, short = prompts[2][0], prompts[1][0]
     batch = torch.stack((long, torch.cat((torch.zeros(len(long) - len(short), dtype=torch.long), short))))
     mask = (torch.arange(len(long)) >= len(long) - len(short)).long().expand(2, -1).clone()
@@ -132,3 +130,12 @@ def test_reloaded_quantized_weights_are_what_the_next_call_reads(monkeypatch, pr
     other = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize="w8a8")
     model.load_state_dict(other.state_dict())
     assert_same_states(model, other, prompts)
+
+
+def test_the_environment_switch_turns_one_call_layers_off(monkeypatch, prompts) -> None:
+    needs(None)
+    monkeypatch.setenv(WHOLE_LAYERS_SWITCH, "0")
+    calls = counted_calls(monkeypatch)
+    torch.manual_seed(0)
+    prepare_for_decoding(RecycleGPT(tiny_config()).eval()).generate(prompts[2], 4)
+    assert calls == []

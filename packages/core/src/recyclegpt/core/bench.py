@@ -3,7 +3,8 @@
 Default: a random 12-layer model. ``--model smollm2`` (or any path ``from_pretrained`` takes)
 benchmarks a real model; when it is a GGUF file and ``llama_cpp`` is importable, llama.cpp runs on
 the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no dependency). Every
-variant (``--quantize none int8 int4 fp16``; ``--torch-matmul`` adds fp32 on torch's matmul) reports ms per 1, 2 and 5-token full-model steps and per module
+variant (``--quantize none int8 int4 fp16``; ``--torch-matmul`` adds fp32 on torch's matmul,
+``--layer-by-layer`` each variant with a kernel call a layer) reports ms per 1, 2 and 5-token full-model steps and per module
 step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
 runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
 ``--linears`` times the model's fp32 linears instead, torch's matmul against this project's kernel.
@@ -157,6 +158,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="fp32 on CPU: also run the unquantized variant on torch's matmul instead of this project's fp32 kernel",
     )
+    parser.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="also run every variant with its layers calling their step kernels one by one (not one C++ call)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
     parser.add_argument("--prompt", default=SMOLLM2_PROMPT, help="prompt text for a model with a tokenizer")
     parser.add_argument(
@@ -234,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
             plain = prepare_for_decoding(copy.deepcopy(model)).to(device=device, dtype=dtype)
             use_step_kernels(plain, float_matmul=False)
             variants[f"{label}, torch matmul"] = plain
+        if args.layer_by_layer and device == "cpu":
+            split = copy.deepcopy(variants[label])
+            use_step_kernels(split, whole_layers=False)
+            variants[f"{label}, layer by layer"] = split
 
     runs: dict[str, Run] = {}
     skipped: list[str] = []

@@ -105,13 +105,17 @@ def fuse_projections(model: RecycleGPT) -> None:
                 layer.mlp = FusedMLP(layer.mlp)
 
 
-def use_step_kernels(model: RecycleGPT, enabled: bool = True, float_matmul: bool = True) -> bool:
+def use_step_kernels(
+    model: RecycleGPT, enabled: bool = True, float_matmul: bool = True, whole_layers: bool = True
+) -> bool:
     """Run the fused layers' few-token CPU steps through the step kernels and (``float_matmul``) the
     unquantized linears' fp32 CPU products through the fp32 kernel
     (:mod:`recyclegpt.core.float_kernels`) (``enabled``, unless the environment switches them off),
     or eagerly; whether kernel layers are in place afterwards. The kernels are built at the first
     CPU step that needs them (a model that only runs on CUDA never builds them); where they cannot be
-    built, kernel layers run eagerly."""
+    built, kernel layers run eagerly. ``whole_layers``: a step whose layers can be one C++ call is
+    one (:class:`recyclegpt.core.step_kernels.WholeLayers`; the same bits), else each layer calls
+    its kernels one by one."""
     enabled = enabled and step_kernels_enabled()
     swap_linears(model, enabled and float_matmul)  # before the fresh layers below, which look their linears up once
     for stack in _stacks(model):
@@ -122,7 +126,9 @@ def use_step_kernels(model: RecycleGPT, enabled: bool = True, float_matmul: bool
         for index, layer in enumerate(stack.layers):
             # A fresh layer object either way: a kernel layer's cached submodules may predate quantization.
             stack.layers[index] = (KernelDecoderLayer if enabled else DecoderLayer).from_layer(layer)
-        stack.layers_step = WholeStackStep(stack.layers) if enabled else None
+            if enabled:
+                stack.layers[index].one_call = whole_layers
+        stack.layers_step = WholeStackStep(stack.layers) if enabled and whole_layers else None
     return enabled
 
 

@@ -73,6 +73,8 @@ class KernelDecoderLayer(DecoderLayer):
     """A fused decoder layer (``qkv_proj``, ``gate_up_proj``) whose few-token steps over a KV cache
     on CPU run the step kernels; anything else (prompts, training, no cache, CUDA) runs eager."""
 
+    one_call = True  # may the layer's steps run as one call (WholeLayers)? use_step_kernels sets it
+
     def uses_kernels(self, x: torch.Tensor, cache: KVCache | None) -> bool:
         return cache is not None and few_token_cpu_step(x, self.input_layernorm.weight) and cache.keys.dtype == x.dtype
 
@@ -93,7 +95,9 @@ class KernelDecoderLayer(DecoderLayer):
                 *(step_forward(linear) for linear in linears),
                 attention.num_heads,
                 attention.num_kv_heads,
-                WholeLayers.of_layer(self.input_layernorm, self.post_attention_layernorm, linears),
+                WholeLayers.of_layer(self.input_layernorm, self.post_attention_layernorm, linears)
+                if self.one_call
+                else None,
             )
             self.__dict__["_step_parts"] = parts
         return parts
