@@ -65,13 +65,10 @@ def test_layers_in_one_call_give_the_bits_of_their_kernels_one_by_one(monkeypatc
     needs(quantize)
     whole, one_by_one = prepared_pair(quantize, dtype, hidden_size=64, num_heads=4)
     calls = counted_calls(monkeypatch)
-    for decoding in DECODERS:
+    for decoding, policy in [*((name, "adaptive") for name in DECODERS), ("speculative", "tree")]:
         for prompt in prompts:
-            ours, theirs = (
-                whole.generate(prompt, 7, decoding=decoding),
-                one_by_one.generate(prompt, 7, decoding=decoding),
-            )
-            assert torch.equal(ours.sequences, theirs.sequences), (decoding, prompt.shape)
+            ours, theirs = (m.generate(prompt, 7, decoding=decoding, draft_policy=policy) for m in (whole, one_by_one))
+            assert torch.equal(ours.sequences, theirs.sequences), (decoding, policy, prompt.shape)
     assert (1, 3) in calls and (1, 1) in calls  # one-token steps of the base's 3 layers and the module's 1
     assert all(layers in (1, 3) for _, layers in calls) and max(tokens for tokens, _ in calls) > 1
     calls.clear()
@@ -96,16 +93,18 @@ def assert_same_states(model: RecycleGPT, reference: RecycleGPT, prompts: list[t
 
 def test_padded_rows_decode_in_one_call_as_they_would_alone(monkeypatch, prompts) -> None:
     needs(None)
-    whole, _ = prepared_pair(None)
+    whole, one_by_one = prepared_pair(None)
     long, short = prompts[2][0], prompts[1][0]
     batch = torch.stack((long, torch.cat((torch.zeros(len(long) - len(short), dtype=torch.long), short))))
     mask = (torch.arange(len(long)) >= len(long) - len(short)).long().expand(2, -1).clone()
     mask[0] = 1
     calls = counted_calls(monkeypatch)
-    together = whole.generate(batch, 6, attention_mask=mask).new_tokens
+    together = whole.generate(batch, 6, attention_mask=mask, output_hidden_states=True)
     assert calls  # the padded batch's steps ran as one call, with the padding mask
-    assert torch.equal(together[0], whole.generate(prompts[2], 6).new_tokens[0])
-    assert torch.equal(together[1], whole.generate(prompts[1], 6).new_tokens[0])
+    reference = one_by_one.generate(batch, 6, attention_mask=mask, output_hidden_states=True)
+    assert torch.equal(together.hidden_states, reference.hidden_states)
+    assert torch.equal(together.new_tokens[0], whole.generate(prompts[2], 6).new_tokens[0])
+    assert torch.equal(together.new_tokens[1], whole.generate(prompts[1], 6).new_tokens[0])
 
 
 def test_a_step_that_cannot_be_one_call_runs_layer_by_layer(monkeypatch, prompts) -> None:
@@ -139,3 +138,28 @@ def test_the_environment_switch_turns_one_call_layers_off(monkeypatch, prompts) 
     torch.manual_seed(0)
     prepare_for_decoding(RecycleGPT(tiny_config()).eval()).generate(prompts[2], 4)
     assert calls == []
+
+
+def test_only_decode_steps_look_the_layers_up(prompts) -> None:
+    needs("w8a8")
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize="w8a8")
+    long_prompt = torch.randint(0, 97, (1, 20))
+    model.base_hidden(long_prompt)  # no cache, grad enabled: not a decode step
+    with torch.inference_mode():
+        model.base_hidden(long_prompt, cache=model.new_cache("base", 1, 32))  # a prompt: compute
+    assert model.model.layers_step._whole is None  # nothing looked up, nothing packed for the kernels
+    model.generate(prompts[2], 3)
+    assert model.model.layers_step.whole() is not None
+
+
+def test_a_deep_copy_runs_one_call_over_its_own_weights(prompts) -> None:
+    needs(None)
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
+    model.generate(prompts[2], 3)  # its stacks have looked their layers up
+    twin = copy.deepcopy(model)
+    for copied, original in ((twin, model), (model, twin)):
+        tensors = copied.model.layers_step.whole().tensors
+        assert tensors[2] is copied.model.layers[0].self_attn.qkv_proj.weight
+        assert tensors[2] is not original.model.layers[0].self_attn.qkv_proj.weight

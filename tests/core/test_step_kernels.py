@@ -261,6 +261,9 @@ def test_kernels_are_built_at_the_first_cpu_step_and_a_failed_build_decodes_eage
             assert torch.equal(model.generate(ids, 10).sequences, expected)
         assert builds == ["recyclegpt_cpu_kernels"]  # tried once, then eager
         assert "CPU kernels unavailable (RuntimeError: no compiler here)" in caplog.text
+        torch.manual_seed(0)
+        quantized = prepare_for_decoding(RecycleGPT(tiny_config()).eval(), quantize="w8a8")
+        assert quantized.generate(ids, 10).sequences.shape == expected.shape  # w8a8 without its kernels decodes too
     finally:
         for cache in caches:
             cache.cache_clear()

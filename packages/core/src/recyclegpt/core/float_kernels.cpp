@@ -79,7 +79,7 @@ DENSE_AVX2 DENSE_INLINE void dot_block(const float* x, int64_t K, const float* w
 }
 
 // Channels [begin, end) for rows [row, row + R), C at a time, the rest one by one; weight rows
-// before ``limit`` (this thread's last channel) are fetched ahead.
+// before ``limit`` (the end of this thread's channels) are fetched ahead.
 template <int R>
 DENSE_AVX2 void rows_channels(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t row,
                               int64_t begin, int64_t end, int64_t limit) {

@@ -28,7 +28,7 @@ torch::Tensor linear(const torch::Tensor* operands, const int64_t* ints, const t
 // Layer i reads, in order: its input norm's and its post-attention norm's weights, then the operands
 // of its qkv, o, gate/up and down linears from `tensors`; three ints a linear (kind, out_features,
 // vnni) from `ints`; its two norms' eps from `eps`; its cache keys[i], values[i] ([L, B, KV, max_len,
-// hd], contiguous). cos, sin, start, mask, heads, kv_heads as for rope_attend. Writes the new keys and
+// hd], each layer's contiguous). cos, sin, start, mask, heads, kv_heads as for rope_attend. Writes the new keys and
 // values into the cache; returns the last layer's output.
 torch::Tensor decode_layers_step(
     const torch::Tensor& x,
@@ -45,8 +45,7 @@ torch::Tensor decode_layers_step(
     int64_t kv_heads) {
   const int64_t count = keys.size(0);
   TORCH_CHECK(x.dim() == 3, "x must be [B, T, d]");
-  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && values.size(0) == count,
-              "keys and values must be contiguous caches, one entry a layer");
+  TORCH_CHECK(values.size(0) == count, "keys and values must be caches of as many layers");  // rope_attend checks each
   TORCH_CHECK(static_cast<int64_t>(ints.size()) == 4 * layers::kLinearInts * count &&
                   static_cast<int64_t>(eps.size()) == 2 * count,
               "four linears and two norms a layer, one layer per cache entry");

@@ -4,9 +4,10 @@ A decode step of a small model on a CPU is per-operator overhead: around its fou
 SmolLM2 layer runs ~160 small operators (~150 us). :class:`KernelDecoderLayer` runs the same layer
 with four fused calls from ``step_kernels.cpp`` (RMSNorm; rotary embedding + cache write +
 attention; residual add + RMSNorm; SiLU-and-multiply) around the same linears. Where all four
-linears run the fp32 matmul (:mod:`recyclegpt.core.float_kernels`), the whole layer is one call
-(``layer_kernels.cpp``), which makes the same calls in C++: the same bits, without ~20 us of Python
-and argument conversion a layer. The kernels compute
+linears run this project's kernels (the fp32 matmul of :mod:`recyclegpt.core.float_kernels`, or the
+w8a8 / w4a8 ones), the layers of a step are one call (``layer_kernels.cpp``, :class:`WholeLayers`),
+which makes the same calls in C++: the same bits, without ~20 us of Python and argument conversion a
+layer. The kernels compute
 each token's row on its own, so a k-token step gives exactly what k one-token steps give (greedy
 speculative decoding stays equal to standard), and round where the eager layer rounds. Where the
 CPU has AVX2 they run eight-lane code that gives the same bits as their one-lane code.
@@ -199,7 +200,10 @@ def quantized_operands(linear: nn.Module) -> tuple[int, tuple] | None:
         and linear.has_cpu_kernel()
     ):
         return None
-    kernel, kernels = linear.cpu_kernel(), load()
+    kernels = load()
+    if kernels is None:
+        return None
+    kernel = linear.cpu_kernel()
     if kernel[0] is kernels.int8_dynamic_matmul:
         return 1, kernel
     if kernel[0] is kernels.int4_dynamic_matmul:
@@ -235,16 +239,19 @@ class WholeStackStep:
         return whole or None
 
     def __call__(self, x, cos, sin, mask, cache):  # noqa: ANN001, ANN204 - hot path
-        whole = self.whole()
-        if whole is None or cache is None:
+        # The cheap checks first: a prompt, training or a CUDA step never looks the layers up (which
+        # builds the kernels, and packs quantized weights for the CPU).
+        if cache is None or not self.layers or not few_token_cpu_step(x, self.layers[0].input_layernorm.weight):
             return None
+        whole = self.whole()
         keys, values = cache.keys, cache.values
+        # One layer's cache contiguous is enough (a batch's view of the server's cache is not, whole).
         if not (
-            whole.runs(x)
+            whole is not None
+            and whole.runs(x)
             and keys.dtype is x.dtype
-            and few_token_cpu_step(x, whole.tensors[0])
-            and keys.is_contiguous()
-            and values.is_contiguous()
+            and keys.select(0, 0).is_contiguous()
+            and values.select(0, 0).is_contiguous()
         ):
             return None
         heads, kv_heads = self.heads
