@@ -59,7 +59,13 @@ def prepared_pair(quantize: str | None, dtype: torch.dtype = torch.float32, **co
 
 @pytest.mark.parametrize(
     "quantize, dtype",
-    [(None, torch.float32), ("w8a8", torch.float32), ("w4a8", torch.float32), ("w8a8", torch.bfloat16)],
+    [
+        (None, torch.float32),
+        ("w8a8", torch.float32),
+        ("w4a8", torch.float32),
+        ("w8a8", torch.bfloat16),
+        ("w4a8", torch.bfloat16),
+    ],
 )
 def test_layers_in_one_call_give_the_bits_of_their_kernels_one_by_one(monkeypatch, prompts, quantize, dtype) -> None:
     needs(quantize)
@@ -163,3 +169,13 @@ def test_a_deep_copy_runs_one_call_over_its_own_weights(prompts) -> None:
         tensors = copied.model.layers_step.whole().tensors
         assert tensors[2] is copied.model.layers[0].self_attn.qkv_proj.weight
         assert tensors[2] is not original.model.layers[0].self_attn.qkv_proj.weight
+
+
+def test_bf16_steps_over_fp32_kernel_linears_run_layer_by_layer(monkeypatch, prompts) -> None:
+    needs(None)
+    whole, one_by_one = prepared_pair(None, torch.bfloat16)
+    calls = counted_calls(monkeypatch)
+    for decoding in DECODERS:
+        ours, theirs = (m.generate(prompts[2], 5, decoding=decoding) for m in (whole, one_by_one))
+        assert torch.equal(ours.sequences, theirs.sequences), decoding
+    assert calls == []  # the fp32 matmul takes fp32 only: bf16 layers call their kernels one by one
