@@ -103,6 +103,15 @@ class KernelDecoderLayer(DecoderLayer):
             self.__dict__["_step_parts"] = parts
         return parts
 
+    def current_parts(self) -> tuple:
+        """:meth:`step_parts`, looked up again where a quantized linear has rebuilt its kernel copy since
+        (moved or reloaded): the one-call layer would otherwise read the old copy."""
+        parts = self.step_parts()
+        if parts[-1] is not None and not parts[-1].current():
+            self.__dict__.pop("_step_parts")
+            parts = self.step_parts()
+        return parts
+
     def forward(self, x, cos, sin, mask, cache, layer_index):  # noqa: ANN001, ANN201 - hot path
         if not self.uses_kernels(x, cache):
             return super().forward(x, cos, sin, mask, cache, layer_index)
@@ -110,11 +119,7 @@ class KernelDecoderLayer(DecoderLayer):
         if not (keys.is_contiguous() and values.is_contiguous()):
             return super().forward(x, cos, sin, mask, cache, layer_index)
         kernels = load()
-        parts = self.step_parts()
-        if parts[-1] is not None and not parts[-1].current():  # a quantized linear rebuilt its kernel
-            self.__dict__.pop("_step_parts")
-            parts = self.step_parts()
-        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads, whole = parts
+        norm1, norm2, qkv_proj, o_proj, gate_up_proj, down_proj, heads, kv_heads, whole = self.current_parts()
         mask = NO_MASK if mask is None else mask
         if whole is not None and whole.runs(x):
             keys, values = cache.keys.narrow(0, layer_index, 1), cache.values.narrow(0, layer_index, 1)
@@ -228,12 +233,8 @@ class WholeStackStep:
     def whole(self) -> WholeLayers | None:
         """The layers as one call, looked up once (again where a quantized linear rebuilt its kernel)."""
         whole = self._whole
-        if isinstance(whole, WholeLayers) and not whole.current():
-            for layer in self.layers:
-                layer.__dict__.pop("_step_parts", None)
-            whole = None
-        if whole is None:
-            parts = [layer.step_parts()[-1] for layer in self.layers]
+        if whole is None or (whole and not whole.current()):
+            parts = [layer.current_parts()[-1] for layer in self.layers]
             whole = WholeLayers.joined(parts) if parts and all(part is not None for part in parts) else False
             self._whole = whole
         return whole or None
