@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT, float_kernels, quant_kernels
-from recyclegpt.core.cpu_kernels import build
+from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, PROMPT_STEP_TOKENS, build
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.step_kernels import WHOLE_LAYERS_SWITCH
 
@@ -113,6 +113,40 @@ def test_padded_rows_decode_in_one_call_as_they_would_alone(monkeypatch, prompts
     assert torch.equal(together.new_tokens[1], whole.generate(prompts[1], 6).new_tokens[0])
 
 
+@pytest.mark.parametrize("quantize", [None, "w8a8"])
+def test_a_short_prompt_runs_as_steps_with_the_bits_of_one_token_steps(monkeypatch, quantize) -> None:
+    needs(quantize)
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize=quantize)
+    prompt = torch.randint(0, 97, (1, 2 * MAX_STEP_TOKENS + 5))
+    calls = counted_calls(monkeypatch)
+    with torch.inference_mode():
+        cache = model.new_cache("base", 1, 64)
+        hidden = model.base_hidden(prompt, cache=cache)
+        assert [tokens for tokens, _ in calls] == [MAX_STEP_TOKENS, MAX_STEP_TOKENS, 5]
+        step_cache = model.new_cache("base", 1, 64)
+        steps = torch.cat(
+            [model.base_hidden(prompt[:, i : i + 1], cache=step_cache) for i in range(prompt.shape[1])], 1
+        )
+    assert torch.equal(hidden, steps)
+    assert torch.equal(cache.keys, step_cache.keys) and torch.equal(cache.values, step_cache.values)
+
+
+def test_a_padded_batch_of_short_prompts_decodes_as_each_prompt_alone(monkeypatch) -> None:
+    needs(None)
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
+    long, short = torch.randint(0, 97, (40,)), torch.randint(0, 97, (23,))
+    batch = torch.stack((long, torch.cat((torch.zeros(len(long) - len(short), dtype=torch.long), short))))
+    mask = torch.ones_like(batch)
+    mask[1, : len(long) - len(short)] = 0
+    calls = counted_calls(monkeypatch)
+    together = model.generate(batch, 6, attention_mask=mask)
+    assert (MAX_STEP_TOKENS, 3) in calls  # the prompts ran as steps, with the padding mask
+    for row, prompt in enumerate((long, short)):
+        assert torch.equal(together.new_tokens[row], model.generate(prompt.view(1, -1), 6).new_tokens[0])
+
+
 def test_a_step_that_cannot_be_one_call_runs_layer_by_layer(monkeypatch, prompts) -> None:
     needs(None)
     calls = counted_calls(monkeypatch)
@@ -150,10 +184,10 @@ def test_only_decode_steps_look_the_layers_up(prompts) -> None:
     needs("w8a8")
     torch.manual_seed(0)
     model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize="w8a8")
-    long_prompt = torch.randint(0, 97, (1, 20))
+    long_prompt = torch.randint(0, 97, (1, PROMPT_STEP_TOKENS + 4))
     model.base_hidden(long_prompt)  # no cache, grad enabled: not a decode step
     with torch.inference_mode():
-        model.base_hidden(long_prompt, cache=model.new_cache("base", 1, 32))  # a prompt: compute
+        model.base_hidden(long_prompt, cache=model.new_cache("base", 1, 64))  # a long prompt: compute
     assert model.model.layers_step._whole is None  # nothing looked up, nothing packed for the kernels
     model.generate(prompts[2], 3)
     assert model.model.layers_step.whole() is not None

@@ -20,6 +20,11 @@ HERE = Path(__file__).parent
 # The most tokens a row of a decode step has, for every kernel that serves steps: longer inputs are
 # prompts (compute, not overhead), where eager PyTorch and torch's matmul are faster.
 MAX_STEP_TOKENS = 16
+# A prompt up to this long runs as steps of MAX_STEP_TOKENS where a stack's layers are one call: eager
+# PyTorch pays its ~20 small operators a layer more than the kernels' slower products lose (measured
+# on a Zen 3 EPYC, 2 threads, 32 / 48 / 64 tokens: the demo model 5.5 -> 2.3 / 6.6 -> 4.0 / 6.9 ->
+# 5.0 ms; SmolLM2 fp32 119 -> 81 / 118 -> 108 / 136 -> 143 ms).
+PROMPT_STEP_TOKENS = 48
 SOURCES = [HERE / name for name in ("step_kernels.cpp", "quant_kernels.cpp", "float_kernels.cpp", "layer_kernels.cpp")]
 FUNCTIONS = [
     "rms_norm",

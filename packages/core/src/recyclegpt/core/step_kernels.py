@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, build, switched_on
+from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, PROMPT_STEP_TOKENS, build, switched_on
 from recyclegpt.core.float_kernels import KernelStep, step_forward
 from recyclegpt.core.model import DecoderLayer, KVCache, RMSNorm
 from recyclegpt.core.quantize import QuantizedLinear
@@ -47,13 +47,13 @@ def load() -> ModuleType | None:
     return build() if enabled_by_environment() else None
 
 
-def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Is ``x`` [B, T, d] a few-token inference step on CPU in ``weight``'s dtype (fp32 or bf16), and
-    are the kernels built (building them at the first such step)?"""
+def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor, max_tokens: int = MAX_STEP_TOKENS) -> bool:
+    """Is ``x`` [B, T, d] an inference step of at most ``max_tokens`` on CPU in ``weight``'s dtype (fp32
+    or bf16), and are the kernels built (building them at the first such step)?"""
     return (
         x.device.type == "cpu"
         and x.dim() == 3
-        and x.shape[1] <= MAX_STEP_TOKENS
+        and x.shape[1] <= max_tokens
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.bfloat16)
         and not torch.is_grad_enabled()
@@ -242,7 +242,9 @@ class WholeStackStep:
     def __call__(self, x, cos, sin, mask, cache):  # noqa: ANN001, ANN204 - hot path
         # The cheap checks first: a prompt, training or a CUDA step never looks the layers up (which
         # builds the kernels, and packs quantized weights for the CPU).
-        if cache is None or not self.layers or not few_token_cpu_step(x, self.layers[0].input_layernorm.weight):
+        if cache is None or not self.layers:
+            return None
+        if not few_token_cpu_step(x, self.layers[0].input_layernorm.weight, PROMPT_STEP_TOKENS):
             return None
         whole = self.whole()
         keys, values = cache.keys, cache.values
@@ -256,5 +258,17 @@ class WholeStackStep:
         ):
             return None
         heads, kv_heads = self.heads
-        mask = NO_MASK if mask is None else mask
-        return whole(load(), x, cos, sin, keys, values, cache.length, mask, heads, kv_heads)
+        kernels, start, steps = load(), cache.length, x.shape[1]
+        if steps <= MAX_STEP_TOKENS:
+            mask = NO_MASK if mask is None else mask
+            return whole(kernels, x, cos, sin, keys, values, start, mask, heads, kv_heads)
+        pieces = []
+        for first in range(0, steps, MAX_STEP_TOKENS):
+            last = min(first + MAX_STEP_TOKENS, steps)
+            piece_mask = NO_MASK if mask is None else mask[..., first:last, : start + last].contiguous()
+            piece_cos, piece_sin = (t[..., first:last, :].contiguous() for t in (cos, sin))
+            piece = x[:, first:last]
+            pieces.append(
+                whole(kernels, piece, piece_cos, piece_sin, keys, values, start + first, piece_mask, heads, kv_heads)
+            )
+        return torch.cat(pieces, dim=1)
