@@ -34,16 +34,24 @@ def needs(quantize: str | None) -> None:
         pytest.skip("this CPU runs no int8-activation kernel (AVX2 or AVX-512 VNNI)")
 
 
-def counted_calls(monkeypatch) -> list[tuple[int, int]]:
-    """(tokens, layers) of every decode_layers_step call from now on."""
+def counted_calls(monkeypatch, stack_calls: list | None = None) -> list[tuple[int, int]]:
+    """(tokens, layers) of every decode_layers_step and decode_stack_step call from now on (the latter
+    also into ``stack_calls``)."""
     kernels, calls = build(), []
-    real = kernels.decode_layers_step
+    layers_step, stack_step = kernels.decode_layers_step, kernels.decode_stack_step
 
-    def counted(x, tensors, ints, eps, *rest):  # noqa: ANN001, ANN002, ANN202
+    def counted_layers(x, tensors, ints, eps, *rest):  # noqa: ANN001, ANN002, ANN202
         calls.append((x.shape[1], len(eps) // 2))
-        return real(x, tensors, ints, eps, *rest)
+        return layers_step(x, tensors, ints, eps, *rest)
 
-    monkeypatch.setattr(kernels, "decode_layers_step", counted)
+    def counted_stack(ids, embed, prev, input_linear, input_ints, tensors, ints, eps, *rest):  # noqa: ANN001, ANN002, ANN202
+        calls.append((ids.shape[1], len(eps) // 2))
+        if stack_calls is not None:
+            stack_calls.append((ids.shape[1], len(eps) // 2))
+        return stack_step(ids, embed, prev, input_linear, input_ints, tensors, ints, eps, *rest)
+
+    monkeypatch.setattr(kernels, "decode_layers_step", counted_layers)
+    monkeypatch.setattr(kernels, "decode_stack_step", counted_stack)
     return calls
 
 
@@ -70,13 +78,15 @@ def prepared_pair(quantize: str | None, dtype: torch.dtype = torch.float32, **co
 def test_layers_in_one_call_give_the_bits_of_their_kernels_one_by_one(monkeypatch, prompts, quantize, dtype) -> None:
     needs(quantize)
     whole, one_by_one = prepared_pair(quantize, dtype, hidden_size=64, num_heads=4)
-    calls = counted_calls(monkeypatch)
+    stack_calls: list[tuple[int, int]] = []
+    calls = counted_calls(monkeypatch, stack_calls)
     for decoding, policy in [*((name, "adaptive") for name in DECODERS), ("speculative", "tree")]:
         for prompt in prompts:
             ours, theirs = (m.generate(prompt, 7, decoding=decoding, draft_policy=policy) for m in (whole, one_by_one))
             assert torch.equal(ours.sequences, theirs.sequences), (decoding, policy, prompt.shape)
     assert (1, 3) in calls and (1, 1) in calls  # one-token steps of the base's 3 layers and the module's 1
     assert all(layers in (1, 3) for _, layers in calls) and max(tokens for tokens, _ in calls) > 1
+    assert (1, 3) in stack_calls and (2, 1) in stack_calls  # whole steps: the base's, the module's catch-up
     calls.clear()
     one_by_one.generate(prompts[2], 4)
     assert calls == []
@@ -213,3 +223,56 @@ def test_bf16_steps_over_fp32_kernel_linears_run_layer_by_layer(monkeypatch, pro
         ours, theirs = (m.generate(prompts[2], 5, decoding=decoding) for m in (whole, one_by_one))
         assert torch.equal(ours.sequences, theirs.sequences), decoding
     assert calls == []  # the fp32 matmul takes fp32 only: bf16 layers call their kernels one by one
+
+
+@pytest.mark.parametrize("quantize", [None, "w8a8", "w4a8"])
+def test_a_heads_pick_in_one_call_gives_the_logits_and_tokens_of_the_head(quantize) -> None:
+    needs(quantize)
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=2, hidden_size=64)).eval(), quantize=quantize)
+    drafting = copy.deepcopy(model)
+    drafting.set_draft_vocab(torch.arange(0, 97, 3))
+    states = torch.randn(5, 64)
+    states[3] = states[1]  # equal rows, equal picks
+    with torch.inference_mode():
+        for m in (model, drafting):
+            picked = m.head_pick(m._draft_head(), states)
+            assert picked is not None
+            logits, tokens = picked
+            assert torch.equal(logits, m.draft_head_logits(states)) and torch.equal(tokens, logits.max(-1).indices)
+            token, probability = m.greedy_draft(states)
+            m.head_pick, pick = None, m.head_pick
+            assert torch.equal(token, m.greedy_draft(states)[0]) and torch.equal(probability, m.greedy_draft(states)[1])
+            m.head_pick = pick
+        assert set(drafting.greedy_draft_token(states).tolist()) <= set(range(0, 97, 3))
+        assert torch.equal(model.greedy_base_token(states), model.base_logits(states).max(-1).indices)
+
+
+def test_the_pick_takes_the_first_of_equal_maxima_and_a_nan_first() -> None:
+    needs(None)
+    kernels = build()
+    weight = torch.zeros(6, 32)
+    weight[2, 0] = weight[4, 0] = 1.0  # channels 2 and 4 tie for the largest logit
+    x = torch.zeros(3, 32)
+    x[0, 0] = 1.0
+    x[1, 0] = float("nan")  # every logit NaN: the first
+    x[2, 0] = -1.0  # 2 and 4 tie for the smallest, the other four for the largest
+    logits, tokens = kernels.head_argmax(x, [weight], [0, 0, 0])
+    torch.testing.assert_close(logits, kernels.float_matmul(x, weight), rtol=0, atol=0, equal_nan=True)
+    assert tokens.tolist() == [2, 0, 0] == logits.max(-1).indices.tolist()
+    assert kernels.head_argmax(x[:1].unsqueeze(0), [weight], [0, 0, 0])[1].shape == (1, 1)
+
+
+def test_a_padded_or_positioned_step_is_not_a_whole_step(monkeypatch) -> None:
+    needs(None)
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
+    stack_calls: list[tuple[int, int]] = []
+    counted_calls(monkeypatch, stack_calls)
+    batch = torch.randint(1, 97, (2, 5))
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    model.generate(batch, 4, attention_mask=mask)
+    assert stack_calls == []  # padded rows: their positions and mask need the layers' own path
+    model.generate(batch[:1], 4)
+    assert (1, 3) in stack_calls

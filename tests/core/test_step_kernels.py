@@ -193,7 +193,7 @@ def test_prompts_and_training_run_the_eager_layer(monkeypatch) -> None:
         model.base_hidden(torch.randint(0, 97, (1, step_kernels.PROMPT_STEP_TOKENS + 1)), cache=cache)
         assert calls == []  # a long prompt is compute, not overhead
         model.base_hidden(torch.randint(0, 97, (1, 1)), cache=cache)
-        assert "decode_layers_step" in calls  # fp32 over the fp32 matmul: every layer in one call
+        assert "decode_stack_step" in calls  # fp32 over the fp32 matmul: the whole step in one call
     calls.clear()
     model.base_hidden(torch.randint(0, 97, (1, 1)), cache=model.new_cache("base", 1, 8))  # grad enabled
     assert calls == []

@@ -24,7 +24,7 @@ import torch
 
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
-from recyclegpt.core.sampling import SamplingParams, greedy_tokens, sample
+from recyclegpt.core.sampling import SamplingParams, sample
 
 BATCHED_MODES = ("standard", "alternating")
 COMPACT_AFTER = 16  # shift the timeline left once this many leading columns belong to no live row
@@ -290,7 +290,7 @@ class BatchedDecoder:
         score only the draft vocabulary where the module has one (as core's alternating decoding)."""
         model = self.model
         if all(row.params.greedy for row in rows):
-            picked = model.greedy_draft_token(hidden) if module else greedy_tokens(model.base_logits(hidden))
+            picked = model.greedy_draft_token(hidden) if module else model.greedy_base_token(hidden)
             tokens = picked.tolist()
         else:
             logits = model.draft_logits(hidden) if module else model.base_logits(hidden)

@@ -40,6 +40,8 @@ FUNCTIONS = [
     "float_matmul",
     "float_matmul_supported",
     "decode_layers_step",
+    "decode_stack_step",
+    "head_argmax",
 ]
 
 

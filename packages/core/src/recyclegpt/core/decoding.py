@@ -265,7 +265,7 @@ def _standard(state: _DecodeState, params: SamplingParams, eos_token_id: int | N
     hidden = state.base_step(0, state.prompt_length, features=keep_hidden)  # no module reads them here
     kept = [hidden] if keep_hidden else []
     while True:
-        state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+        state.append(_next_token(model, hidden[:, -1], params).unsqueeze(1), eos_token_id)
         if state.done:
             break
         hidden = state.base_step(state.length - 1, 1, features=keep_hidden)
@@ -279,7 +279,7 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
     """Full call (prompt, or the last two tokens) -> token; module call -> one more token."""
     model = state.model
     hidden = state.base_step(0, state.prompt_length)
-    state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+    state.append(_next_token(model, hidden[:, -1], params).unsqueeze(1), eos_token_id)
     if state.done:
         return
     # Module catch-up over the prompt (zero state before the first token) plus the new token.
@@ -294,7 +294,7 @@ def _alternating(state: _DecodeState, params: SamplingParams, eos_token_id: int 
         if state.done:
             return
         hidden = state.base_step(state.length - 2, 2)
-        state.append(sample(model.base_logits(hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+        state.append(_next_token(model, hidden[:, -1], params).unsqueeze(1), eos_token_id)
         if state.done:
             return
         # The module covers the two slots the full call just read, each with its true h[t-1].
@@ -324,7 +324,7 @@ def _speculative(
         1, state.tokens.shape[1], model.config.feature_width, dtype=prompt_hidden.dtype, device=prompt_hidden.device
     )
     hidden_log[:, : state.prompt_length] = prompt_hidden
-    state.append(sample(model.base_logits(prompt_hidden[:, -1]), params).unsqueeze(1), eos_token_id)
+    state.append(_next_token(model, prompt_hidden[:, -1], params).unsqueeze(1), eos_token_id)
     module_done = 0  # the module cache holds slots 0..module_done-1, computed from true states
     greedy = params.greedy
     while not state.done:
@@ -389,8 +389,10 @@ def _speculative(
         # Verify: the base reads the pending token and every draft in one forward.
         started = time.perf_counter()
         verify_hidden = state.base_step(pending, len(draft_tokens) + 1)
-        base_logits = model.base_logits(verify_hidden[0])  # [drafts+1, V]
-        accepted, next_token = _verify(base_logits, draft_tokens, draft_probs, params)
+        if greedy:  # the head and its greedy pick in one call where the fast path can
+            accepted, next_token = _verify_greedy(model.greedy_base_token(verify_hidden[0]), draft_tokens)
+        else:
+            accepted, next_token = _verify(model.base_logits(verify_hidden[0]), draft_tokens, draft_probs, params)
         if costs is not None:
             costs.observe_base(len(draft_tokens) + 1, _elapsed_ms(started, next_token))
         out.accepted_tokens += accepted
@@ -425,7 +427,7 @@ def _tree_cycle(
     out.full_model_calls += 1
     started = time.perf_counter()
     verify_hidden = model.base_hidden(ids, positions, state.base_cache, tree=draft.visibility(chosen).to(device))
-    targets = greedy_tokens(model.base_logits(verify_hidden[0])).tolist()
+    targets = model.greedy_base_token(verify_hidden[0]).tolist()
     costs.observe_base(len(chosen) + 1, _elapsed_ms(started, verify_hidden))
     path = draft.accept(chosen, targets)
     out.drafted_tokens += len(chosen)
@@ -456,6 +458,21 @@ def _elapsed_ms(started: float, result: torch.Tensor) -> float:
     return 1e3 * (time.perf_counter() - started)
 
 
+def _next_token(model: RecycleGPT, hidden: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The base's next token [B] from its states [B, feature_width]."""
+    return model.greedy_base_token(hidden) if params.greedy else sample(model.base_logits(hidden), params)
+
+
+def _verify_greedy(targets: torch.Tensor, draft_tokens: list[torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Accepted draft count and the token that follows them, from the base's greedy tokens [depth+1]."""
+    accepted = 0
+    for token in draft_tokens:
+        if int(token) != int(targets[accepted]):
+            break
+        accepted += 1
+    return accepted, targets[accepted]
+
+
 def _verify(
     base_logits: torch.Tensor,
     draft_tokens: list[torch.Tensor],
@@ -464,13 +481,7 @@ def _verify(
 ) -> tuple[int, torch.Tensor]:
     """Accepted draft count and the token that follows them (batch 1)."""
     if params.greedy:
-        targets = greedy_tokens(base_logits)  # [depth+1]
-        accepted = 0
-        for token in draft_tokens:
-            if int(token) != int(targets[accepted]):
-                break
-            accepted += 1
-        return accepted, targets[accepted]
+        return _verify_greedy(greedy_tokens(base_logits), draft_tokens)
     base_probs = token_probs(base_logits, params)  # [depth+1, V]
     for i, token in enumerate(draft_tokens):
         p, q = base_probs[i], draft_probs[i][0]

@@ -33,7 +33,7 @@ from recyclegpt.core.float_kernels import swap_linears
 from recyclegpt.core.model import MLP, Attention, DecoderLayer, RecycleGPT, RMSNorm, apply_rotary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, QuantizedLinear, quantize_linears, quantized_linear
 from recyclegpt.core.speculation import forget_measurements
-from recyclegpt.core.step_kernels import KernelDecoderLayer, KernelRMSNorm, WholeStackStep
+from recyclegpt.core.step_kernels import HeadPick, KernelDecoderLayer, KernelRMSNorm, WholeStackStep
 from recyclegpt.core.step_kernels import enabled_by_environment as step_kernels_enabled
 
 SETUP_KEY = "decoding_setup"
@@ -115,7 +115,8 @@ def use_step_kernels(
     CPU step that needs them (a model that only runs on CUDA never builds them); where they cannot be
     built, kernel layers run eagerly. ``whole_layers``: a step whose layers can be one C++ call is
     one (:class:`recyclegpt.core.step_kernels.WholeLayers`; the same bits), else each layer calls
-    its kernels one by one."""
+    its kernels one by one; so does a step's head with its greedy pick
+    (:class:`recyclegpt.core.step_kernels.HeadPick`)."""
     enabled = enabled and step_kernels_enabled()
     swap_linears(model, enabled and float_matmul)  # before the fresh layers below, which look their linears up once
     for stack in _stacks(model):
@@ -128,8 +129,20 @@ def use_step_kernels(
             stack.layers[index] = (KernelDecoderLayer if enabled else DecoderLayer).from_layer(layer)
             if enabled:
                 stack.layers[index].one_call = whole_layers
-        stack.layers_step = WholeStackStep(stack.layers) if enabled and whole_layers else None
+        stack.layers_step = (
+            WholeStackStep(stack.layers, **_stack_ends(model, stack)) if enabled and whole_layers else None
+        )
+    model.head_pick = HeadPick() if enabled and whole_layers else None
     return enabled
+
+
+def _stack_ends(model: RecycleGPT, stack: nn.Module) -> dict[str, Any]:
+    """What :meth:`WholeStackStep.whole_step` reads around a stack's layers (nothing for a module with
+    feature layers, whose input fuses them first)."""
+    if getattr(stack, "fuse", None) is not None:
+        return {}
+    ends = {"embedding": model.model.embed_tokens, "norm": stack.norm, "rotary": stack.rotary}
+    return ends if stack is model.model else {**ends, "input_linear": stack.fc}
 
 
 def quantize_model(model: RecycleGPT, quantize: str = "int8") -> int:

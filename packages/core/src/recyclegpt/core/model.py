@@ -252,7 +252,8 @@ class DecoderStack(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.kept_layers: frozenset[int] = frozenset()
         # Set by the fast path (recyclegpt.core.step_kernels.WholeStackStep): runs every layer of a
-        # decode step in one call where it can, else returns None.
+        # decode step in one call where it can, else returns None; its whole_step runs a causal step
+        # from token ids to final states (the stack's forward) in one call.
         self.layers_step: Callable | None = None
 
     def run_layers(
@@ -306,6 +307,11 @@ class LlamaBackbone(DecoderStack):
         self.kept_layers = frozenset(config.feature_layers)
 
     def forward(self, input_ids, positions=None, cache=None, tree=None, kept=None) -> torch.Tensor:  # noqa: ANN001
+        step = self.layers_step
+        if step is not None and positions is None and tree is None and kept is None:
+            out = step.whole_step(input_ids, cache)  # a causal decode step in one call, where it can be
+            if out is not None:
+                return out
         return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache, tree, kept))
 
 
@@ -346,6 +352,9 @@ class RecycleGPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.recycle = RecyclableModule(config)
         self.tokenizer: Any = None
+        # Set by the fast path (recyclegpt.core.step_kernels.HeadPick): a head's logits and greedy
+        # tokens in one call where it can, else None.
+        self.head_pick: Callable | None = None
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -413,6 +422,22 @@ class RecycleGPT(nn.Module):
         """The base's logits [..., V] from :meth:`base_hidden`'s states."""
         return self.lm_head(self.final_state(hidden))
 
+    def greedy_base_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base's greedy token [...] from :meth:`base_hidden`'s states: the argmax of
+        :meth:`base_logits` (the first index among equal maxima)."""
+        return self._pick(self.lm_head, self.final_state(hidden), self.base_logits)[1]
+
+    def _pick(self, head: nn.Module | None, x: torch.Tensor, logits_of: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, their argmax) of ``head`` over ``x``: one call where the fast path's ``head_pick``
+        takes it, else ``logits_of(x)`` and :func:`greedy_tokens`."""
+        pick = self.head_pick
+        if pick is not None and head is not None:
+            found = pick(head, x)
+            if found is not None:
+                return found[0], found[1]
+        logits = logits_of(x)
+        return logits, greedy_tokens(logits)
+
     def module_hidden(
         self,
         prev_hidden: torch.Tensor,
@@ -423,6 +448,11 @@ class RecycleGPT(nn.Module):
     ) -> torch.Tensor:
         """The module's output state at position t from the base's states at t-1 [B, T, feature_width]
         (or its own state there [B, T, d]) and x[t] [B, T]."""
+        step = self.recycle.layers_step
+        if step is not None and positions is None and tree is None:
+            out = step.whole_step(input_ids, cache, prev_hidden)  # a causal decode step in one call
+            if out is not None:
+                return out
         return self.recycle(prev_hidden, self.model.embed_tokens(input_ids), positions, cache, tree)
 
     def new_cache(self, part: str, batch_size: int, max_len: int) -> KVCache:
@@ -477,28 +507,34 @@ class RecycleGPT(nn.Module):
 
     def draft_head_logits(self, module_state: torch.Tensor) -> torch.Tensor:
         """Module logits over the draft vocabulary [..., N] (the full vocabulary when there is none)."""
+        head = self._draft_head()
+        return head(module_state) if head is not None else F.linear(module_state, self.draft_head_weight())
+
+    def _draft_head(self) -> nn.Module | None:
+        """The linear that computes :meth:`draft_head_logits`, or None where they are ``F.linear`` over
+        :meth:`draft_head_weight` (a plain head over a reduced draft vocabulary, or training)."""
         if self.config.draft_vocab_size is None:
-            return self.lm_head(module_state)
+            return self.lm_head
         select_rows = getattr(self.lm_head, "select_rows", None)
         if select_rows is not None and not (torch.is_grad_enabled() and self.lm_head.weight.requires_grad):
             # a quantized or kernel head (core.quantize, core.float_kernels) keeps its own kind
-            return self._cached_draft_rows(lambda: select_rows(self.draft_ids))(module_state)
-        return F.linear(module_state, self.draft_head_weight())
+            return self._cached_draft_rows(lambda: select_rows(self.draft_ids))
+        return None
 
     def greedy_draft(self, module_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's greedy token [...] and the probability it gives it [...] (fp32): what the argmax
         and the top softmax value of :meth:`draft_logits` are, computed over the draft vocabulary
         only (its logits, not a full-vocabulary scatter: ~0.4 of a SmolLM2 module step less)."""
-        logits = self.draft_head_logits(module_state)
-        return self._draft_token(logits), logits.float().softmax(-1).amax(-1)
+        logits, index = self._pick(self._draft_head(), module_state, self.draft_head_logits)
+        return self._draft_token(index), logits.float().softmax(-1).amax(-1)
 
     def greedy_draft_token(self, module_state: torch.Tensor) -> torch.Tensor:
         """:meth:`greedy_draft`'s token alone (alternating decoding needs no probability: a softmax less)."""
-        return self._draft_token(self.draft_head_logits(module_state))
+        return self._draft_token(self._pick(self._draft_head(), module_state, self.draft_head_logits)[1])
 
-    def _draft_token(self, draft_logits: torch.Tensor) -> torch.Tensor:
-        """The full-vocabulary id of the argmax of :meth:`draft_head_logits`."""
-        index = greedy_tokens(draft_logits)  # the first draft index among equal maxima (draft ids ascend)
+    def _draft_token(self, index: torch.Tensor) -> torch.Tensor:
+        """The full-vocabulary id of draft index ``index``, the argmax of :meth:`draft_head_logits`
+        (the first draft index among equal maxima: draft ids ascend)."""
         return index if self.config.draft_vocab_size is None else index + self.recycle.d2t[index]
 
     def draft_logits(self, module_state: torch.Tensor) -> torch.Tensor:

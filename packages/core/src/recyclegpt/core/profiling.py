@@ -22,7 +22,6 @@ import torch
 
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import RecycleGPT
-from recyclegpt.core.sampling import greedy_tokens
 
 T = TypeVar("T")
 X = TypeVar("X")
@@ -134,7 +133,7 @@ def measure_step_costs(
         def step() -> None:
             for _ in range(inner):
                 base_cache.rollback(length)
-                greedy_tokens(model.base_logits(model.base_hidden(step_tokens[k], cache=base_cache)))
+                model.greedy_base_token(model.base_hidden(step_tokens[k], cache=base_cache))
 
         return step
 

@@ -147,25 +147,29 @@ class WholeLayers:
     @classmethod
     def of_layer(cls, input_norm: RMSNorm, post_norm: RMSNorm, linears: list[nn.Module]) -> WholeLayers | None:
         """A layer as one call, or None where it cannot be or ``RECYCLEGPT_WHOLE_LAYERS=0`` says not to."""
+        parts = [cls.of_linear(linear) for linear in linears]
+        if any(part is None for part in parts):
+            return None
+        joined = cls.joined(parts)
+        joined.tensors[:0] = [input_norm.weight, post_norm.weight]
+        joined.eps = [input_norm.eps, post_norm.eps]
+        return joined
+
+    @classmethod
+    def of_linear(cls, linear: nn.Module) -> WholeLayers | None:
+        """A linear's operands and three ints (kind, out_features, vnni) as a layer's calls read them,
+        or None where it cannot be one or ``RECYCLEGPT_WHOLE_LAYERS=0`` says not to."""
         if not switched_on(WHOLE_LAYERS_SWITCH):
             return None
-        tensors, ints, sources, float_weight = [input_norm.weight, post_norm.weight], [], [], None
-        for linear in linears:
-            step = step_forward(linear)
-            if isinstance(step, KernelStep):
-                tensors.append(step.weight)
-                ints += [0, 0, 0]
-                float_weight = step.weight
-                continue
-            operands = quantized_operands(linear)
-            if operands is None:
-                return None
-            kind, kernel = operands
-            _, *rest = kernel
-            tensors += rest[:-2]
-            ints += [kind, rest[-2], int(rest[-1])]
-            sources.append((linear, kernel))
-        return cls(tensors, ints, [input_norm.eps, post_norm.eps], tuple(sources), float_weight)
+        step = step_forward(linear)
+        if isinstance(step, KernelStep):
+            return cls([step.weight], [0, 0, 0], [], (), step.weight)
+        operands = quantized_operands(linear)
+        if operands is None:
+            return None
+        kind, kernel = operands
+        _, *rest = kernel
+        return cls(rest[:-2], [kind, rest[-2], int(rest[-1])], [], ((linear, kernel),), None)
 
     @classmethod
     def joined(cls, parts: list[WholeLayers]) -> WholeLayers:
@@ -220,15 +224,29 @@ class WholeStackStep:
     """Every layer of a stack in one ``decode_layers_step`` call, for the decode steps whose layers
     can all be one call (:class:`WholeLayers`): the same bits as a call a layer, without the Python
     between the layers (~20 us a layer, measured on a Zen 3 EPYC). ``__call__`` declines (None)
-    anything else, and the stack runs its layers one by one."""
+    anything else, and the stack runs its layers one by one. A short prompt (up to
+    :data:`PROMPT_STEP_TOKENS`) runs as steps of :data:`MAX_STEP_TOKENS` tokens.
 
-    __slots__ = ("layers", "heads", "_whole")
+    Given the stack's ends (its token embedding, input projection, final norm and rotary tables),
+    :meth:`whole_step` runs a causal step from token ids to final states as one ``decode_stack_step``
+    call, the same bits again."""
 
-    def __init__(self, layers: list[KernelDecoderLayer]) -> None:
+    __slots__ = ("layers", "heads", "_whole", "embedding", "input_linear", "norm", "rotary", "_input")
+
+    def __init__(
+        self,
+        layers: list[KernelDecoderLayer],
+        embedding: nn.Embedding | None = None,
+        norm: RMSNorm | None = None,
+        rotary: nn.Module | None = None,
+        input_linear: nn.Module | None = None,
+    ) -> None:
         self.layers = list(layers)
         attention = self.layers[0].self_attn if self.layers else None
         self.heads = (attention.num_heads, attention.num_kv_heads) if attention is not None else (0, 0)
         self._whole: WholeLayers | bool | None = None
+        self.embedding, self.norm, self.rotary, self.input_linear = embedding, norm, rotary, input_linear
+        self._input: WholeLayers | bool | None = None
 
     def whole(self) -> WholeLayers | None:
         """The layers as one call, looked up once (again where a quantized linear rebuilt its kernel)."""
@@ -239,6 +257,14 @@ class WholeStackStep:
             self._whole = whole
         return whole or None
 
+    def input_call(self) -> WholeLayers | None:
+        """The input projection as a layer's linear, looked up once (as :meth:`whole`)."""
+        found = self._input
+        if found is None or (found and not found.current()):
+            found = WholeLayers.of_linear(self.input_linear) or False
+            self._input = found
+        return found or None
+
     def __call__(self, x, cos, sin, mask, cache):  # noqa: ANN001, ANN204 - hot path
         # The cheap checks first: a prompt, training or a CUDA step never looks the layers up (which
         # builds the kernels, and packs quantized weights for the CPU).
@@ -247,21 +273,13 @@ class WholeStackStep:
         if not few_token_cpu_step(x, self.layers[0].input_layernorm.weight, PROMPT_STEP_TOKENS):
             return None
         whole = self.whole()
-        keys, values = cache.keys, cache.values
-        # One layer's cache contiguous is enough (a batch's view of the server's cache is not, whole).
-        if not (
-            whole is not None
-            and whole.runs(x)
-            and keys.dtype is x.dtype
-            and keys.select(0, 0).is_contiguous()
-            and values.select(0, 0).is_contiguous()
-        ):
+        if not (whole is not None and whole.runs(x) and self.cache_fits(cache, x.dtype)):
             return None
         heads, kv_heads = self.heads
         kernels, start, steps = load(), cache.length, x.shape[1]
         if steps <= MAX_STEP_TOKENS:
             mask = NO_MASK if mask is None else mask
-            return whole(kernels, x, cos, sin, keys, values, start, mask, heads, kv_heads)
+            return whole(kernels, x, cos, sin, cache.keys, cache.values, start, mask, heads, kv_heads)
         pieces = []
         for first in range(0, steps, MAX_STEP_TOKENS):
             last = min(first + MAX_STEP_TOKENS, steps)
@@ -269,6 +287,103 @@ class WholeStackStep:
             piece_cos, piece_sin = (t[..., first:last, :].contiguous() for t in (cos, sin))
             piece = x[:, first:last]
             pieces.append(
-                whole(kernels, piece, piece_cos, piece_sin, keys, values, start + first, piece_mask, heads, kv_heads)
+                whole(
+                    kernels,
+                    piece,
+                    piece_cos,
+                    piece_sin,
+                    cache.keys,
+                    cache.values,
+                    start + first,
+                    piece_mask,
+                    heads,
+                    kv_heads,
+                )
             )
         return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def cache_fits(cache: KVCache, dtype: torch.dtype) -> bool:
+        """Is the cache in the step's dtype, each layer's part contiguous? (One layer's is enough: a
+        batch's view of the server's cache is not contiguous as a whole.)"""
+        keys, values = cache.keys, cache.values
+        return keys.dtype is dtype and keys.select(0, 0).is_contiguous() and values.select(0, 0).is_contiguous()
+
+    def whole_step(self, ids: torch.Tensor, cache: KVCache | None, prev: torch.Tensor | None = None):  # noqa: ANN201 - hot path
+        """The stack's final states [B, T, d] of a causal decode step over ``ids`` [B, T] (the module:
+        with its h[t-1] states ``prev``), as one call; None where it cannot be one."""
+        norm = self.norm
+        if (
+            norm is None
+            or cache is None
+            or cache.has_padding
+            or ids.device.type != "cpu"
+            or ids.dim() != 2
+            or ids.shape[1] > MAX_STEP_TOKENS
+            or torch.is_grad_enabled()
+            or (prev is None) != (self.input_linear is None)
+        ):
+            return None
+        dtype = norm.weight.dtype
+        if self.embedding.weight.dtype is not dtype or (prev is not None and prev.dtype is not dtype):
+            return None
+        if dtype not in (torch.float32, torch.bfloat16) or load() is None:
+            return None
+        whole = self.whole()
+        projection = self.input_call() if prev is not None else None
+        if whole is None or (prev is not None and projection is None) or not self.cache_fits(cache, dtype):
+            return None
+        if not (whole.runs(norm.weight) and (projection is None or projection.runs(norm.weight))):
+            return None
+        heads, kv_heads = self.heads
+        start = cache.length
+        out = load().decode_stack_step(
+            ids,
+            self.embedding.weight,
+            NO_MASK if prev is None else prev,
+            [] if projection is None else projection.tensors,
+            [] if projection is None else projection.ints,
+            whole.tensors,
+            whole.ints,
+            whole.eps,
+            self.rotary.cos,
+            self.rotary.sin,
+            cache.keys,
+            cache.values,
+            start,
+            heads,
+            kv_heads,
+            norm.weight,
+            norm.eps,
+        )
+        cache.length = start + ids.shape[1]
+        return out
+
+
+class HeadPick:
+    """A head's logits and greedy tokens in one ``head_argmax`` call (``layer_kernels.cpp``) on CPU
+    inference rows whose head runs a layer's linear kinds (:meth:`WholeLayers.of_linear`): the same
+    logits and the same tokens as the head's forward and :func:`recyclegpt.core.sampling.greedy_tokens`,
+    without a head call and an aten max from Python (~20-30 us a step on a Zen 3 EPYC). ``__call__``
+    declines (None) anything else."""
+
+    __slots__ = ("_heads",)
+
+    def __init__(self) -> None:
+        self._heads: dict[int, tuple[nn.Module, WholeLayers | bool]] = {}  # id -> (head, its call or False)
+
+    def __call__(self, head: nn.Module, x: torch.Tensor):  # noqa: ANN204 - hot path
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
+            return None
+        entry = self._heads.get(id(head))
+        if entry is None or entry[0] is not head or (entry[1] and not entry[1].current()):
+            if load() is None:
+                return None
+            if len(self._heads) > 8:  # draft-row heads rebuilt over time: keep the few in use
+                self._heads.clear()
+            entry = (head, WholeLayers.of_linear(head) or False)
+            self._heads[id(head)] = entry
+        call = entry[1]
+        if not call or not call.runs(x):
+            return None
+        return load().head_argmax(x, call.tensors, call.ints)
