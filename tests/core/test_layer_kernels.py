@@ -127,7 +127,7 @@ def test_padded_rows_decode_in_one_call_as_they_would_alone(monkeypatch, prompts
 def test_a_short_prompt_runs_as_steps_with_the_bits_of_one_token_steps(monkeypatch, quantize) -> None:
     needs(quantize)
     torch.manual_seed(0)
-    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize=quantize)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3, hidden_size=64)).eval(), quantize=quantize)
     prompt = torch.randint(0, 97, (1, 2 * MAX_STEP_TOKENS + 5))
     calls = counted_calls(monkeypatch)
     with torch.inference_mode():
@@ -260,6 +260,9 @@ def test_the_pick_takes_the_first_of_equal_maxima_and_a_nan_first() -> None:
     logits, tokens = kernels.head_argmax(x, [weight], [0, 0, 0])
     torch.testing.assert_close(logits, kernels.float_matmul(x, weight), rtol=0, atol=0, equal_nan=True)
     assert tokens.tolist() == [2, 0, 0] == logits.max(-1).indices.tolist()
+    weight[5, 1] = float("inf")  # logit 5 is inf * 0: a NaN after the larger finite logits 2 and 4
+    logits, tokens = kernels.head_argmax(x[:1], [weight], [0, 0, 0])
+    assert logits[0, 5].isnan() and tokens.tolist() == [5] == logits.max(-1).indices.tolist()
     assert kernels.head_argmax(x[:1].unsqueeze(0), [weight], [0, 0, 0])[1].shape == (1, 1)
 
 
@@ -276,3 +279,11 @@ def test_a_padded_or_positioned_step_is_not_a_whole_step(monkeypatch) -> None:
     assert stack_calls == []  # padded rows: their positions and mask need the layers' own path
     model.generate(batch[:1], 4)
     assert (1, 3) in stack_calls
+    stack_calls.clear()
+    with torch.inference_mode():
+        cache = model.new_cache("base", 2, 16)
+        cache.set_padding(mask)
+        model.base_hidden(batch, cache=cache)  # padding alone, no positions
+        model.base_hidden(batch[:, :1], cache=model.new_cache("base", 2, 16), positions=torch.zeros(2, 1).long())
+        model.base_hidden(batch[:, :1].int(), cache=model.new_cache("base", 2, 16))  # int32 ids: the embedding's path
+    assert stack_calls == []

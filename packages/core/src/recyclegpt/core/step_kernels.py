@@ -62,10 +62,11 @@ def few_token_cpu_step(x: torch.Tensor, weight: torch.Tensor, max_tokens: int = 
 
 
 class KernelRMSNorm(RMSNorm):
-    """A stack's final norm, through the kernel on few-token CPU steps (eager elsewhere)."""
+    """A stack's final norm, through the kernel on few-token CPU steps and the short prompts that run
+    as steps (:data:`PROMPT_STEP_TOKENS`: their states stay those of one-token steps), eager elsewhere."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if few_token_cpu_step(x, self.weight):
+        if few_token_cpu_step(x, self.weight, PROMPT_STEP_TOKENS):
             return load().rms_norm(x.contiguous(), self.weight, self.eps)
         return super().forward(x)
 
@@ -318,6 +319,7 @@ class WholeStackStep:
             or cache is None
             or cache.has_padding
             or ids.device.type != "cpu"
+            or ids.dtype is not torch.long
             or ids.dim() != 2
             or ids.shape[1] > MAX_STEP_TOKENS
             or torch.is_grad_enabled()
@@ -386,4 +388,6 @@ class HeadPick:
         call = entry[1]
         if not call or not call.runs(x):
             return None
+        if call.float_weight is not None and x.dim() == 3 and x.shape[1] > MAX_STEP_TOKENS:
+            return None  # the head's forward takes torch's matmul there (float_kernels.runs_kernel)
         return load().head_argmax(x, call.tensors, call.ints)
