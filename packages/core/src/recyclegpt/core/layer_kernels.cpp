@@ -22,6 +22,13 @@ torch::Tensor linear(const torch::Tensor* operands, const int64_t* ints, const t
   }
 }
 
+// Are `operands` and `ints` one linear's, as `linear` reads them? (`what` names it in the error.)
+void check_linear(const std::vector<torch::Tensor>& operands, const std::vector<int64_t>& ints, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) == kLinearInts && ints[0] >= 0 && ints[0] <= 2 &&
+                  static_cast<int64_t>(operands.size()) == kOperands[ints[0]],
+              what, " must be one linear's operands and ints");
+}
+
 }  // namespace layers
 
 // Layers 0 .. L-1 of a stack over x [B, T, d] (T <= 16), fp32 or bf16 (bf16: quantized linears only).
@@ -109,10 +116,7 @@ torch::Tensor decode_stack_step(
   torch::Tensor x = embed.index_select(0, ids.reshape({-1})).view({batch, steps, d});
   if (prev.numel() > 0) {
     TORCH_CHECK(prev.dim() == 3 && prev.size(0) == batch && prev.size(1) == steps, "prev must be [B, T, p]");
-    TORCH_CHECK(static_cast<int64_t>(input_ints.size()) == layers::kLinearInts && input_ints[0] >= 0 &&
-                    input_ints[0] <= 2 &&
-                    static_cast<int64_t>(input_linear.size()) == layers::kOperands[input_ints[0]],
-                "the input linear must be one linear's operands and ints");
+    layers::check_linear(input_linear, input_ints, "the input linear");
     x = layers::linear(input_linear.data(), input_ints.data(), torch::cat({prev, x}, -1));
   }
   const auto rows = [&](const torch::Tensor& table) {
@@ -129,9 +133,7 @@ torch::Tensor decode_stack_step(
 // max(-1).indices picks. One call for what costs a head call and an aten max from Python.
 std::vector<torch::Tensor> head_argmax(
     const torch::Tensor& x, const std::vector<torch::Tensor>& head, const std::vector<int64_t>& head_ints) {
-  TORCH_CHECK(static_cast<int64_t>(head_ints.size()) == layers::kLinearInts && head_ints[0] >= 0 &&
-                  head_ints[0] <= 2 && static_cast<int64_t>(head.size()) == layers::kOperands[head_ints[0]],
-              "the head must be one linear's operands and ints");
+  layers::check_linear(head, head_ints, "the head");
   const auto logits = layers::linear(head.data(), head_ints.data(), x).contiguous();
   const int64_t n = logits.size(-1), rows = logits.numel() / std::max<int64_t>(n, 1);
   TORCH_CHECK(n > 0, "the head has no outputs");

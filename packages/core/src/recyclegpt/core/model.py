@@ -425,18 +425,22 @@ class RecycleGPT(nn.Module):
     def greedy_base_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base's greedy token [...] from :meth:`base_hidden`'s states: the argmax of
         :meth:`base_logits` (the first index among equal maxima)."""
-        return self._pick(self.lm_head, self.final_state(hidden), self.base_logits)[1]
+        return self._pick(self.lm_head, self.final_state(hidden))[1]
 
-    def _pick(self, head: nn.Module | None, x: torch.Tensor, logits_of: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, their argmax) of ``head`` over ``x``: one call where the fast path's ``head_pick``
-        takes it, else ``logits_of(x)`` and :func:`greedy_tokens`."""
+    def _pick(self, head: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, their argmax) of ``head`` over ``x`` (:meth:`_head_logits`): one call where the
+        fast path's ``head_pick`` takes it, else the logits and :func:`greedy_tokens`."""
         pick = self.head_pick
         if pick is not None and head is not None:
             found = pick(head, x)
             if found is not None:
                 return found[0], found[1]
-        logits = logits_of(x)
+        logits = self._head_logits(head, x)
         return logits, greedy_tokens(logits)
+
+    def _head_logits(self, head: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """``head(x)``; no head (:meth:`_draft_head`): ``F.linear`` over :meth:`draft_head_weight`."""
+        return head(x) if head is not None else F.linear(x, self.draft_head_weight())
 
     def module_hidden(
         self,
@@ -507,8 +511,7 @@ class RecycleGPT(nn.Module):
 
     def draft_head_logits(self, module_state: torch.Tensor) -> torch.Tensor:
         """Module logits over the draft vocabulary [..., N] (the full vocabulary when there is none)."""
-        head = self._draft_head()
-        return head(module_state) if head is not None else F.linear(module_state, self.draft_head_weight())
+        return self._head_logits(self._draft_head(), module_state)
 
     def _draft_head(self) -> nn.Module | None:
         """The linear that computes :meth:`draft_head_logits`, or None where they are ``F.linear`` over
@@ -525,12 +528,12 @@ class RecycleGPT(nn.Module):
         """The module's greedy token [...] and the probability it gives it [...] (fp32): what the argmax
         and the top softmax value of :meth:`draft_logits` are, computed over the draft vocabulary
         only (its logits, not a full-vocabulary scatter: ~0.4 of a SmolLM2 module step less)."""
-        logits, index = self._pick(self._draft_head(), module_state, self.draft_head_logits)
+        logits, index = self._pick(self._draft_head(), module_state)
         return self._draft_token(index), logits.float().softmax(-1).amax(-1)
 
     def greedy_draft_token(self, module_state: torch.Tensor) -> torch.Tensor:
         """:meth:`greedy_draft`'s token alone (alternating decoding needs no probability: a softmax less)."""
-        return self._draft_token(self._pick(self._draft_head(), module_state, self.draft_head_logits)[1])
+        return self._draft_token(self._pick(self._draft_head(), module_state)[1])
 
     def _draft_token(self, index: torch.Tensor) -> torch.Tensor:
         """The full-vocabulary id of draft index ``index``, the argmax of :meth:`draft_head_logits`

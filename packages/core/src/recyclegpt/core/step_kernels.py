@@ -21,6 +21,7 @@ rounding).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -221,6 +222,14 @@ def quantized_operands(linear: nn.Module) -> tuple[int, tuple] | None:
     return None
 
 
+def _looked_up(found: WholeLayers | bool | None, build: Callable[[], WholeLayers | None]) -> WholeLayers | bool:
+    """``found`` (a call; False: it cannot be one; None: not looked up yet), built again with ``build``
+    where missing or where a quantized linear has rebuilt its kernel since."""
+    if found is None or (found and not found.current()):
+        found = build() or False
+    return found
+
+
 class WholeStackStep:
     """Every layer of a stack in one ``decode_layers_step`` call, for the decode steps whose layers
     can all be one call (:class:`WholeLayers`): the same bits as a call a layer, without the Python
@@ -251,20 +260,17 @@ class WholeStackStep:
 
     def whole(self) -> WholeLayers | None:
         """The layers as one call, looked up once (again where a quantized linear rebuilt its kernel)."""
-        whole = self._whole
-        if whole is None or (whole and not whole.current()):
-            parts = [layer.current_parts()[-1] for layer in self.layers]
-            whole = WholeLayers.joined(parts) if parts and all(part is not None for part in parts) else False
-            self._whole = whole
-        return whole or None
+        self._whole = _looked_up(self._whole, self._joined_layers)
+        return self._whole or None
+
+    def _joined_layers(self) -> WholeLayers | None:
+        parts = [layer.current_parts()[-1] for layer in self.layers]
+        return WholeLayers.joined(parts) if parts and all(part is not None for part in parts) else None
 
     def input_call(self) -> WholeLayers | None:
         """The input projection as a layer's linear, looked up once (as :meth:`whole`)."""
-        found = self._input
-        if found is None or (found and not found.current()):
-            found = WholeLayers.of_linear(self.input_linear) or False
-            self._input = found
-        return found or None
+        self._input = _looked_up(self._input, lambda: WholeLayers.of_linear(self.input_linear))
+        return self._input or None
 
     def __call__(self, x, cos, sin, mask, cache):  # noqa: ANN001, ANN204 - hot path
         # The cheap checks first: a prompt, training or a CUDA step never looks the layers up (which
