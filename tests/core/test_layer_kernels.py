@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from recyclegpt.core import RecycleGPT, float_kernels, quant_kernels
+from recyclegpt.core.batching import BatchedDecoder
 from recyclegpt.core.cpu_kernels import MAX_STEP_TOKENS, PROMPT_STEP_TOKENS, build
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.step_kernels import WHOLE_LAYERS_SWITCH
@@ -266,24 +267,62 @@ def test_the_pick_takes_the_first_of_equal_maxima_and_a_nan_first() -> None:
     assert kernels.head_argmax(x[:1].unsqueeze(0), [weight], [0, 0, 0])[1].shape == (1, 1)
 
 
-def test_a_padded_or_positioned_step_is_not_a_whole_step(monkeypatch) -> None:
+def test_padded_and_positioned_steps_are_whole_steps_with_the_bits_of_the_layers_path(monkeypatch, prompts) -> None:
+    """Padded rows (per-row positions, a padding mask) and a continuous batch's steps run as whole
+    steps, and give what the layer-by-layer path gives."""
     needs(None)
-    torch.manual_seed(0)
-    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
+    whole, one_by_one = prepared_pair(None)
     stack_calls: list[tuple[int, int]] = []
     counted_calls(monkeypatch, stack_calls)
     batch = torch.randint(1, 97, (2, 5))
     mask = torch.ones_like(batch)
     mask[1, :2] = 0
-    model.generate(batch, 4, attention_mask=mask)
-    assert stack_calls == []  # padded rows: their positions and mask need the layers' own path
-    model.generate(batch[:1], 4)
-    assert (1, 3) in stack_calls
+    for decoding in ("standard", "alternating"):
+        ours, theirs = (m.generate(batch, 6, decoding=decoding, attention_mask=mask) for m in (whole, one_by_one))
+        assert torch.equal(ours.sequences, theirs.sequences), decoding
+    assert (1, 3) in stack_calls and (2, 1) in stack_calls  # the base's and the module's padded steps
     stack_calls.clear()
     with torch.inference_mode():
-        cache = model.new_cache("base", 2, 16)
-        cache.set_padding(mask)
-        model.base_hidden(batch, cache=cache)  # padding alone, no positions
-        model.base_hidden(batch[:, :1], cache=model.new_cache("base", 2, 16), positions=torch.zeros(2, 1).long())
-        model.base_hidden(batch[:, :1].int(), cache=model.new_cache("base", 2, 16))  # int32 ids: the embedding's path
+        for m in (whole, one_by_one):
+            cache = m.new_cache("base", 2, 16)
+            cache.set_padding(mask)
+            prompt = m.base_hidden(batch, cache=cache)  # a padded 5-token prompt: a whole step too
+            padded = m.base_hidden(batch[:, :2], cache=cache)  # padding alone, no positions
+            positioned = m.base_hidden(batch[:, :2], cache=m.new_cache("base", 2, 16), positions=torch.tensor([[3, 4], [0, 1]]))  # fmt: skip
+            if m is whole:
+                expected = (prompt, padded, positioned)
+        assert all(torch.equal(a, b) for a, b in zip(expected, (prompt, padded, positioned), strict=True))
+        assert stack_calls == [(5, 3), (2, 3), (2, 3)]
+        stack_calls.clear()
+        whole.base_hidden(batch[:, :1].int(), cache=whole.new_cache("base", 2, 16))  # int32 ids: the embedding's path
+        whole.base_hidden(batch[:, :1], cache=whole.new_cache("base", 2, 16), positions=torch.zeros(2, 1).int())
     assert stack_calls == []
+
+
+@pytest.mark.parametrize("quantize, dtype", [(None, torch.float32), ("w8a8", torch.bfloat16)])
+def test_a_continuous_batch_steps_in_whole_steps_with_the_bits_of_the_layers_path(
+    monkeypatch, prompts, quantize, dtype
+) -> None:
+    needs(quantize)
+    whole, one_by_one = prepared_pair(quantize, dtype)
+    stack_calls: list[tuple[int, int]] = []
+    counted_calls(monkeypatch, stack_calls)
+    outputs = {}
+    for name, m in (("whole", whole), ("one_by_one", one_by_one)):
+        for decoding in ("standard", "alternating"):
+            decoder = BatchedDecoder(m, decoding, max_batch_size=len(prompts))
+            tokens: dict[int, list[int]] = {}
+            for key, prompt in enumerate(prompts):
+                tokens[key] = decoder.add(key, prompt[0].tolist(), 5 + key).new_tokens
+                for out in decoder.step():  # rows join between steps, at different lengths
+                    tokens[out.key] += out.new_tokens
+            while len(decoder):
+                for out in decoder.step():
+                    tokens[out.key] += out.new_tokens
+            outputs[name, decoding] = tokens
+        if name == "whole":
+            assert (1, 3) in stack_calls and (2, 3) in stack_calls and (2, 1) in stack_calls
+            stack_calls.clear()
+    for decoding in ("standard", "alternating"):
+        assert outputs["whole", decoding] == outputs["one_by_one", decoding], decoding
+    assert outputs["whole", "standard"][0] == whole.generate(prompts[0], 5).new_tokens[0].tolist()

@@ -261,9 +261,10 @@ class BatchedDecoder:
     # ----------------------------------------------------------------------------- internals
     def _last(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's last ``count`` tokens [n, count] and their rotary positions."""
+        # Built as Python lists: a step of a small model is short, and tensor arithmetic costs ~10 us an op.
         ids = torch.tensor([row.tokens[-count:] for row in self.rows], device=self.device)
-        ends = torch.tensor([len(row.tokens) for row in self.rows], device=self.device)
-        positions = ends[:, None] - count + torch.arange(count, device=self.device)[None, :]
+        firsts = [len(row.tokens) - count for row in self.rows]
+        positions = torch.tensor([range(first, first + count) for first in firsts], device=self.device)
         return ids, positions
 
     def _base_forward(self, count: int) -> torch.Tensor:

@@ -29,6 +29,26 @@ void check_linear(const std::vector<torch::Tensor>& operands, const std::vector<
               what, " must be one linear's operands and ints");
 }
 
+// model.py's attention_mask_for over a padded cache, [B, 1, T, start + T] in `dtype`: 0 where query i
+// (column start + i) sees column j (j <= start + i, and the column valid or the query's own), else -inf.
+torch::Tensor padded_causal_mask(const torch::Tensor& key_valid, int64_t batch, int64_t start, int64_t steps,
+                                 at::ScalarType dtype) {
+  const int64_t total = start + steps;
+  TORCH_CHECK(key_valid.dim() == 2 && key_valid.size(0) == batch && key_valid.size(1) >= total &&
+                  key_valid.scalar_type() == at::kBool,
+              "key_valid must be [B, >= start + T] bool");
+  const auto valid = key_valid.narrow(1, 0, total).contiguous();
+  const bool* vp = valid.data_ptr<bool>();
+  auto mask = torch::empty({batch, 1, steps, total}, valid.options().dtype(at::kFloat));
+  float* mp = mask.data_ptr<float>();
+  const float hidden = -std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < steps; ++i)
+      for (int64_t j = 0; j < total; ++j)
+        mp[(b * steps + i) * total + j] = j <= start + i && (vp[b * total + j] || j == start + i) ? 0.0f : hidden;
+  return dtype == at::kFloat ? mask : mask.to(dtype);
+}
+
 }  // namespace layers
 
 // Layers 0 .. L-1 of a stack over x [B, T, d] (T <= 16), fp32 or bf16 (bf16: quantized linears only).
@@ -89,8 +109,11 @@ torch::Tensor decode_layers_step(
 // aten and Python calls around the layers (measured on a Zen 3 EPYC: ~60 us of a ~200 us module step
 // of the demo model). The input is embed[ids] ([B, T] int64 ids, T <= 16), or, for the recyclable
 // module, input_linear(cat(prev, embed[ids])) with prev [B, T, p] its h[t-1] states and the linear's
-// operands and three ints as for a layer's. Rotary rows start .. start + T - 1 of the tables
-// [max_len, hd] (positions counted from the cache's length: no padding, no explicit positions).
+// operands and three ints as for a layer's. Rotary rows: each row's `positions` [B, T] (int64) of
+// the tables [max_len, hd], or with none (an empty tensor) start .. start + T - 1 for every row.
+// `key_valid` [B, >= start + T] (bool; empty: no padding) marks the cache columns each row may
+// attend to (model.py's attention_mask_for: causal, a column marked invalid hidden, except a query's
+// own).
 torch::Tensor decode_stack_step(
     const torch::Tensor& ids,
     const torch::Tensor& embed,
@@ -108,7 +131,9 @@ torch::Tensor decode_stack_step(
     int64_t heads,
     int64_t kv_heads,
     const torch::Tensor& norm_weight,
-    double norm_eps) {
+    double norm_eps,
+    const torch::Tensor& positions,
+    const torch::Tensor& key_valid) {
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "ids must be [B, T] int64");
   TORCH_CHECK(embed.dim() == 2, "embed must be a table [V, d]");
   const int64_t batch = ids.size(0), steps = ids.size(1), d = embed.size(1);
@@ -119,12 +144,22 @@ torch::Tensor decode_stack_step(
     layers::check_linear(input_linear, input_ints, "the input linear");
     x = layers::linear(input_linear.data(), input_ints.data(), torch::cat({prev, x}, -1));
   }
+  const bool positioned = positions.numel() > 0;
+  if (positioned)
+    TORCH_CHECK(positions.dim() == 2 && positions.size(0) == batch && positions.size(1) == steps &&
+                    positions.scalar_type() == at::kLong,
+                "positions must be [B, T] int64");
+  const auto flat_positions = positioned ? positions.reshape({-1}) : positions;
   const auto rows = [&](const torch::Tensor& table) {
-    auto span = table.narrow(0, start, steps).unsqueeze(0).unsqueeze(0);
+    auto span = positioned ? table.index_select(0, flat_positions).view({batch, 1, steps, table.size(1)})
+                           : table.narrow(0, start, steps).unsqueeze(0).unsqueeze(0);
     return span.scalar_type() == x.scalar_type() ? span : span.to(x.scalar_type());
   };
+  const torch::Tensor mask = key_valid.numel() > 0 ? layers::padded_causal_mask(key_valid, batch, start, steps,
+                                                                                 x.scalar_type())
+                                                   : torch::Tensor();
   const auto out = decode_layers_step(x, tensors, ints, eps, rows(cos_table), rows(sin_table), keys, values, start,
-                                      torch::Tensor(), heads, kv_heads);
+                                      mask, heads, kv_heads);
   return rms_norm(out, norm_weight, norm_eps);
 }
 

@@ -308,8 +308,8 @@ class LlamaBackbone(DecoderStack):
 
     def forward(self, input_ids, positions=None, cache=None, tree=None, kept=None) -> torch.Tensor:  # noqa: ANN001
         step = self.layers_step
-        if step is not None and positions is None and tree is None and kept is None:
-            out = step.whole_step(input_ids, cache)  # a causal decode step in one call, where it can be
+        if step is not None and tree is None and kept is None:
+            out = step.whole_step(input_ids, cache, None, positions)  # a decode step in one call, where it can be
             if out is not None:
                 return out
         return self.norm(self.run_layers(self.embed_tokens(input_ids), positions, cache, tree, kept))
@@ -453,8 +453,8 @@ class RecycleGPT(nn.Module):
         """The module's output state at position t from the base's states at t-1 [B, T, feature_width]
         (or its own state there [B, T, d]) and x[t] [B, T]."""
         step = self.recycle.layers_step
-        if step is not None and positions is None and tree is None:
-            out = step.whole_step(input_ids, cache, prev_hidden)  # a causal decode step in one call
+        if step is not None and tree is None:
+            out = step.whole_step(input_ids, cache, prev_hidden, positions)  # a decode step in one call
             if out is not None:
                 return out
         return self.recycle(prev_hidden, self.model.embed_tokens(input_ids), positions, cache, tree)

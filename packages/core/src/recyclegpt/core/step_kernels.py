@@ -316,18 +316,25 @@ class WholeStackStep:
         keys, values = cache.keys, cache.values
         return keys.dtype is dtype and keys.select(0, 0).is_contiguous() and values.select(0, 0).is_contiguous()
 
-    def whole_step(self, ids: torch.Tensor, cache: KVCache | None, prev: torch.Tensor | None = None):  # noqa: ANN201 - hot path
+    def whole_step(  # noqa: ANN201 - hot path
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None,
+        prev: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ):
         """The stack's final states [B, T, d] of a causal decode step over ``ids`` [B, T] (the module:
-        with its h[t-1] states ``prev``), as one call; None where it cannot be one."""
+        with its h[t-1] states ``prev``) at rotary ``positions`` [B, T] (None: the cache's next
+        columns), attending as the cache's padding allows, as one call; None where it cannot be one."""
         norm = self.norm
         if (
             norm is None
             or cache is None
-            or cache.has_padding
             or ids.device.type != "cpu"
             or ids.dtype is not torch.long
             or ids.dim() != 2
             or ids.shape[1] > MAX_STEP_TOKENS
+            or (positions is not None and (positions.dtype is not torch.long or positions.shape != ids.shape))
             or torch.is_grad_enabled()
             or (prev is None) != (self.input_linear is None)
         ):
@@ -363,6 +370,8 @@ class WholeStackStep:
             kv_heads,
             norm.weight,
             norm.eps,
+            NO_MASK if positions is None else positions,
+            cache.key_valid if cache.has_padding else NO_MASK,
         )
         cache.length = start + ids.shape[1]
         return out
