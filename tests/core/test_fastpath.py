@@ -9,6 +9,7 @@ import torch
 
 from recyclegpt.core import RecycleGPT, float_kernels, quant_kernels
 from recyclegpt.core import quantize as quantize_module
+from recyclegpt.core.bench import decoder_runs
 from recyclegpt.core.bench import main as bench_main
 from recyclegpt.core.fastpath import FusedAttention, FusedMLP, prepare_for_decoding
 from recyclegpt.core.quantize import (
@@ -466,9 +467,18 @@ def test_bench_core_names_a_trained_module_and_rejects_a_bad_gguf(tiny_model, tm
     bench_main(
         ["--model", str(tmp_path / "model"), "--new-tokens", "4", "--repeats", "1", "--dtype", "fp32"]
         + ["--quantize", "none", "--no-transformers", "--draft-length", "2", "--torch-matmul", "--layer-by-layer"]
+        + ["--batched"]
     )
     out = capsys.readouterr().out
     assert "M module)" in out and "untrained" not in out and "standard [fp32]" in out
+    assert "batched standard x1 [fp32]" in out and "batched standard x8 [fp32, layer by layer]" in out
     assert "| fp32, layer by layer |" in out and "standard [fp32, layer by layer]" in out
     if float_kernels.available():  # the fp32 kernel's variant beside torch's matmul
         assert "| fp32, torch matmul |" in out and "standard [fp32, torch matmul]" in out
+
+
+def test_bench_core_batched_runs_count_every_rows_tokens(tiny_model) -> None:
+    prompt = torch.randint(1, 97, (1, 5))
+    runs = decoder_runs(tiny_model, prompt, 4, 2, "x", batched=True)
+    assert runs["batched standard x1 [x]"]() == 4 and runs["batched standard x8 [x]"]() == 32
+    assert "batched standard x8 [x]" not in decoder_runs(tiny_model, prompt, 4, 2, "x")

@@ -4,7 +4,8 @@ Default: a random 12-layer model. ``--model smollm2`` (or any path ``from_pretra
 benchmarks a real model; when it is a GGUF file and ``llama_cpp`` is importable, llama.cpp runs on
 the same file in the same loop (``nox -s bench-smollm2`` installs it; it is no dependency). Every
 variant (``--quantize none int8 int4 fp16``; ``--torch-matmul`` adds fp32 on torch's matmul,
-``--layer-by-layer`` each variant with a kernel call a layer) reports ms per 1, 2 and 5-token full-model steps and per module
+``--layer-by-layer`` each variant with a kernel call a layer; ``--batched`` adds the server's
+continuous-batching decoder) reports ms per 1, 2 and 5-token full-model steps and per module
 step, and tokens/s of ``standard``, ``alternating`` and ``speculative``; transformers ``generate``
 runs on the unquantized weights. Every row names the dtype and the CPU it was measured on.
 ``--linears`` times the model's fp32 linears instead, torch's matmul against this project's kernel.
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from recyclegpt.core import float_kernels
+from recyclegpt.core.batching import BatchedDecoder
 from recyclegpt.core.config import RecycleConfig
 from recyclegpt.core.cpu_kernels import build
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
@@ -33,6 +35,7 @@ from recyclegpt.core.profiling import interleaved, measure_step_costs, median_se
 from recyclegpt.core.quantize import QUANTIZE_CHOICES
 
 STEP_TOKENS = (1, 2, 5)
+BATCH_ROWS = 8  # --batched: the continuous-batching decoder over this many copies of the prompt
 LINEAR_ROWS = (1, 2, 5, 8, 64)
 SMOLLM2_PROMPT = (
     "<|im_start|>user\nExplain in a few sentences why the sky is blue, and what changes at sunset.<|im_end|>\n"
@@ -42,22 +45,38 @@ Run = Callable[[], int]  # decodes once; returns the number of new tokens
 
 
 def decoder_runs(
-    model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str
+    model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str, batched: bool = False
 ) -> dict[str, Run]:
     """``standard``, ``alternating``, ``speculative`` (adaptive chains) and ``speculative tree`` on
-    ``model``, named ``<mode> [label]``."""
+    ``model``, named ``<mode> [label]``; with ``batched``, also the server's continuous-batching
+    decoder (:class:`~recyclegpt.core.batching.BatchedDecoder`, standard) over 1 and over
+    :data:`BATCH_ROWS` copies of the prompt (tokens/s of all rows together)."""
 
     def ours(decoding: str, draft_policy: str = "adaptive") -> Run:
         return lambda: model.generate(
             prompt, new_tokens, decoding=decoding, draft_length=draft_length, draft_policy=draft_policy
         ).new_tokens.shape[1]
 
-    return {
+    def batch(rows: int) -> Run:
+        def run() -> int:
+            decoder = BatchedDecoder(model, "standard", max_batch_size=rows)
+            produced = sum(len(decoder.add(row, prompt[0].tolist(), new_tokens).new_tokens) for row in range(rows))
+            while len(decoder):
+                produced += sum(len(out.new_tokens) for out in decoder.step())
+            return produced
+
+        return run
+
+    runs = {
         f"standard [{label}]": ours("standard"),
         f"alternating [{label}]": ours("alternating"),
         f"speculative<={draft_length} [{label}]": ours("speculative"),
         f"speculative tree<={draft_length} [{label}]": ours("speculative", "tree"),
     }
+    if batched:
+        runs[f"batched standard x1 [{label}]"] = batch(1)
+        runs[f"batched standard x{BATCH_ROWS} [{label}]"] = batch(BATCH_ROWS)
+    return runs
 
 
 def transformers_run(model: RecycleGPT, prompt: torch.Tensor, new_tokens: int) -> Run:
@@ -163,6 +182,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run every variant with its layers calling their step kernels one by one (not one C++ call)",
     )
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help=f"also time the server's continuous-batching decoder (standard) over 1 and {BATCH_ROWS} copies of the prompt",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads")
     parser.add_argument("--prompt", default=SMOLLM2_PROMPT, help="prompt text for a model with a tokenizer")
     parser.add_argument(
@@ -256,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             runs[f"llama.cpp [{gguf.name}]"] = llama
     for label, variant in variants.items():
-        runs.update(decoder_runs(variant, prompt, args.new_tokens, args.draft_length, label))
+        runs.update(decoder_runs(variant, prompt, args.new_tokens, args.draft_length, label, args.batched))
 
     print("step costs (ms, KV cache filled by the prompt, LM head included) ...", file=sys.stderr, flush=True)
     steps = {label: measure_step_costs(v, prompt, STEP_TOKENS, iterations=15, inner=2) for label, v in variants.items()}
