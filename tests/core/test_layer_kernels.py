@@ -296,6 +296,10 @@ def test_padded_and_positioned_steps_are_whole_steps_with_the_bits_of_the_layers
         stack_calls.clear()
         whole.base_hidden(batch[:, :1].int(), cache=whole.new_cache("base", 2, 16))  # int32 ids: the embedding's path
         whole.base_hidden(batch[:, :1], cache=whole.new_cache("base", 2, 16), positions=torch.zeros(2, 1).int())
+        mismatched = whole.new_cache("base", 2, 16)
+        mismatched.set_padding(mask)
+        mismatched.key_valid = mismatched.key_valid[:1]  # padding of another batch: the layers' path says so
+        assert whole.model.layers_step.whole_step(batch[:, :1], mismatched) is None
     assert stack_calls == []
 
 
@@ -305,9 +309,12 @@ def test_a_continuous_batch_steps_in_whole_steps_with_the_bits_of_the_layers_pat
 ) -> None:
     needs(quantize)
     whole, one_by_one = prepared_pair(quantize, dtype)
+    # Prompts a step long: a longer one prefills as steps in one model and eagerly in the other, and
+    # eager matmuls sum in another order (the last bits of its keys differ; its tokens do not).
+    prompts = [prompt for prompt in prompts if prompt.shape[1] <= MAX_STEP_TOKENS]
     stack_calls: list[tuple[int, int]] = []
     counted_calls(monkeypatch, stack_calls)
-    outputs = {}
+    outputs, caches = {}, {}
     for name, m in (("whole", whole), ("one_by_one", one_by_one)):
         for decoding in ("standard", "alternating"):
             decoder = BatchedDecoder(m, decoding, max_batch_size=len(prompts))
@@ -320,9 +327,15 @@ def test_a_continuous_batch_steps_in_whole_steps_with_the_bits_of_the_layers_pat
                 for out in decoder.step():
                     tokens[out.key] += out.new_tokens
             outputs[name, decoding] = tokens
+            # Every layer's keys and values the steps wrote (the rows left them in place): their bits.
+            stacks = [decoder.base] + ([decoder.module] if decoder.module is not None else [])
+            caches[name, decoding] = [t.clone() for kv in stacks for t in (kv.storage.keys, kv.storage.values)]
         if name == "whole":
             assert (1, 3) in stack_calls and (2, 3) in stack_calls and (2, 1) in stack_calls
             stack_calls.clear()
     for decoding in ("standard", "alternating"):
         assert outputs["whole", decoding] == outputs["one_by_one", decoding], decoding
+        ours, theirs = caches["whole", decoding], caches["one_by_one", decoding]
+        assert len(ours) == (2 if decoding == "standard" else 4)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), decoding
     assert outputs["whole", "standard"][0] == whole.generate(prompts[0], 5).new_tokens[0].tolist()

@@ -59,7 +59,9 @@ def decoder_runs(
 
     def batch(rows: int) -> Run:
         def run() -> int:
-            decoder = BatchedDecoder(model, "standard", max_batch_size=rows)
+            # Sized like generate's caches (the model's whole context would be a GB-scale cache to zero).
+            capacity = prompt.shape[1] + new_tokens + 2
+            decoder = BatchedDecoder(model, "standard", max_batch_size=rows, capacity=capacity)
             produced = sum(len(decoder.add(row, prompt[0].tolist(), new_tokens).new_tokens) for row in range(rows))
             while len(decoder):
                 produced += sum(len(out.new_tokens) for out in decoder.step())

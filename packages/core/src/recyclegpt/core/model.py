@@ -252,8 +252,8 @@ class DecoderStack(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.kept_layers: frozenset[int] = frozenset()
         # Set by the fast path (recyclegpt.core.step_kernels.WholeStackStep): runs every layer of a
-        # decode step in one call where it can, else returns None; its whole_step runs a causal step
-        # from token ids to final states (the stack's forward) in one call.
+        # decode step in one call where it can, else returns None; its whole_step runs a decode step
+        # (padded or at explicit positions too) from token ids to final states (the stack's forward) in one call.
         self.layers_step: Callable | None = None
 
     def run_layers(

@@ -238,8 +238,8 @@ class WholeStackStep:
     :data:`PROMPT_STEP_TOKENS`) runs as steps of :data:`MAX_STEP_TOKENS` tokens.
 
     Given the stack's ends (its token embedding, input projection, final norm and rotary tables),
-    :meth:`whole_step` runs a causal step from token ids to final states as one ``decode_stack_step``
-    call, the same bits again."""
+    :meth:`whole_step` runs a decode step (padded or at explicit positions too) from token ids to
+    final states as one ``decode_stack_step`` call, the same bits again."""
 
     __slots__ = ("layers", "heads", "_whole", "embedding", "input_linear", "norm", "rotary", "_input")
 
@@ -324,8 +324,9 @@ class WholeStackStep:
         positions: torch.Tensor | None = None,
     ):
         """The stack's final states [B, T, d] of a causal decode step over ``ids`` [B, T] (the module:
-        with its h[t-1] states ``prev``) at rotary ``positions`` [B, T] (None: the cache's next
-        columns), attending as the cache's padding allows, as one call; None where it cannot be one."""
+        with its h[t-1] states ``prev``) at rotary ``positions`` [B, T] (int64 rows of the rotary
+        tables, so 0 .. max_len - 1; None: the cache's next columns), attending as the cache's padding
+        allows, as one call; None where it cannot be one."""
         norm = self.norm
         if (
             norm is None
@@ -335,6 +336,14 @@ class WholeStackStep:
             or ids.dim() != 2
             or ids.shape[1] > MAX_STEP_TOKENS
             or (positions is not None and (positions.dtype is not torch.long or positions.shape != ids.shape))
+            or (
+                cache.has_padding
+                and (
+                    cache.key_valid.shape[0] != ids.shape[0]
+                    or cache.key_valid.shape[1] < cache.length + ids.shape[1]
+                    or cache.key_valid.device.type != "cpu"
+                )
+            )
             or torch.is_grad_enabled()
             or (prev is None) != (self.input_linear is None)
         ):
