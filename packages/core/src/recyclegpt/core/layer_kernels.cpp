@@ -104,16 +104,16 @@ torch::Tensor decode_layers_step(
   return out;
 }
 
-// A stack's whole decode step in one call (causal, over a padded cache and at per-row positions too): its input states, decode_layers_step and its final
-// norm, each exactly as the Python around them computes it (so the same bits), without the ~10 small
-// aten and Python calls around the layers (measured on a Zen 3 EPYC: ~60 us of a ~200 us module step
-// of the demo model). The input is embed[ids] ([B, T] int64 ids, T <= 16), or, for the recyclable
-// module, input_linear(cat(prev, embed[ids])) with prev [B, T, p] its h[t-1] states and the linear's
-// operands and three ints as for a layer's. Rotary rows: each row's `positions` [B, T] (int64) of
-// the tables [max_len, hd], or with none (an empty tensor) start .. start + T - 1 for every row.
-// `key_valid` [B, >= start + T] (bool; empty: no padding) marks the cache columns each row may
-// attend to (model.py's attention_mask_for: causal, a column marked invalid hidden, except a query's
-// own).
+// A stack's whole decode step in one call (causal, over a padded cache and at per-row positions too):
+// its input states, decode_layers_step and its final norm, each exactly as the Python around them
+// computes it (so the same bits), without the ~10 small aten and Python calls around the layers
+// (measured on a Zen 3 EPYC: ~60 us of a ~200 us module step of the demo model). The input is
+// embed[ids] ([B, T] int64 ids, T <= 16), or, for the recyclable module, input_linear(cat(prev,
+// embed[ids])) with prev [B, T, p] its h[t-1] states and the linear's operands and three ints as for a
+// layer's. Rotary rows: each row's `positions` [B, T] (int64) of the tables [max_len, hd], or with none
+// (an empty tensor) start .. start + T - 1 for every row. `key_valid` [B, >= start + T] (bool; empty:
+// no padding) marks the cache columns each row may attend to (model.py's attention_mask_for: causal, a
+// column marked invalid hidden, except a query's own).
 torch::Tensor decode_stack_step(
     const torch::Tensor& ids,
     const torch::Tensor& embed,
