@@ -365,3 +365,28 @@ def test_attention_mask_is_causal_and_hides_padding_except_a_query_from_itself(p
     if padded:  # the prefill: a padding query sees itself only, so its softmax row is not empty
         prefill = (attention_mask_for(cache, 0, 4, torch.device("cpu")) == 0)[0, 0]
         assert prefill[0].tolist() == [True, False, False, False] and prefill[3].tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("draft_policy", ["adaptive", "tree"])
+def test_warm_up_measures_the_step_costs_the_first_call_plans_with(tiny_model, monkeypatch, draft_policy) -> None:
+    from recyclegpt.core import speculation
+    from recyclegpt.core.decoding import warm_up_speculation
+
+    model = copy.deepcopy(tiny_model)
+    measured = []
+    real = speculation.measure_step_costs
+    monkeypatch.setattr(speculation, "measure_step_costs", lambda *a, **k: measured.append(1) or real(*a, **k))
+    warm_up_speculation(model, draft_length=3, draft_policy=draft_policy)
+    assert len(measured) == 1
+    model.generate(torch.tensor([[1, 2, 3]]), 8, decoding="speculative", draft_length=3, draft_policy=draft_policy)
+    assert len(measured) == 1  # the call planned with the warmed-up costs
+
+
+def test_warm_up_of_a_fixed_policy_measures_nothing_and_bad_policies_name_themselves(tiny_model, monkeypatch) -> None:
+    from recyclegpt.core import speculation
+    from recyclegpt.core.decoding import warm_up_speculation
+
+    monkeypatch.setattr(speculation, "measure_step_costs", lambda *a, **k: pytest.fail("measured"))
+    warm_up_speculation(copy.deepcopy(tiny_model), draft_length=3, draft_policy="fixed")
+    with pytest.raises(ValueError, match="draft_policy"):
+        warm_up_speculation(tiny_model, draft_policy="greedy")

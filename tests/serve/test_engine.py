@@ -162,3 +162,13 @@ def test_the_kv_bound_sets_the_batch_rows(tokenizer):
     assert batch_rows(model, 8, 3.5 * per_row / 2**20) == 3
     with pytest.raises(ValueError, match="--max-kv-mb"):
         batch_rows(model, 8, 0.5 * per_row / 2**20)
+
+
+def test_setup_measures_speculative_step_costs_before_the_first_request(tiny_model_dir) -> None:
+    from recyclegpt.core.speculation import COSTS_KEY
+    from recyclegpt.serve.api import RecycleGPTAPI
+
+    api = RecycleGPTAPI(str(tiny_model_dir), "fp32", spec=None, cpu_threads=1, draft_length=3)
+    api.setup("cpu")
+    (costs,) = api.engine.model.__dict__[COSTS_KEY].values()
+    assert costs.max_tokens >= 4  # a 3-token draft and the pending token: the default request's widest verify

@@ -17,7 +17,7 @@ from recyclegpt.core.draft_tree import MAX_TREE_NODES, TREE_TOP_K, grow_tree
 from recyclegpt.core.losses import shift_hidden
 from recyclegpt.core.model import KVCache, RecycleGPT
 from recyclegpt.core.sampling import SamplingParams, greedy_tokens, sample, token_probs
-from recyclegpt.core.speculation import DRAFT_POLICIES, DraftPlanner, draft_planner, remember_acceptance
+from recyclegpt.core.speculation import DRAFT_POLICIES, DraftPlanner, draft_planner, remember_acceptance, step_costs
 
 DECODING_MODES = ("standard", "alternating", "speculative")
 
@@ -79,6 +79,21 @@ def validate_generation_args(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size:
         raise ValueError(f"input_ids must lie in [0, {model.config.vocab_size}), the model's vocabulary")
+
+
+def _widest_verify(draft_length: int, tree: bool) -> int:
+    """Tokens in the widest verify step a planned speculative call may take (a tree verifies more)."""
+    return max(draft_length, MAX_TREE_NODES) + 1 if tree else draft_length + 1
+
+
+def warm_up_speculation(model: RecycleGPT, draft_length: int = 4, draft_policy: str = "adaptive") -> None:
+    """Measure now the step costs that ``speculative`` calls with this draft length and policy plan
+    with, which their first call would otherwise measure (for SmolLM2 on one AVX2 core 1.5-2.8 s, more
+    than the call's own decoding); a server does this before it reports ready."""
+    if draft_policy not in DRAFT_POLICIES:
+        raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
+    if draft_policy != "fixed":
+        step_costs(model, _widest_verify(draft_length, draft_policy == "tree"))
 
 
 @torch.inference_mode()
@@ -145,8 +160,11 @@ def generate(
         # whatever ran before it.
         remember = params.greedy or seed is None
         tree = draft_policy == "tree" and params.greedy
-        max_tokens = max(draft_length, MAX_TREE_NODES) + 1 if tree else draft_length + 1
-        planner = draft_planner(model, draft_length, remember, max_tokens) if draft_policy != "fixed" else None
+        planner = (
+            draft_planner(model, draft_length, remember, _widest_verify(draft_length, tree))
+            if draft_policy != "fixed"
+            else None
+        )
         _speculative(state, params, eos_token_id, draft_length, planner, tree)
         if planner is not None and remember:
             remember_acceptance(model, planner)

@@ -12,6 +12,7 @@ from fastapi import HTTPException
 
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.batching import BATCHED_MODES, BatchedDecoder
+from recyclegpt.core.decoding import warm_up_speculation
 from recyclegpt.serve.batching import BatchingLoop, Scheduler
 from recyclegpt.serve.engine import Engine, Job, resolve_dtype
 from recyclegpt.serve.protocol import ApiError
@@ -51,6 +52,7 @@ class RecycleGPTAPI(ls.LitAPI):
         max_batch_size: int = 8,
         max_kv_mb: float = 4096.0,
         quantize: str = "none",
+        draft_length: int = 4,
     ) -> None:
         super().__init__(spec=spec, stream=True, max_batch_size=1, loop=BatchingLoop())
         self.model_dir = model_dir
@@ -59,6 +61,7 @@ class RecycleGPTAPI(ls.LitAPI):
         self.batch_limit = max_batch_size
         self.max_kv_mb = max_kv_mb
         self.quantize = quantize
+        self.draft_length = draft_length  # the default of speculative requests, whose step costs setup measures
 
     def setup(self, device: str) -> None:
         if device == "cpu":
@@ -72,6 +75,7 @@ class RecycleGPTAPI(ls.LitAPI):
         self.scheduler = Scheduler(self.engine, rows)
         # Warm up, so the first client does not pay for lazy initialisation (and /health means ready).
         model.generate(torch.tensor([[0]], device=device), 1)
+        warm_up_speculation(model, self.draft_length)
         for mode in BATCHED_MODES:
             self.scheduler.decoder(mode).add("warm-up", [0], 2)
             self.scheduler.decoder(mode).step()

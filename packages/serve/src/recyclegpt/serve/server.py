@@ -50,6 +50,7 @@ def build_server(options: ServeOptions) -> ls.LitServer:
         options.max_batch_size,
         options.max_kv_mb,
         options.quantize,
+        options.draft_length,
     )
     middlewares = [(BearerAuthMiddleware, {"api_key": options.api_key})] if options.api_key else []
     return ls.LitServer(
