@@ -71,10 +71,10 @@ def compat(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the packages, the tests and this file."""
+    """ruff over the packages, the tests, tools/ and this file."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "packages", "tests", "noxfile.py")
+    session.run("ruff", "check", "packages", "tests", "tools", "noxfile.py")
+    session.run("ruff", "format", "--check", "packages", "tests", "tools", "noxfile.py")
 
 
 @nox.session(name="bench-core")

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The CUDA checks, in order of value, each under its own time limit, logs in $OUT (default gpu-check-out):
+#   the CUDA tests; the random model's step costs and decoders; with MODEL_DIR, the trained model's
+#   (eager, then without cuDNN attention, a suspect of docs/gpu.md's open problems), a speed report
+#   with DATA, and a server load test; last, the whole suite on parallel workers.
+# Run from the repository root with the four packages importable. STAGES picks stages (default all):
+#   STAGES="tests bench" MODEL_DIR=runs/smollm2/model bash tools/gpu-check/check.sh
+set -u
+OUT=${OUT:-gpu-check-out}
+STAGES=${STAGES:-"env tests bench model speed serve suite"}
+MODEL_DIR=${MODEL_DIR:-}
+DATA=${DATA:-}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
+
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+stage() { echo; echo "=== $* ($(date +%T))"; }
+quiet() { grep -v "it/s\]"; }  # drop progress bars
+
+if wanted env; then
+    stage env
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        lscpu | grep 'Model name'
+        nproc
+        $PYTHON -c "import torch, transformers, lightning, litserve; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'cpu', torch.backends.cpu.get_cpu_capability()); print('transformers', transformers.__version__, 'lightning', lightning.__version__, 'litserve', litserve.__version__)"
+    } 2>&1 | tee "$OUT/env.log"
+fi
+
+if wanted tests; then
+    stage CUDA tests
+    timeout 240 $PYTHON -m pytest -q -p no:cacheprovider tests/core/test_cuda.py -rA 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+fi
+
+if wanted bench; then
+    stage bench-core, random model
+    timeout 150 $PYTHON -m recyclegpt.core.bench --quantize none int8 --repeats 5 2>&1 | quiet | tee "$OUT/bench_random.log"
+fi
+
+if [[ -n "$MODEL_DIR" ]] && wanted model; then
+    stage "bench-core, $MODEL_DIR"
+    timeout 150 $PYTHON -m recyclegpt.core.bench --model "$MODEL_DIR" --quantize none --repeats 5 2>&1 | quiet | tee "$OUT/bench_model.log"
+    stage "bench-core, $MODEL_DIR, cuDNN attention off"
+    timeout 150 $PYTHON -c "import sys, torch; torch.backends.cuda.enable_cudnn_sdp(False); from recyclegpt.core.bench import main; main(sys.argv[1:])" \
+        --model "$MODEL_DIR" --quantize none --repeats 5 2>&1 | quiet | tee "$OUT/bench_model_no_cudnn.log"
+fi
+
+if [[ -n "$MODEL_DIR" && -n "$DATA" ]] && wanted speed; then
+    for dtype in bf16 fp32; do  # bf16: the default on a GPU; fp32: speculative exactly equal to standard
+        stage "eval speed, $dtype"
+        timeout 200 $PYTHON -m recyclegpt.eval.cli speed --model "$MODEL_DIR" --data "$DATA" --num-prompts 6 --repeats 1 \
+            --dtype $dtype --json "$OUT/speed_$dtype.json" 2>&1 | quiet | tail -30
+    done
+fi
+
+if [[ -n "$MODEL_DIR" ]] && wanted serve; then
+    stage "server load test, $MODEL_DIR"
+    port=8011
+    setsid $PYTHON -m recyclegpt.serve.cli --model "$MODEL_DIR" --port $port > "$OUT/serve.log" 2>&1 &
+    server=$!  # its own process group: the API and worker processes go with it
+    for _ in $(seq 180); do curl -sf http://127.0.0.1:$port/health > /dev/null && break; sleep 1; done
+    timeout 240 $PYTHON -m recyclegpt.serve.loadtest --url http://127.0.0.1:$port --concurrency 1 8 \
+        --decoding speculative standard alternating --requests 8 --max-tokens 64 --model-dir "$MODEL_DIR" 2>&1 | quiet | tee "$OUT/loadtest.log"
+    kill -INT -- -$server; sleep 5; kill -KILL -- -$server 2> /dev/null
+    grep "loaded on" "$OUT/serve.log"
+fi
+
+if wanted suite; then
+    stage "the whole suite (the CPU kernels built first, so the workers do not queue on that build)"
+    $PYTHON -c "from recyclegpt.core import cpu_kernels; cpu_kernels.build()"
+    # SUITE_ARGS: e.g. --deselect tests/train/test_mlflow.py::test_run_reaches_the_mlflow_server where only mlflow-skinny is installed
+    timeout -s INT 420 $PYTHON -m pytest -q -p no:cacheprovider -n 12 tests -rfE --ignore tests/serve/test_lm_eval_compat.py ${SUITE_ARGS:-} \
+        2>&1 | tee "$OUT/suite.log" | tail -40
+fi
+stage done
