@@ -57,7 +57,8 @@ fi
 if [[ -n "$MODEL_DIR" ]] && wanted serve; then
     stage "server load test, $MODEL_DIR"
     port=8011
-    setsid $PYTHON -m recyclegpt.serve.cli --model "$MODEL_DIR" --port $port > "$OUT/serve.log" 2>&1 &
+    # SERVE_ARGS: e.g. "--cpu-threads 2" (docs/gpu.md, open problems 2 and 3) or "--dtype fp32"
+    setsid $PYTHON -m recyclegpt.serve.cli --model "$MODEL_DIR" --port $port ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
     server=$!  # its own process group: the API and worker processes go with it
     for _ in $(seq 180); do curl -sf http://127.0.0.1:$port/health > /dev/null && break; sleep 1; done
     timeout 240 $PYTHON -m recyclegpt.serve.loadtest --url http://127.0.0.1:$port --concurrency 1 8 \

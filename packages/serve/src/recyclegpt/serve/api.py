@@ -66,6 +66,8 @@ class RecycleGPTAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if device == "cpu":
             torch.set_num_threads(self.cpu_threads or default_cpu_threads())
+        elif self.cpu_threads:  # a GPU worker's own CPU work is small: fewer threads may contend less with the API
+            torch.set_num_threads(self.cpu_threads)
         dtype = resolve_dtype(self.dtype, device)
         model = RecycleGPT.from_pretrained(
             self.model_dir, dtype=dtype, device=device, quantize=self.quantize, fuse=True

@@ -52,7 +52,7 @@ def build_parser() -> ArgumentParser:
         "--cpu-threads",
         type=int | None,
         default=None,
-        help="torch CPU threads in the worker (default: all cores but one, left to the API process)",
+        help="torch CPU threads in the worker (default on a CPU: all cores but one, left to the API process; on a GPU: torch's)",
     )
     parser.add_argument(
         "--api-key", type=str | None, default=None, help=f"require this bearer token (or set {API_KEY_ENV})"
