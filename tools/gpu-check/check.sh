@@ -30,7 +30,7 @@ fi
 
 if wanted tests; then
     stage CUDA tests
-    timeout 240 $PYTHON -m pytest -q -p no:cacheprovider tests/core/test_cuda.py -rA 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+    timeout 300 $PYTHON -m pytest -q -p no:cacheprovider tests/core/test_cuda.py tests/train/test_gpu.py -rA 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 fi
 
 if wanted bench; then
