@@ -90,9 +90,10 @@ def _metrics(workdir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_frozen_base_trains_over_cached_features_unrolled_distilled_with_a_draft_vocab(workdir, run_train, exported):
-    source = pretrained_model(workdir / "pretrained")
-    args = [
+def frozen_base_args(source: Path) -> list[str]:
+    """`recyclegpt-train` arguments: 6 steps of a frozen ``source`` base's module over cached features,
+    unrolled 3 deep, distilled, with a 64-token draft vocabulary."""
+    return [
         "--model.regime=frozen_base",
         f"--model.pretrained={source}",
         "--model.unroll_depth=3",
@@ -103,14 +104,23 @@ def test_frozen_base_trains_over_cached_features_unrolled_distilled_with_a_draft
         "--trainer.max_steps=6",
         "--trainer.val_check_interval=3",
     ]
-    result = run_train(workdir, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "feature cache" in result.stdout and "building" in result.stdout
-    before, after = load_file(source / "model.safetensors"), load_file(exported(result.stdout) / "model.safetensors")
+
+
+def assert_only_the_module_changed(source: Path, export: Path) -> None:
+    before, after = load_file(source / "model.safetensors"), load_file(export / "model.safetensors")
     for key in before:
         if not key.startswith("recycle."):
             assert torch.equal(before[key], after[key]), f"base weight {key} changed"
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("recycle."))
+
+
+def test_frozen_base_trains_over_cached_features_unrolled_distilled_with_a_draft_vocab(workdir, run_train, exported):
+    source = pretrained_model(workdir / "pretrained")
+    args = frozen_base_args(source)
+    result = run_train(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "feature cache" in result.stdout and "building" in result.stdout
+    assert_only_the_module_changed(source, exported(result.stdout))
     model = RecycleGPT.from_pretrained(str(exported(result.stdout)))
     assert model.config.draft_vocab_size == 64 and int(model.recycle.t2d.sum()) == 64
     rows = _metrics(workdir)
