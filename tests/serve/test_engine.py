@@ -169,6 +169,10 @@ def test_setup_measures_speculative_step_costs_before_the_first_request(tiny_mod
     from recyclegpt.serve.api import RecycleGPTAPI
 
     api = RecycleGPTAPI(str(tiny_model_dir), "fp32", spec=None, cpu_threads=1, draft_length=3)
-    api.setup("cpu")
+    threads = torch.get_num_threads()
+    try:
+        api.setup("cpu")  # sets the worker's torch threads: this process's, here
+    finally:
+        torch.set_num_threads(threads)
     (costs,) = api.engine.model.__dict__[COSTS_KEY].values()
     assert costs.max_tokens >= 4  # a 3-token draft and the pending token: the default request's widest verify
