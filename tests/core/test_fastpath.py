@@ -444,7 +444,7 @@ def test_bench_core_prints_steps_and_every_decoder(capsys) -> None:
     assert "measured on: CPU" in out
     for row in ("| fp32 |", "| fp32+int8 |", "| fp32+int4 |", "transformers generate [fp32]", "standard [fp32+int4]"):
         assert row in out
-    assert "speculative<=2 [fp32+int8]" in out and "5 tokens" in out
+    assert "speculative<=2 [fp32+int8]" in out and "speculative g=2 [fp32]" in out and "5 tokens" in out
 
 
 def test_bench_core_times_the_models_linears_on_torch_and_the_kernel(capsys) -> None:

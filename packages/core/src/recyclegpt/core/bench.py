@@ -47,8 +47,8 @@ Run = Callable[[], int]  # decodes once; returns the number of new tokens
 def decoder_runs(
     model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str, batched: bool = False
 ) -> dict[str, Run]:
-    """``standard``, ``alternating``, ``speculative`` (adaptive chains) and ``speculative tree`` on
-    ``model``, named ``<mode> [label]``; with ``batched``, also the server's continuous-batching
+    """``standard``, ``alternating``, ``speculative`` (adaptive chains; a fixed ``draft_length``, which
+    reads no draft back before the verification; a tree) on ``model``, named ``<mode> [label]``; with ``batched``, also the server's continuous-batching
     decoder (:class:`~recyclegpt.core.batching.BatchedDecoder`, standard) over 1 and over
     :data:`BATCH_ROWS` copies of the prompt (tokens/s of all rows together)."""
 
@@ -73,6 +73,7 @@ def decoder_runs(
         f"standard [{label}]": ours("standard"),
         f"alternating [{label}]": ours("alternating"),
         f"speculative<={draft_length} [{label}]": ours("speculative"),
+        f"speculative g={draft_length} [{label}]": ours("speculative", "fixed"),
         f"speculative tree<={draft_length} [{label}]": ours("speculative", "tree"),
     }
     if batched:
