@@ -14,6 +14,7 @@ from recyclegpt.core.checkpoint import load_pretrained, save_pretrained
 from recyclegpt.core.speculation import forget_acceptance
 
 from .conftest import PATTERN, pattern_trained, tiny_config
+from .test_batching import run_staggered
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
 
@@ -73,15 +74,7 @@ def test_fp32_cuda_logits_match_the_cpu(trained_cpu) -> None:
 def test_batched_decoder_on_cuda_equals_solo(trained_cpu, decoding) -> None:
     model = on_gpu(trained_cpu, torch.float32)
     requests = [(PATTERN[: 1 + i], 6 + 3 * i) for i in range(5)]
-    decoder = BatchedDecoder(model, decoding, max_batch_size=3, capacity=48)
-    results: dict[int, list[int]] = {i: [] for i in range(len(requests))}
-    waiting = list(range(len(requests)))
-    while waiting or len(decoder):
-        while waiting and decoder.has_capacity():
-            i = waiting.pop(0)
-            results[i] += decoder.add(i, requests[i][0], requests[i][1]).new_tokens
-        for out in decoder.step():
-            results[out.key] += out.new_tokens
+    results = run_staggered(BatchedDecoder(model, decoding, max_batch_size=3, capacity=48), requests, join_every=0)
     for i, (prompt, max_new) in enumerate(requests):
         solo = model.generate(torch.tensor([prompt], device="cuda"), max_new, decoding=decoding)
         assert results[i] == solo.new_tokens[0].tolist(), i

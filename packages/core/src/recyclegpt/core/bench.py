@@ -48,9 +48,10 @@ def decoder_runs(
     model: RecycleGPT, prompt: torch.Tensor, new_tokens: int, draft_length: int, label: str, batched: bool = False
 ) -> dict[str, Run]:
     """``standard``, ``alternating``, ``speculative`` (adaptive chains; a fixed ``draft_length``, which
-    reads no draft back before the verification; a tree) on ``model``, named ``<mode> [label]``; with ``batched``, also the server's continuous-batching
-    decoder (:class:`~recyclegpt.core.batching.BatchedDecoder`, standard) over 1 and over
-    :data:`BATCH_ROWS` copies of the prompt (tokens/s of all rows together)."""
+    reads no draft back before the verification; a tree) on ``model``, named ``<mode> [label]``; with
+    ``batched``, also the server's continuous-batching decoder
+    (:class:`~recyclegpt.core.batching.BatchedDecoder`, standard) over 1 and over :data:`BATCH_ROWS`
+    copies of the prompt (tokens/s of all rows together)."""
 
     def ours(decoding: str, draft_policy: str = "adaptive") -> Run:
         return lambda: model.generate(

@@ -81,6 +81,11 @@ def validate_generation_args(
         raise ValueError(f"input_ids must lie in [0, {model.config.vocab_size}), the model's vocabulary")
 
 
+def _check_draft_policy(draft_policy: str) -> None:
+    if draft_policy not in DRAFT_POLICIES:
+        raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
+
+
 def _widest_verify(draft_length: int, tree: bool) -> int:
     """Tokens in the widest verify step a planned speculative call may take (a tree verifies more)."""
     return max(draft_length, MAX_TREE_NODES) + 1 if tree else draft_length + 1
@@ -90,8 +95,7 @@ def warm_up_speculation(model: RecycleGPT, draft_length: int = 4, draft_policy: 
     """Measure now the step costs that ``speculative`` calls with this draft length and policy plan
     with, which their first call would otherwise measure (for SmolLM2 on one AVX2 core 1.5-2.8 s, more
     than the call's own decoding); a server does this before it reports ready."""
-    if draft_policy not in DRAFT_POLICIES:
-        raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
+    _check_draft_policy(draft_policy)
     if draft_policy != "fixed":
         step_costs(model, _widest_verify(draft_length, draft_policy == "tree"))
 
@@ -130,8 +134,7 @@ def generate(
     the module's top guesses (depth <= ``draft_length``) and verifies as many of its nodes as pay
     (:mod:`recyclegpt.core.draft_tree`), greedy only: a sampling call drafts as ``adaptive`` does.
     """
-    if draft_policy not in DRAFT_POLICIES:
-        raise ValueError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {draft_policy!r}")
+    _check_draft_policy(draft_policy)
     validate_generation_args(model, input_ids, max_new_tokens, decoding, draft_length, temperature, top_k, top_p)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
