@@ -5,15 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recyclegpt.core import RecycleConfig, RecycleGPT
+from recyclegpt.core import RecycleConfig, RecycleGPT, precision
 from recyclegpt.core.precision import (
     auto_dtype,
     auto_precision,
+    cpu_decode_kernels_run,
     cpu_has_native_bf16,
+    decode_dtype,
     dtype_name,
     hardware_summary,
+    resolve_decode_dtype,
     resolve_dtype,
 )
+
+
+@pytest.fixture
+def decode_kernels(monkeypatch):
+    """``decode_kernels(False)``: this project's CPU decode kernels do not run here."""
+    return lambda run: monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: run)
 
 
 def test_avx2_cpu_means_fp32(cpu_class):
@@ -62,10 +71,43 @@ def test_names():
     assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.float32) == "fp32"
 
 
-def test_from_pretrained_auto_follows_the_cpu_class(cpu_class, tmp_path):
-    RecycleGPT(RecycleConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2)).save_pretrained(str(tmp_path))
-    cpu_class("avx2")
-    assert RecycleGPT.from_pretrained(str(tmp_path), dtype="auto", device="cpu").lm_head.weight.dtype == torch.float32
+def test_decoding_on_a_cpu_with_the_kernels_means_fp32(cpu_class, decode_kernels):
     cpu_class("avx512_bf16")
-    assert RecycleGPT.from_pretrained(str(tmp_path), dtype="auto", device="cpu").lm_head.weight.dtype == torch.bfloat16
-    assert RecycleGPT.from_pretrained(str(tmp_path)).lm_head.weight.dtype == torch.float32  # None keeps fp32
+    decode_kernels(True)
+    for quantize in (None, "none", "w8a8", "w4a8"):  # the kernels' fp32-activation formats
+        assert decode_dtype("cpu", quantize) == torch.float32
+        assert resolve_decode_dtype("auto", "cpu", quantize) == torch.float32
+    for quantize in ("int8", "int4", "fp16"):
+        assert decode_dtype("cpu", quantize) == torch.bfloat16
+    assert resolve_decode_dtype("bf16", "cpu") == torch.bfloat16  # an explicit choice wins
+    assert auto_dtype("cpu") == torch.bfloat16 and auto_precision("cpu") == "bf16-mixed"  # training keeps bf16
+    decode_kernels(False)
+    assert decode_dtype("cpu") == torch.bfloat16
+    cpu_class("avx2")
+    assert decode_dtype("cpu", "int8") == torch.float32
+
+
+def test_the_step_kernels_switch_turns_the_fp32_choice_off(monkeypatch):
+    monkeypatch.setenv("RECYCLEGPT_STEP_KERNELS", "0")
+    assert not cpu_decode_kernels_run()
+
+
+def test_from_pretrained_auto_follows_the_cpu_class(cpu_class, decode_kernels, tmp_path):
+    RecycleGPT(RecycleConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2)).save_pretrained(str(tmp_path))
+
+    def loaded(**kwargs) -> torch.dtype:
+        return RecycleGPT.from_pretrained(str(tmp_path), device="cpu", **kwargs).model.norm.weight.dtype
+
+    cpu_class("avx2")
+    assert loaded(dtype="auto") == torch.float32
+    cpu_class("avx512_bf16")
+    decode_kernels(False)
+    assert loaded(dtype="auto") == torch.bfloat16
+    decode_kernels(True)
+    assert loaded(dtype="auto") == torch.float32
+    assert loaded(dtype="auto", quantize="w8a8") == torch.float32
+    assert loaded(dtype="auto", quantize="int8") == torch.bfloat16
+    RecycleGPT.from_pretrained(str(tmp_path), quantize="int8").save_pretrained(str(tmp_path / "int8"))
+    saved_int8 = RecycleGPT.from_pretrained(str(tmp_path / "int8"), dtype="auto", device="cpu")
+    assert saved_int8.model.norm.weight.dtype == torch.bfloat16  # its saved setup names its weights
+    assert loaded() == torch.float32  # None keeps fp32

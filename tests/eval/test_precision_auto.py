@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from recyclegpt.core import precision
 from recyclegpt.eval import data
 from recyclegpt.eval.cli import build_parser
 
@@ -14,8 +15,11 @@ def test_dtype_defaults_to_auto():
         assert getattr(args, command).dtype == "auto"
 
 
-def test_auto_follows_the_cpu_class(cpu_class, tiny_model_dir):
+def test_auto_follows_the_cpu_class(cpu_class, tiny_model_dir, monkeypatch):
     cpu_class("avx2")
     assert data.load_model(str(tiny_model_dir), "auto").lm_head.weight.dtype == torch.float32
     cpu_class("avx512_bf16")
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: False)
     assert data.load_model(str(tiny_model_dir), "auto").lm_head.weight.dtype == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: True)  # decoding: fp32 on the kernels
+    assert data.load_model(str(tiny_model_dir), "auto").lm_head.weight.dtype == torch.float32

@@ -142,11 +142,16 @@ def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_serve_auto_dtype_follows_the_cpu_class(cpu_class):
+def test_serve_auto_dtype_follows_the_cpu_class(cpu_class, monkeypatch):
+    from recyclegpt.core import precision
+
     cpu_class("avx2")
     assert resolve_dtype("auto", "cpu") == "fp32"
     cpu_class("avx512_bf16")
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: False)
     assert resolve_dtype("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: True)  # fp32 on the decode kernels
+    assert resolve_dtype("auto", "cpu") == "fp32" and resolve_dtype("auto", "cpu", "int8") == "bf16"
 
 
 def test_the_kv_bound_sets_the_batch_rows(tokenizer):

@@ -30,7 +30,13 @@ from recyclegpt.core.cpu_kernels import build
 from recyclegpt.core.fastpath import prepare_for_decoding, use_step_kernels
 from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.peer import peer_generate, transformers_peer
-from recyclegpt.core.precision import DTYPE_CHOICES, dtype_name, hardware_summary, resolve_dtype
+from recyclegpt.core.precision import (
+    DTYPE_CHOICES,
+    FP32_DECODE_FORMATS,
+    dtype_name,
+    hardware_summary,
+    resolve_decode_dtype,
+)
 from recyclegpt.core.profiling import interleaved, measure_step_costs, median_seconds
 from recyclegpt.core.quantize import QUANTIZE_CHOICES
 
@@ -168,7 +174,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft-length", type=int, default=4, help="speculative: the most tokens drafted per cycle")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="auto: what decodes fastest here (core.precision.decode_dtype)",
+    )
     parser.add_argument("--quantize", nargs="+", default=list(QUANTIZE_CHOICES), choices=QUANTIZE_CHOICES)
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     parser.add_argument(
@@ -212,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(args.dtype, device)
+    # auto: fp32 where every variant decodes fastest on fp32 activations (core.precision.decode_dtype)
+    other = next((q for q in args.quantize if q not in FP32_DECODE_FORMATS), None)
+    dtype = resolve_decode_dtype(args.dtype, device, other)
     gguf: Path | None = None
     if args.model is None:
         model = random_model(args)

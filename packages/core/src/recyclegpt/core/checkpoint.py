@@ -19,7 +19,7 @@ from safetensors.torch import load_file, load_model, save_model
 from recyclegpt.core.assets import resolve_model_path
 from recyclegpt.core.config import MODEL_TYPE, RecycleConfig
 from recyclegpt.core.model import RecycleGPT
-from recyclegpt.core.precision import resolve_dtype
+from recyclegpt.core.precision import resolve_decode_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -131,12 +131,18 @@ def load_pretrained(
         from recyclegpt.core.fastpath import prepare_for_decoding
 
         prepare_for_decoding(model, quantize=quantize, fuse=fuse if fuse is not None else True)
-    return model.to(device=device, dtype=_resolve_dtype(dtype, device)).eval()
+    from recyclegpt.core.fastpath import decoding_setup
+
+    weights = decoding_setup(model).get("quantize")  # also that of a directory saved quantized
+    return model.to(device=device, dtype=_resolve_dtype(dtype, device, weights)).eval()
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str | None) -> torch.dtype:
-    """None keeps fp32 (the stored precision); ``auto`` asks :mod:`recyclegpt.core.precision`."""
-    return torch.float32 if dtype is None else resolve_dtype(dtype, device)
+def _resolve_dtype(
+    dtype: torch.dtype | str | None, device: torch.device | str | None, quantize: str | None
+) -> torch.dtype:
+    """None keeps fp32 (the stored precision); ``auto`` asks :mod:`recyclegpt.core.precision` what
+    decodes fastest here with ``quantize`` weights (:func:`~recyclegpt.core.precision.decode_dtype`)."""
+    return torch.float32 if dtype is None else resolve_decode_dtype(dtype, device, quantize)
 
 
 def _load_own(

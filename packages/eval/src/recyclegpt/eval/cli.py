@@ -14,7 +14,8 @@ from recyclegpt.eval.errors import EvalError
 PROG = "recyclegpt-eval"
 DTYPES = DTYPE_CHOICES
 DTYPE_HELP = (
-    "weights and compute dtype; auto: bf16 where the hardware computes it natively (CUDA, AVX512-BF16/AMX), else fp32"
+    "weights and compute dtype; auto: bf16 on CUDA GPUs, fp32 on CPUs where this project's decode kernels run "
+    "(unquantized, w8a8, w4a8), else bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32"
 )
 # Copies of recyclegpt.core.quantize's QUANTIZE_CHOICES and QUANTIZE_HELP (not imported: keep --help
 # fast; a test compares them).

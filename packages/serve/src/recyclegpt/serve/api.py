@@ -13,8 +13,9 @@ from fastapi import HTTPException
 from recyclegpt.core import RecycleGPT
 from recyclegpt.core.batching import BATCHED_MODES, BatchedDecoder
 from recyclegpt.core.decoding import warm_up_speculation
+from recyclegpt.core.precision import dtype_name
 from recyclegpt.serve.batching import BatchingLoop, Scheduler
-from recyclegpt.serve.engine import Engine, Job, resolve_dtype
+from recyclegpt.serve.engine import Engine, Job
 from recyclegpt.serve.protocol import ApiError
 from recyclegpt.serve.spec import OpenAIEndpoints
 
@@ -68,10 +69,11 @@ class RecycleGPTAPI(ls.LitAPI):
             torch.set_num_threads(self.cpu_threads or default_cpu_threads())
         elif self.cpu_threads:  # a GPU worker's own CPU work is small: fewer threads may contend less with the API
             torch.set_num_threads(self.cpu_threads)
-        dtype = resolve_dtype(self.dtype, device)
+        # ``auto`` resolves in from_pretrained, which also knows the weights of a directory saved quantized.
         model = RecycleGPT.from_pretrained(
-            self.model_dir, dtype=dtype, device=device, quantize=self.quantize, fuse=True
+            self.model_dir, dtype=self.dtype, device=device, quantize=self.quantize, fuse=True
         )
+        dtype = dtype_name(model.model.norm.weight.dtype)
         self.engine = Engine(model, model.tokenizer)
         rows = batch_rows(model, self.batch_limit, self.max_kv_mb)
         self.scheduler = Scheduler(self.engine, rows)

@@ -31,7 +31,7 @@ def build_parser() -> ArgumentParser:
         "--dtype",
         type=Literal["auto", "bf16", "fp32"],
         default="auto",
-        help="auto: bf16 on a GPU or a CPU with AVX512-BF16/AMX, else fp32",
+        help="auto: bf16 on a GPU; on a CPU fp32 where this project's decode kernels run (unquantized, w8a8, w4a8), else bf16 with AVX512-BF16/AMX, else fp32",
     )
     parser.add_argument(
         "--quantize",
@@ -89,19 +89,19 @@ def check(args) -> str | None:  # noqa: ANN001 - a jsonargparse Namespace
     return None
 
 
-def kv_problem(model: Path, dtype: str, max_batch_size: int, max_kv_mb: float) -> str | None:
+def kv_problem(model: Path, dtype: str, quantize: str, max_batch_size: int, max_kv_mb: float) -> str | None:
     """Why not even one batch row fits in --max-kv-mb (checked from config.json, before any worker starts)."""
     if not (model / "config.json").is_file():
         return None  # a .gguf file: the worker checks it once the model is loaded
     import torch
 
     from recyclegpt.core import RecycleConfig, RecycleGPT
-    from recyclegpt.core.precision import resolve_dtype
+    from recyclegpt.core.precision import resolve_decode_dtype
     from recyclegpt.serve.api import batch_rows
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
-        meta = RecycleGPT(RecycleConfig.load(model / "config.json")).to(resolve_dtype(dtype, device))
+        meta = RecycleGPT(RecycleConfig.load(model / "config.json")).to(resolve_decode_dtype(dtype, device, quantize))
     try:
         batch_rows(meta, max_batch_size, max_kv_mb)
     except ValueError as err:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     from recyclegpt.serve.server import ServeOptions, serve  # after the checks: imports torch
 
     model = Path(args.model).resolve()
-    if (problem := kv_problem(model, args.dtype, args.max_batch_size, args.max_kv_mb)) is not None:
+    if (problem := kv_problem(model, args.dtype, args.quantize, args.max_batch_size, args.max_kv_mb)) is not None:
         print(f"recyclegpt-serve: error: {problem}", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))

@@ -101,12 +101,13 @@ def direct_generate_seconds(
     import torch
 
     from recyclegpt.core import RecycleGPT
-    from recyclegpt.serve.engine import resolve_dtype
 
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = RecycleGPT.from_pretrained(model_dir, dtype=resolve_dtype(dtype, device), device=device, fuse=True)
+    model = RecycleGPT.from_pretrained(
+        model_dir, dtype=dtype, device=device, fuse=True
+    )  # auto: as the server resolves it
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     seconds = []
