@@ -9,7 +9,7 @@ import torch
 
 from recyclegpt.core import RecycleConfig, RecycleGPT
 from recyclegpt.serve.cli import main, resolve_api_key
-from recyclegpt.serve.engine import Engine, Job, resolve_dtype
+from recyclegpt.serve.engine import Engine, Job
 from recyclegpt.serve.prompts import PLAIN_CHAT_TEMPLATE, chat_text
 from recyclegpt.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_request
 
@@ -114,10 +114,7 @@ def test_engine_runs_core_generate_and_checks_the_context(tokenizer):
     assert err.value.param == "messages"
 
 
-def test_dtype_and_api_key_resolution():
-    assert resolve_dtype("fp32", "cuda:0") == "fp32"
-    assert resolve_dtype("auto", "mps") == "fp32"
-    assert resolve_dtype("auto", "cpu") in ("bf16", "fp32")
+def test_api_key_resolution():
     assert resolve_api_key(None, {"RECYCLEGPT_API_KEY": "env"}) == "env"
     assert resolve_api_key("flag", {"RECYCLEGPT_API_KEY": "env"}) == "flag"
     assert resolve_api_key(None, {"RECYCLEGPT_API_KEY": ""}) is None
@@ -142,16 +139,29 @@ def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_serve_auto_dtype_follows_the_cpu_class(cpu_class, monkeypatch):
-    from recyclegpt.core import precision
+def test_the_kv_check_sizes_the_cache_in_the_dtype_auto_decodes_in(cpu_class, monkeypatch, tiny_model_dir):
+    """--max-kv-mb is checked against the cache of the dtype the worker will load: fp32 where the CPU
+    decode kernels run (twice bf16's bytes), bf16 on a native-bf16 CPU without them."""
+    import torch
 
-    cpu_class("avx2")
-    assert resolve_dtype("auto", "cpu") == "fp32"
+    from recyclegpt.core import RecycleConfig, RecycleGPT, precision
+    from recyclegpt.core.batching import BATCHED_MODES, BatchedDecoder
+    from recyclegpt.serve.cli import kv_problem
+
+    def row_mib(dtype: torch.dtype) -> float:
+        with torch.device("meta"):
+            meta = RecycleGPT(RecycleConfig.load(tiny_model_dir / "config.json")).to(dtype)
+        return sum(BatchedDecoder.kv_bytes(meta, mode, 1) for mode in BATCHED_MODES) / 2**20
+
+    between = (row_mib(torch.bfloat16) + row_mib(torch.float32)) / 2  # one bf16 row fits, one fp32 row does not
     cpu_class("avx512_bf16")
     monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: False)
-    assert resolve_dtype("auto", "cpu") == "bf16"
-    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: True)  # fp32 on the decode kernels
-    assert resolve_dtype("auto", "cpu") == "fp32" and resolve_dtype("auto", "cpu", "int8") == "bf16"
+    assert kv_problem(tiny_model_dir, "auto", "none", 8, between) is None
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: True)
+    assert "one batch row of this model needs" in kv_problem(tiny_model_dir, "auto", "none", 8, between)
+    assert kv_problem(tiny_model_dir, "auto", "int8", 8, between) is None  # weight-only int8 decodes in bf16
+    cpu_class("avx2")
+    assert kv_problem(tiny_model_dir, "auto", "int8", 8, between) is not None
 
 
 def test_the_kv_bound_sets_the_batch_rows(tokenizer):

@@ -9,7 +9,6 @@ from typing import Any
 
 from recyclegpt.core import GenerationOutput, RecycleGPT
 from recyclegpt.core.logprobs import FullModelScorer, TokenLogprob
-from recyclegpt.core.precision import dtype_name, resolve_decode_dtype
 from recyclegpt.serve.prompts import encode_chat, encode_completion
 from recyclegpt.serve.protocol import ApiError
 from recyclegpt.serve.streaming import LockstepGenerate
@@ -41,13 +40,6 @@ class Job:
     @property
     def prompt_param(self) -> str:
         return "messages" if self.messages is not None else "prompt"
-
-
-def resolve_dtype(choice: str, device: str, quantize: str | None = None) -> str:
-    """``auto``: what decodes fastest here with ``quantize`` weights (core decides:
-    :func:`recyclegpt.core.precision.decode_dtype`): bf16 on a CUDA GPU with bf16 support, fp32 on a
-    CPU where this project's decode kernels run, else bf16 where the CPU computes it natively."""
-    return dtype_name(resolve_decode_dtype(choice, device, quantize))
 
 
 class Engine:
