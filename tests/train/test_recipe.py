@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from recyclegpt.core import quant_kernels
-from recyclegpt.core.precision import auto_dtype
+from recyclegpt.core.precision import auto_dtype, decode_dtype, dtype_name
 from recyclegpt.train.recipe import eval_reserve, selfgen_quantize, speed_quantize, training_precision
 
 from .test_frozen_base import pretrained_model
@@ -54,9 +54,12 @@ def test_recipe_runs_every_phase_on_the_embedded_corpus(workdir: Path) -> None:
     report = json.loads((workdir / "runs/recipe/report.json").read_text())
     assert report["data"] == "stdlib"
     native_bf16 = auto_dtype("cpu") == torch.bfloat16
-    dtype = "bf16" if native_bf16 else "fp32"
-    # --quantize auto: w8a8 where its integer kernels run (VNNI or AVX2), else unquantized bf16 or int8 with fp32
-    expected = f"{dtype} + w8a8" if quant_kernels.dynamic_available() else ("bf16" if native_bf16 else "fp32 + int8")
+    # --quantize auto: w8a8 where its integer kernels run (VNNI or AVX2), else unquantized bf16 or int8 with
+    # fp32; decoded in what --dtype auto decodes them in (fp32 on the kernels, native bf16 or not)
+    if quant_kernels.dynamic_available():
+        expected = f"{dtype_name(decode_dtype('cpu', 'w8a8'))} + w8a8"
+    else:
+        expected = dtype_name(decode_dtype("cpu")) if native_bf16 else "fp32 + int8"
     assert report["speed_weights"] == expected
     assert report["speed"]["speculative"]["identical_to_standard"] is True
     assert set(report["quality"]["agreement_by_depth"]) >= {"1", "2", "3", "4"}

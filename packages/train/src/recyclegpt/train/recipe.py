@@ -41,7 +41,7 @@ import yaml
 
 from recyclegpt.core import RecycleGPT, quant_kernels
 from recyclegpt.core.losses import unrolled_losses
-from recyclegpt.core.precision import auto_dtype, dtype_name, hardware_summary
+from recyclegpt.core.precision import auto_dtype, decode_dtype, dtype_name, hardware_summary
 from recyclegpt.core.quantize import QUANTIZE_CHOICES, rounds_to_bf16
 from recyclegpt.train.callbacks import TRAINED_LINE
 from recyclegpt.train.corpus import STDLIB, CorpusError, check_readable, stdlib_heldout_text
@@ -466,8 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     seconds_left = args.minutes * 60 - (time.perf_counter() - started)
     fit_overhead = FIT_OVERHEAD_LOADS * phases["fetch + load base"]
     quantize = speed_quantize(args.quantize, cache_dtype)  # the speed report's weights
+    decode = decode_dtype("cpu", quantize)  # and its precision: what --dtype auto decodes them in here
     if args.eval_share is None:
-        args.eval_share = eval_reserve(cache_dtype, quantize)
+        args.eval_share = eval_reserve(decode, quantize)
     plan["eval_share"] = args.eval_share
     plan.update(_train_plan(config, args, uncached_tokens, seconds_left, base_tps, module_tps, fit_overhead))
     limit = f"{plan['train_seconds']} s or " if plan["train_seconds"] else ""
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. evaluate on held-out text.
     eval_cli = [sys.executable, "-m", "recyclegpt.eval.cli"]
-    dtype = dtype_name(cache_dtype)
+    dtype = dtype_name(decode)
     max_depth = max(depth + 2, 5)
     phases["eval quality"] = _run(
         [*eval_cli, "quality", "--model", str(export_dir), "--data", str(heldout), "--max-tokens", "1536"]
