@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recyclegpt.core import RecycleConfig, RecycleGPT, precision
+from recyclegpt.core import RecycleConfig, RecycleGPT, precision, quant_kernels
 from recyclegpt.core.precision import (
     auto_dtype,
     auto_precision,
@@ -22,7 +22,7 @@ from recyclegpt.core.precision import (
 @pytest.fixture
 def decode_kernels(monkeypatch):
     """``decode_kernels(False)``: this project's CPU decode kernels do not run here."""
-    return lambda run: monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: run)
+    return lambda run: monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda *_: run)
 
 
 def test_avx2_cpu_means_fp32(cpu_class):
@@ -87,9 +87,17 @@ def test_decoding_on_a_cpu_with_the_kernels_means_fp32(cpu_class, decode_kernels
     assert decode_dtype("cpu", "int8") == torch.float32
 
 
-def test_the_step_kernels_switch_turns_the_fp32_choice_off(monkeypatch):
+def test_the_kernel_switches_turn_the_fp32_choice_off(monkeypatch):
     monkeypatch.setenv("RECYCLEGPT_STEP_KERNELS", "0")
-    assert not cpu_decode_kernels_run()
+    assert not cpu_decode_kernels_run() and not cpu_decode_kernels_run("w8a8")
+    monkeypatch.delenv("RECYCLEGPT_STEP_KERNELS")
+    monkeypatch.setenv("RECYCLEGPT_QUANT_KERNELS", "0")  # w8a8 then runs torch's int8 kernel, in bf16
+    quant_kernels.dynamic_isa.cache_clear()  # read once per process
+    try:
+        assert not cpu_decode_kernels_run("w8a8")
+    finally:
+        monkeypatch.delenv("RECYCLEGPT_QUANT_KERNELS")
+        quant_kernels.dynamic_isa.cache_clear()
 
 
 def test_from_pretrained_auto_follows_the_cpu_class(cpu_class, decode_kernels, tmp_path):

@@ -19,7 +19,7 @@ def test_auto_follows_the_cpu_class(cpu_class, tiny_model_dir, monkeypatch):
     cpu_class("avx2")
     assert data.load_model(str(tiny_model_dir), "auto").lm_head.weight.dtype == torch.float32
     cpu_class("avx512_bf16")
-    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: False)
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda *_: False)
     assert data.load_model(str(tiny_model_dir), "auto").lm_head.weight.dtype == torch.bfloat16
-    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: True)  # decoding: fp32 on the kernels
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda *_: True)  # decoding: fp32 on the kernels
     assert data.load_model(str(tiny_model_dir), "auto").lm_head.weight.dtype == torch.float32

@@ -139,7 +139,7 @@ def test_cli_rejects_bad_arguments(args, message, tiny_model_dir, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_the_kv_check_sizes_the_cache_in_the_dtype_auto_decodes_in(cpu_class, monkeypatch, tiny_model_dir):
+def test_the_kv_check_sizes_the_cache_in_the_dtype_auto_decodes_in(cpu_class, monkeypatch, tiny_model_dir, tmp_path):
     """--max-kv-mb is checked against the cache of the dtype the worker will load: fp32 where the CPU
     decode kernels run (twice bf16's bytes), bf16 on a native-bf16 CPU without them."""
     import torch
@@ -154,12 +154,16 @@ def test_the_kv_check_sizes_the_cache_in_the_dtype_auto_decodes_in(cpu_class, mo
         return sum(BatchedDecoder.kv_bytes(meta, mode, 1) for mode in BATCHED_MODES) / 2**20
 
     between = (row_mib(torch.bfloat16) + row_mib(torch.float32)) / 2  # one bf16 row fits, one fp32 row does not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's choice, also on a GPU machine
     cpu_class("avx512_bf16")
-    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: False)
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda *_: False)
     assert kv_problem(tiny_model_dir, "auto", "none", 8, between) is None
-    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda: True)
+    monkeypatch.setattr(precision, "cpu_decode_kernels_run", lambda *_: True)
     assert "one batch row of this model needs" in kv_problem(tiny_model_dir, "auto", "none", 8, between)
     assert kv_problem(tiny_model_dir, "auto", "int8", 8, between) is None  # weight-only int8 decodes in bf16
+    saved_int8 = tmp_path / "int8"
+    RecycleGPT.from_pretrained(str(tiny_model_dir), quantize="int8").save_pretrained(str(saved_int8))
+    assert kv_problem(saved_int8, "auto", "none", 8, between) is None  # it loads as int8, so in bf16
     cpu_class("avx2")
     assert kv_problem(tiny_model_dir, "auto", "int8", 8, between) is not None
 

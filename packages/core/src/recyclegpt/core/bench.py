@@ -32,7 +32,7 @@ from recyclegpt.core.model import RecycleGPT
 from recyclegpt.core.peer import peer_generate, transformers_peer
 from recyclegpt.core.precision import (
     DTYPE_CHOICES,
-    FP32_DECODE_FORMATS,
+    decode_dtype,
     dtype_name,
     hardware_summary,
     resolve_decode_dtype,
@@ -223,9 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # auto: fp32 where every variant decodes fastest on fp32 activations (core.precision.decode_dtype)
-    other = next((q for q in args.quantize if q not in FP32_DECODE_FORMATS), None)
-    dtype = resolve_decode_dtype(args.dtype, device, other)
+    dtype = resolve_decode_dtype(args.dtype, device)  # the unquantized weights' (transformers generate's too)
+
+    def variant_dtype(quantize: str) -> torch.dtype:
+        """auto: what each variant's weights decode fastest in here (core.precision.decode_dtype)."""
+        return decode_dtype(device, quantize) if args.dtype == "auto" else dtype
+
     gguf: Path | None = None
     if args.model is None:
         model = random_model(args)
@@ -275,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
 
     variants: dict[str, RecycleGPT] = {}
     for quantize in args.quantize:
-        label = f"{dtype_name(dtype)}" + ("" if quantize == "none" else f"+{quantize}")
-        variants[label] = quantized[quantize].to(device=device, dtype=dtype)
-        if quantize == "none" and args.torch_matmul and dtype == torch.float32 and device == "cpu":
+        weights = variant_dtype(quantize)
+        label = f"{dtype_name(weights)}" + ("" if quantize == "none" else f"+{quantize}")
+        variants[label] = quantized[quantize].to(device=device, dtype=weights)
+        if quantize == "none" and args.torch_matmul and weights == torch.float32 and device == "cpu":
             plain = prepare_for_decoding(copy.deepcopy(model)).to(device=device, dtype=dtype)
             use_step_kernels(plain, float_matmul=False)
             variants[f"{label}, torch matmul"] = plain

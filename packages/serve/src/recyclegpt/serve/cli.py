@@ -100,8 +100,11 @@ def kv_problem(model: Path, dtype: str, quantize: str, max_batch_size: int, max_
     from recyclegpt.serve.api import batch_rows
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    config = RecycleConfig.load(model / "config.json")
+    if quantize == "none":  # a directory saved quantized loads in its own format
+        quantize = config.extra.get("decoding_setup", {}).get("quantize") or "none"
     with torch.device("meta"):
-        meta = RecycleGPT(RecycleConfig.load(model / "config.json")).to(resolve_decode_dtype(dtype, device, quantize))
+        meta = RecycleGPT(config).to(resolve_decode_dtype(dtype, device, quantize))
     try:
         batch_rows(meta, max_batch_size, max_kv_mb)
     except ValueError as err:
