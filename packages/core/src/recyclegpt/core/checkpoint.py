@@ -127,12 +127,10 @@ def load_pretrained(
             model = _load_own(path, raw, module_layers, feature_layers)
         else:
             model = _load_hf(path, raw, module_layers or 1, feature_layers)
+    from recyclegpt.core.fastpath import decoding_setup, prepare_for_decoding
+
     if quantize not in (None, "none") or fuse:  # on the stored weights, before a cast to bf16 rounds them
-        from recyclegpt.core.fastpath import prepare_for_decoding
-
         prepare_for_decoding(model, quantize=quantize, fuse=fuse if fuse is not None else True)
-    from recyclegpt.core.fastpath import decoding_setup
-
     weights = decoding_setup(model).get("quantize")  # also that of a directory saved quantized
     return model.to(device=device, dtype=_resolve_dtype(dtype, device, weights)).eval()
 

@@ -96,15 +96,16 @@ def kv_problem(model: Path, dtype: str, quantize: str, max_batch_size: int, max_
     import torch
 
     from recyclegpt.core import RecycleConfig, RecycleGPT
+    from recyclegpt.core.fastpath import decoding_setup
     from recyclegpt.core.precision import resolve_decode_dtype
     from recyclegpt.serve.api import batch_rows
 
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    config = RecycleConfig.load(model / "config.json")
-    if quantize == "none":  # a directory saved quantized loads in its own format
-        quantize = config.extra.get("decoding_setup", {}).get("quantize") or "none"
     with torch.device("meta"):
-        meta = RecycleGPT(config).to(resolve_decode_dtype(dtype, device, quantize))
+        meta = RecycleGPT(RecycleConfig.load(model / "config.json"))
+        if quantize == "none":  # a directory saved quantized loads in its own format
+            quantize = decoding_setup(meta).get("quantize") or "none"
+        meta = meta.to(resolve_decode_dtype(dtype, device, quantize))
     try:
         batch_rows(meta, max_batch_size, max_kv_mb)
     except ValueError as err:

@@ -105,9 +105,8 @@ def direct_generate_seconds(
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = RecycleGPT.from_pretrained(
-        model_dir, dtype=dtype, device=device, fuse=True
-    )  # auto: as the server resolves it
+    # from_pretrained resolves auto as the server's worker does
+    model = RecycleGPT.from_pretrained(model_dir, dtype=dtype, device=device, fuse=True)
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     seconds = []
