@@ -339,3 +339,34 @@ def test_a_continuous_batch_steps_in_whole_steps_with_the_bits_of_the_layers_pat
         assert len(ours) == (2 if decoding == "standard" else 4)
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), decoding
     assert outputs["whole", "standard"][0] == whole.generate(prompts[0], 5).new_tokens[0].tolist()
+
+
+@pytest.mark.parametrize("quantize", [None, "w8a8"])
+def test_a_refused_step_and_steps_of_other_shapes_leave_the_next_steps_bits_alone(prompts, quantize) -> None:
+    """The one-call steps keep their intermediate rows in scratch memory the thread reuses: a step the
+    kernel refuses (a token outside the table), and steps of other batch sizes and lengths between
+    them, do not change what a step gives."""
+    needs(quantize)
+    whole, _ = prepared_pair(quantize)
+    kernels, step = build(), whole.model.layers_step
+    ids = torch.randint(1, 97, (1, 3))
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        cache = whole.new_cache("base", ids.shape[0], 32)
+        with torch.inference_mode():
+            whole.base_hidden(torch.ones(ids.shape[0], 4, dtype=torch.long), cache=cache)
+            return whole.base_hidden(ids, cache=cache)
+
+    expected = run(ids)
+    cache = whole.new_cache("base", 1, 32)
+    whole_layers = step.whole()
+    with pytest.raises(RuntimeError, match="outside the table"):
+        kernels.decode_stack_step(
+            torch.tensor([[5, 10_000]]), step.embedding.weight, torch.empty(0), [], [], whole_layers.tensors,
+            whole_layers.ints, whole_layers.eps, step.rotary.cos, step.rotary.sin, cache.keys, cache.values, 0,
+            *step.heads, step.norm.weight, step.norm.eps, torch.empty(0), torch.empty(0),
+        )  # fmt: skip
+    assert cache.keys.abs().sum() == 0  # refused before any layer wrote its keys
+    for shape in ((3, 7), (2, 1), (1, 16)):
+        run(torch.randint(1, 97, shape))
+    assert torch.equal(run(ids), expected)

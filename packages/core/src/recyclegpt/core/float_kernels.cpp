@@ -117,6 +117,13 @@ DENSE_AVX2 void run_channels(const float* x, int64_t M, int64_t K, const float* 
   }
 }
 
+// y [M, N] = x [M, K] @ w [N, K].T over raw rows (float_matmul's arithmetic, which it calls).
+void matmul(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
+  // Two threads paid from ~50k multiply-adds on (a Zen 3 EPYC, 1-5 rows); tiny products stay on one.
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 14) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { run_channels(x, M, K, w, y, N, begin, end); });
+}
+
 bool supported() {
   static const bool ok = [] {
     __builtin_cpu_init();
@@ -148,9 +155,6 @@ torch::Tensor float_matmul(const torch::Tensor& x, const torch::Tensor& weight) 
   const float* xp = flat.data_ptr<float>();
   const auto w = weight.contiguous();
   const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Two threads paid from ~50k multiply-adds on (a Zen 3 EPYC, 1-5 rows); tiny products stay on one.
-  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 14) / std::max<int64_t>(1, K * M));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { dense::run_channels(xp, M, K, wp, yp, N, begin, end); });
+  dense::matmul(xp, M, K, wp, N, y.data_ptr<float>());
   return y.view(sizes);
 }

@@ -2,8 +2,13 @@
 // (float_kernels.cpp, quant_kernels.cpp) in the order recyclegpt.core.step_kernels.KernelDecoderLayer
 // calls them one by one, so the result has the same bits. Why: on a small model a layer's eight
 // kernel calls from Python cost more than their arithmetic (measured on a Zen 3 EPYC: ~20 us of
-// Python a layer of the 7.5M demo model, whose products take ~30 us). Appended after the other
+// Python a layer of the 7.5M demo model, whose products take ~30 us). The layers run the kernels
+// over raw rows in scratch memory the thread keeps between steps, not over tensors: a tensor a
+// kernel call cost ~10 us a layer of libtorch and malloc (the demo model's w8a8 step, 10 layers,
+// spent more than half its ~175 us there; measured on a Zen 4 EPYC). Appended after the other
 // files, whose functions it calls.
+
+#include <memory>
 
 namespace layers {
 
@@ -49,6 +54,213 @@ torch::Tensor padded_causal_mask(const torch::Tensor& key_valid, int64_t batch, 
   return dtype == at::kFloat ? mask : mask.to(dtype);
 }
 
+
+// Scratch memory for a step's intermediate rows, kept by each thread from step to step: pieces of
+// 64-byte aligned blocks, taken in order and given back together (rewind), so that after the first
+// steps a step allocates nothing.
+class Scratch {
+ public:
+  struct Mark {
+    size_t block, used;
+  };
+  Mark mark() const { return {block_, used_}; }
+  void rewind(Mark m) { block_ = m.block, used_ = m.used; }
+  void reset() { rewind({0, 0}); }  // a step's first call: nothing taken is in use (a failed step's too)
+
+  template <typename U>
+  U* take(int64_t count) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(U) + 63) & ~size_t{63};
+    for (;; ++block_, used_ = 0) {
+      if (block_ == blocks_.size()) blocks_.emplace_back(std::max<size_t>(bytes, size_t{1} << 20));
+      Block& b = blocks_[block_];
+      if (used_ + bytes <= b.size) {
+        U* p = reinterpret_cast<U*>(b.data + used_);
+        used_ += bytes;
+        return p;
+      }
+    }
+  }
+
+ private:
+  struct Block {
+    explicit Block(size_t n) : memory(new char[n + 64]), size(n) {
+      data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(memory.get()) + 63) & ~uintptr_t{63});
+    }
+    std::unique_ptr<char[]> memory;
+    char* data;
+    size_t size;
+  };
+  std::vector<Block> blocks_;
+  size_t block_ = 0, used_ = 0;
+};
+
+Scratch& scratch() {
+  thread_local Scratch pieces;
+  return pieces;
+}
+
+// The checks the tensor functions make of a linear's operands, for inputs of width K in `dtype`.
+void check_step_linear(const torch::Tensor* operands, const int64_t* ints, int64_t K, at::ScalarType dtype) {
+  const auto& w = operands[0];
+  switch (ints[0]) {
+    case 0:
+      TORCH_CHECK(dtype == at::kFloat && dense::supported(), "an fp32-matmul linear needs fp32 steps on AVX2");
+      TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(1) == K && w.is_contiguous(),
+                  "an fp32 linear's weight must be a contiguous fp32 matrix [N, ", K, "]");
+      return;
+    case 1:
+    case 2: {
+      TORCH_CHECK(ints[2] ? int8_dynamic_supported() : int8_dynamic_avx2_supported(),
+                  "this CPU does not run the int8-activation kernels asked for");
+      TORCH_CHECK(K % packed::kBlock == 0, "int8 activations need in_features a multiple of 32, got ", K);
+      if (ints[0] == 1) {
+        check_int8_tiles(w, operands[1], K, ints[1]);
+      } else {
+        TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && w.dim() == 3 && w.size(1) * 8 == K &&
+                        w.size(2) == packed::kInt4Tile,
+                    "int4 weight must be packed tiles [N/32, K/8, 32] of int32 lanes");
+        for (int j = 1; j <= 2; ++j)
+          TORCH_CHECK(operands[j].scalar_type() == at::kHalf && operands[j].is_contiguous() &&
+                          operands[j].numel() == w.size(0) * (K / packed::kBlock) * packed::kInt4Tile,
+                      "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
+        TORCH_CHECK(ints[1] <= dynamic_width(2, w), "out_features exceeds the packed tiles");
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "unknown linear kind ", ints[0]);
+  }
+}
+
+// A linear's output width (an fp32 linear's ints carry none).
+int64_t out_width(const torch::Tensor* operands, const int64_t* ints) {
+  return ints[0] == 0 ? operands[0].size(0) : ints[1];
+}
+
+// `linear` over raw rows: y [M, out_width] in T from x [M, K], in scratch memory (the same bits).
+template <typename T>
+const T* step_linear(const torch::Tensor* operands, const int64_t* ints, const T* x, int64_t M, int64_t K,
+                     Scratch& pieces) {
+  const int64_t n = out_width(operands, ints);
+  if (ints[0] == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      float* y = pieces.take<float>(M * n);
+      dense::matmul(x, M, K, operands[0].data_ptr<float>(), n, y);
+      return y;
+    }
+    TORCH_CHECK(false, "an fp32-matmul linear in a bf16 step");
+  }
+  const int64_t width = dynamic_width(static_cast<int>(ints[0]), operands[0]), blocks = M * (K / packed::kBlock);
+  int8_t* a = pieces.take<int8_t>(M * K);
+  float* d = pieces.take<float>(blocks);
+  int32_t* offset = pieces.take<int32_t>(blocks);
+  float* y = pieces.take<float>(M * width);
+  dynamic_matmul(static_cast<int>(ints[0]), x, M, K, operands, ints[2] != 0, a, d, offset, y);
+  if constexpr (std::is_same_v<T, float>) {
+    if (width == n) return y;
+    float* out = pieces.take<float>(M * n);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * n, y + m * width, n * sizeof(float));
+    return out;
+  } else {
+    T* out = pieces.take<T>(M * n);
+    if (packed::avx2_supported()) {
+      round_rows_to_bf16(y, M, width, n, out);
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < n; ++i) out[m * n + i] = static_cast<T>(y[m * width + i]);
+    }
+    return out;
+  }
+}
+
+// What a step's layers read besides their weights: rotary rows (per batch row that far apart, 0:
+// shared), the cache, the additive mask rows (null: causal).
+template <typename T>
+struct StepInputs {
+  const T *cos, *sin;
+  int64_t rope_batch_stride;
+  const torch::Tensor &keys, &values;  // [L, B, KV, max_len, hd], each layer's contiguous
+  int64_t start;
+  const T* mask;
+  int64_t mask_batch_stride;
+  int64_t heads, kv_heads;
+};
+
+// The layers of decode_layers_step over x [B, T, d] (contiguous, T elements), in place.
+template <typename T>
+void run_layers(T* x, int64_t batch, int64_t steps, int64_t d, const std::vector<torch::Tensor>& tensors,
+                const std::vector<int64_t>& ints, const std::vector<double>& eps, const StepInputs<T>& in) {
+  const torch::Tensor& keys = in.keys;
+  const torch::Tensor& values = in.values;
+  const int64_t count = keys.size(0), M = batch * steps;
+  TORCH_CHECK(keys.dim() == 5 && values.sizes() == keys.sizes() && keys.strides() == values.strides() &&
+                  keys.scalar_type() == c10::CppTypeToScalarType<T>::value && values.scalar_type() == keys.scalar_type(),
+              "keys and values must be caches [L, B, KV, max_len, hd] of as many layers, in the step's dtype");
+  TORCH_CHECK(keys.select(0, 0).is_contiguous() && values.select(0, 0).is_contiguous(),
+              "each layer's keys and values must be contiguous");
+  const int64_t max_len = keys.size(3), hd = keys.size(4), heads = in.heads, kv_heads = in.kv_heads;
+  TORCH_CHECK(keys.size(1) == batch && keys.size(2) == kv_heads && kv_heads > 0 && heads % kv_heads == 0,
+              "the cache does not match the batch and the heads");
+  TORCH_CHECK(in.start >= 0 && in.start + steps <= max_len, "the cache has no room for these tokens");
+  TORCH_CHECK(static_cast<int64_t>(ints.size()) == 4 * kLinearInts * count && static_cast<int64_t>(eps.size()) == 2 * count,
+              "four linears and two norms a layer, one layer per cache entry");
+  const at::ScalarType dtype = keys.scalar_type();
+  T* key_base = keys.data_ptr<T>();
+  T* value_base = values.data_ptr<T>();
+  Scratch& pieces = scratch();
+  const auto layer_start = pieces.mark();
+  const torch::Tensor* t = tensors.data();
+  const torch::Tensor* const end = t + tensors.size();
+  const int64_t* n = ints.data();
+  for (int64_t i = 0; i < count; ++i) {
+    pieces.rewind(layer_start);
+    const torch::Tensor* lin[4];
+    const torch::Tensor* cursor = t + 2;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t kind = n[j * kLinearInts];
+      TORCH_CHECK(kind >= 0 && kind <= 2, "unknown linear kind ", kind);
+      lin[j] = cursor;
+      cursor += kOperands[kind];
+    }
+    TORCH_CHECK(cursor <= end, "fewer tensors than the layers' linears read");
+    for (int j = 0; j < 2; ++j)
+      TORCH_CHECK(t[j].scalar_type() == dtype && t[j].is_contiguous() && t[j].numel() == d,
+                  "a norm's weight must be [d] in the step's dtype");
+    const int64_t qkv_width = (heads + 2 * kv_heads) * hd, attended_width = heads * hd;
+    TORCH_CHECK(out_width(lin[0], n) == qkv_width, "qkv width does not match the heads");
+    TORCH_CHECK(out_width(lin[1], n + kLinearInts) == d && out_width(lin[3], n + 3 * kLinearInts) == d,
+                "the o and down projections must give d columns");
+    const int64_t gate_up_width = out_width(lin[2], n + 2 * kLinearInts), width = gate_up_width / 2;
+    check_step_linear(lin[0], n, d, dtype);
+    check_step_linear(lin[1], n + kLinearInts, attended_width, dtype);
+    check_step_linear(lin[2], n + 2 * kLinearInts, d, dtype);
+    check_step_linear(lin[3], n + 3 * kLinearInts, width, dtype);
+
+    T* normed = pieces.take<T>(M * d);
+    step::rms_norm(x, t[0].data_ptr<T>(), normed, M, d, static_cast<float>(eps[2 * i]));
+    const T* qkv = step_linear(lin[0], n, normed, M, d, pieces);
+    T* attended = pieces.take<T>(M * attended_width);
+    float* queries = pieces.take<float>(M * attended_width);
+    const int64_t layer_offset = i * keys.stride(0);
+    step::rope_attend(step::Attend<T>{qkv, in.cos, in.sin, in.rope_batch_stride, key_base + layer_offset,
+                                      value_base + layer_offset, in.mask, in.mask_batch_stride, attended, queries,
+                                      batch, steps, heads, kv_heads, hd, max_len, in.start});
+    const T* o = step_linear(lin[1], n + kLinearInts, attended, M, attended_width, pieces);
+    T* sum = pieces.take<T>(M * d);
+    T* normed2 = pieces.take<T>(M * d);
+    step::add_rms_norm(x, o, t[1].data_ptr<T>(), sum, normed2, M, d, static_cast<float>(eps[2 * i + 1]));
+    const T* gate_up = step_linear(lin[2], n + 2 * kLinearInts, normed2, M, d, pieces);
+    T* gated = pieces.take<T>(M * width);
+    step::silu_mul(gate_up, gated, M, width);
+    const T* down = step_linear(lin[3], n + 3 * kLinearInts, gated, M, width, pieces);
+    for (int64_t j = 0; j < M * d; ++j)  // eager's x + down, rounded to T as torch's add rounds
+      x[j] = static_cast<T>(static_cast<float>(sum[j]) + static_cast<float>(down[j]));
+    t = cursor;
+    n += 4 * kLinearInts;
+  }
+  pieces.rewind(layer_start);
+  TORCH_CHECK(t == end, "more tensors than the layers' linears read");
+}
+
 }  // namespace layers
 
 // Layers 0 .. L-1 of a stack over x [B, T, d] (T <= 16), fp32 or bf16 (bf16: quantized linears only).
@@ -70,37 +282,30 @@ torch::Tensor decode_layers_step(
     const torch::Tensor& mask,
     int64_t heads,
     int64_t kv_heads) {
-  const int64_t count = keys.size(0);
-  TORCH_CHECK(x.dim() == 3, "x must be [B, T, d]");
-  TORCH_CHECK(values.size(0) == count, "keys and values must be caches of as many layers");  // rope_attend checks each
-  TORCH_CHECK(static_cast<int64_t>(ints.size()) == 4 * layers::kLinearInts * count &&
-                  static_cast<int64_t>(eps.size()) == 2 * count,
-              "four linears and two norms a layer, one layer per cache entry");
-  torch::Tensor out = x.contiguous();
-  const torch::Tensor* t = tensors.data();
-  const torch::Tensor* const end = t + tensors.size();
-  const int64_t* n = ints.data();
-  for (int64_t i = 0; i < count; ++i) {
-    const torch::Tensor* lin[4];
-    const torch::Tensor* cursor = t + 2;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t kind = n[j * layers::kLinearInts];
-      TORCH_CHECK(kind >= 0 && kind <= 2, "unknown linear kind ", kind);
-      lin[j] = cursor;
-      cursor += layers::kOperands[kind];
-    }
-    TORCH_CHECK(cursor <= end, "fewer tensors than the layers' linears read");
-    const auto qkv = layers::linear(lin[0], n, rms_norm(out, t[0], eps[2 * i]));
-    const auto attended =
-        rope_attend(qkv, cos, sin, keys.select(0, i), values.select(0, i), start, mask, heads, kv_heads);
-    auto sum_and_normed =
-        add_rms_norm(out, layers::linear(lin[1], n + layers::kLinearInts, attended), t[1], eps[2 * i + 1]);
-    const auto gated = silu_mul(layers::linear(lin[2], n + 2 * layers::kLinearInts, sum_and_normed[1]));
-    out = sum_and_normed[0].add_(layers::linear(lin[3], n + 3 * layers::kLinearInts, gated));  // eager's x + down
-    t = cursor;
-    n += 4 * layers::kLinearInts;
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be an fp32 or bf16 CPU tensor [B, T, d]");
+  const auto dtype = x.scalar_type();
+  const int64_t batch = x.size(0), steps = x.size(1), total = start + steps;
+  const int64_t hd = keys.dim() == 5 ? keys.size(4) : 0;
+  TORCH_CHECK(cos.scalar_type() == dtype && sin.scalar_type() == dtype && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 4 && cos.size(-1) == hd && cos.size(-2) == steps &&
+                  (cos.size(0) == 1 || cos.size(0) == batch) && sin.sizes() == cos.sizes(),
+              "cos and sin must be [B or 1, 1, T, head_dim] in x's dtype");
+  const bool has_mask = mask.defined() && mask.numel() > 0;
+  if (has_mask) {
+    TORCH_CHECK(mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
+                    mask.size(-2) == steps && (mask.size(0) == 1 || mask.size(0) == batch),
+                "mask must be additive [B or 1, 1, T, start + T] in x's dtype");
   }
-  TORCH_CHECK(t == end, "more tensors than the layers' linears read");
+  auto out = x.clone(at::MemoryFormat::Contiguous);
+  layers::scratch().reset();
+  float_or_bf16(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const layers::StepInputs<T> in{cos.data_ptr<T>(), sin.data_ptr<T>(), cos.size(0) == 1 ? 0 : steps * hd, keys,
+                                   values, start, has_mask ? mask.data_ptr<T>() : nullptr,
+                                   has_mask ? (mask.size(0) == 1 ? 0 : steps * total) : 0, heads, kv_heads};
+    layers::run_layers(out.data_ptr<T>(), batch, steps, x.size(2), tensors, ints, eps, in);
+  });
   return out;
 }
 
@@ -134,33 +339,90 @@ torch::Tensor decode_stack_step(
     double norm_eps,
     const torch::Tensor& positions,
     const torch::Tensor& key_valid) {
-  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "ids must be [B, T] int64");
-  TORCH_CHECK(embed.dim() == 2, "embed must be a table [V, d]");
-  const int64_t batch = ids.size(0), steps = ids.size(1), d = embed.size(1);
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.device().is_cpu(), "ids must be [B, T] int64");
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && embed.device().is_cpu() &&
+                  (embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16),
+              "embed must be a contiguous fp32 or bf16 table [V, d]");
+  const auto dtype = embed.scalar_type();
+  const int64_t batch = ids.size(0), steps = ids.size(1), d = embed.size(1), M = batch * steps;
+  const int64_t hd = cos_table.size(1);
   TORCH_CHECK(start >= 0 && start + steps <= cos_table.size(0), "the rotary tables end before these positions");
-  torch::Tensor x = embed.index_select(0, ids.reshape({-1})).view({batch, steps, d});
-  if (prev.numel() > 0) {
-    TORCH_CHECK(prev.dim() == 3 && prev.size(0) == batch && prev.size(1) == steps, "prev must be [B, T, p]");
-    layers::check_linear(input_linear, input_ints, "the input linear");
-    x = layers::linear(input_linear.data(), input_ints.data(), torch::cat({prev, x}, -1));
-  }
+  TORCH_CHECK(cos_table.dim() == 2 && sin_table.sizes() == cos_table.sizes() && cos_table.is_contiguous() &&
+                  sin_table.is_contiguous() && sin_table.scalar_type() == cos_table.scalar_type(),
+              "cos and sin must be contiguous tables [max_len, head_dim]");
+  TORCH_CHECK(norm_weight.scalar_type() == dtype && norm_weight.is_contiguous() && norm_weight.numel() == d,
+              "the final norm's weight must be [d] in the embedding's dtype");
   const bool positioned = positions.numel() > 0;
   if (positioned)
     TORCH_CHECK(positions.dim() == 2 && positions.size(0) == batch && positions.size(1) == steps &&
                     positions.scalar_type() == at::kLong,
                 "positions must be [B, T] int64");
-  const auto flat_positions = positioned ? positions.reshape({-1}) : positions;
-  const auto rows = [&](const torch::Tensor& table) {
-    auto span = positioned ? table.index_select(0, flat_positions).view({batch, 1, steps, table.size(1)})
-                           : table.narrow(0, start, steps).unsqueeze(0).unsqueeze(0);
-    return span.scalar_type() == x.scalar_type() ? span : span.to(x.scalar_type());
-  };
-  const torch::Tensor mask = key_valid.numel() > 0 ? layers::padded_causal_mask(key_valid, batch, start, steps,
-                                                                                 x.scalar_type())
-                                                   : torch::Tensor();
-  const auto out = decode_layers_step(x, tensors, ints, eps, rows(cos_table), rows(sin_table), keys, values, start,
-                                      mask, heads, kv_heads);
-  return rms_norm(out, norm_weight, norm_eps);
+  const auto flat_ids = ids.contiguous();
+  const int64_t vocab = embed.size(0);
+  const int64_t* id = flat_ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i) TORCH_CHECK(id[i] >= 0 && id[i] < vocab, "token id ", id[i], " is outside the table");
+  const auto flat_positions = positioned ? positions.contiguous() : positions;
+  if (positioned) {
+    const int64_t* pp = flat_positions.data_ptr<int64_t>();
+    for (int64_t i = 0; i < M; ++i)
+      TORCH_CHECK(pp[i] >= 0 && pp[i] < cos_table.size(0), "position ", pp[i], " is outside the rotary tables");
+  }
+  const torch::Tensor mask =
+      key_valid.numel() > 0 ? layers::padded_causal_mask(key_valid, batch, start, steps, dtype) : torch::Tensor();
+  auto x = torch::empty({batch, steps, d}, embed.options());
+  auto out = torch::empty({batch, steps, d}, embed.options());
+  float_or_bf16(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    layers::Scratch& pieces = layers::scratch();
+    pieces.reset();
+    const T* table = embed.data_ptr<T>();
+    T* xp = x.data_ptr<T>();
+    if (prev.numel() == 0) {
+      for (int64_t i = 0; i < M; ++i) std::memcpy(xp + i * d, table + id[i] * d, d * sizeof(T));
+    } else {
+      // The module: input_linear(cat(prev, embed[ids])).
+      TORCH_CHECK(prev.dim() == 3 && prev.size(0) == batch && prev.size(1) == steps && prev.scalar_type() == dtype,
+                  "prev must be [B, T, p] in the embedding's dtype");
+      layers::check_linear(input_linear, input_ints, "the input linear");
+      const auto flat_prev = prev.contiguous();
+      const int64_t p = prev.size(2), width = p + d;
+      layers::check_step_linear(input_linear.data(), input_ints.data(), width, dtype);
+      TORCH_CHECK(layers::out_width(input_linear.data(), input_ints.data()) == d, "the input linear must give d columns");
+      T* joined = pieces.take<T>(M * width);
+      const T* pv = flat_prev.data_ptr<T>();
+      for (int64_t i = 0; i < M; ++i) {
+        std::memcpy(joined + i * width, pv + i * p, p * sizeof(T));
+        std::memcpy(joined + i * width + p, table + id[i] * d, d * sizeof(T));
+      }
+      const T* projected = layers::step_linear(input_linear.data(), input_ints.data(), joined, M, width, pieces);
+      std::memcpy(xp, projected, M * d * sizeof(T));
+    }
+    // Rotary rows in T: each row's own positions, or start .. start + T - 1 shared by every row.
+    const int64_t rope_rows = positioned ? M : steps;
+    T* cos = pieces.take<T>(rope_rows * hd);
+    T* sin = pieces.take<T>(rope_rows * hd);
+    float_or_bf16(cos_table.scalar_type(), [&](auto table_tag) {
+      using Table = decltype(table_tag);
+      const Table* cp = cos_table.data_ptr<Table>();
+      const Table* sp = sin_table.data_ptr<Table>();
+      const int64_t* pp = positioned ? flat_positions.data_ptr<int64_t>() : nullptr;
+      for (int64_t r = 0; r < rope_rows; ++r) {
+        const int64_t row = positioned ? pp[r] : start + r;
+        for (int64_t j = 0; j < hd; ++j) {
+          cos[r * hd + j] = static_cast<T>(static_cast<float>(cp[row * hd + j]));
+          sin[r * hd + j] = static_cast<T>(static_cast<float>(sp[row * hd + j]));
+        }
+      }
+    });
+    const int64_t total = start + steps;
+    const layers::StepInputs<T> in{cos, sin, positioned ? steps * hd : 0, keys, values, start,
+                                   mask.defined() ? mask.data_ptr<T>() : nullptr, mask.defined() ? steps * total : 0,
+                                   heads, kv_heads};
+    layers::run_layers(xp, batch, steps, d, tensors, ints, eps, in);
+    step::rms_norm(static_cast<const T*>(xp), norm_weight.data_ptr<T>(), out.data_ptr<T>(), M, d,
+                   static_cast<float>(norm_eps));
+  });
+  return out;
 }
 
 // A head's logits [..., N] = linear(x) (operands and ints as a layer's linear) and their greedy

@@ -573,14 +573,47 @@ bool int8_dynamic_avx2_supported() { return packed::avx2_supported(); }
 
 namespace {
 
-// x [..., K] as int8 blocks (packed::quantize_activations), checked for the int8-activation kernels.
-struct QuantizedRows {
-  torch::Tensor a, d, offset;
-  int64_t M;
-};
-
-QuantizedRows quantized_rows(const torch::Tensor& x, bool vnni) {
+// The int8-activation matmuls over raw rows: x [M, K] (T = float or bf16) quantized into a, d and
+// offset (room for M * K, and M * K / 32 each), then y [M, padded] (fp32; padded: the tiles' width)
+// against a packed weight (int8: kind 1, operands weight and scales; int4: kind 2, weight, scales
+// and minimums), on the threads int8_dynamic_matmul and int4_dynamic_matmul use (they call these).
+template <typename T>
+void dynamic_matmul(int kind, const T* x, int64_t M, int64_t K, const torch::Tensor* operands, bool vnni, int8_t* a,
+                    float* d, int32_t* offset, float* y) {
   using namespace packed;
+  quantize_activations(x, M * (K / kBlock), a, d, offset);
+  const int64_t tiles = operands[0].size(0);
+  if (kind == 1) {
+    const DynamicProblem pr{a, d, offset, reinterpret_cast<const uint32_t*>(operands[0].data_ptr<int32_t>()),
+                            operands[1].data_ptr<float>(), y, M, K, tiles};
+    at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / (K * kTile)), [&](int64_t begin, int64_t end) {
+      vnni ? dynamic_run_tiles(pr, begin, end) : avx2_dynamic_run_tiles(pr, begin, end);
+    });
+    return;
+  }
+  const Int4Problem pr{a,
+                       d,
+                       offset,
+                       reinterpret_cast<const uint32_t*>(operands[0].data_ptr<int32_t>()),
+                       reinterpret_cast<const uint16_t*>(operands[1].data_ptr<at::Half>()),
+                       reinterpret_cast<const uint16_t*>(operands[2].data_ptr<at::Half>()),
+                       y,
+                       M,
+                       K,
+                       tiles};
+  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 15) / (K * kInt4Tile / 2)),
+                   [&](int64_t begin, int64_t end) {
+                     vnni ? int4_run_tiles(pr, begin, end) : avx2_int4_run_tiles(pr, begin, end);
+                   });
+}
+
+// The columns of y a packed weight of kind 1 (int8) or 2 (int4) computes.
+int64_t dynamic_width(int kind, const torch::Tensor& weight) {
+  return weight.size(0) * (kind == 1 ? packed::kTile : packed::kInt4Tile);
+}
+
+// x [..., K] checked for the int8-activation kernels, contiguous.
+torch::Tensor checked_activations(const torch::Tensor& x, bool vnni) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be an fp32 or bf16 CPU tensor");
   if (vnni) {
@@ -588,23 +621,24 @@ QuantizedRows quantized_rows(const torch::Tensor& x, bool vnni) {
   } else {
     TORCH_CHECK(int8_dynamic_avx2_supported(), "vnni=False needs AVX2, FMA and F16C");
   }
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(K % kBlock == 0, "int8 activations need in_features a multiple of 32, got ", K);
+  TORCH_CHECK(x.size(-1) % packed::kBlock == 0, "int8 activations need in_features a multiple of 32, got ",
+              x.size(-1));
   // Read in place (bf16 too: converting it first cost an aten call a matmul, ~1 ms a SmolLM2 step).
-  const auto xc = x.contiguous();
-  const int64_t M = xc.numel() / K, blocks = M * (K / kBlock);
-  const auto options = xc.options().dtype(at::kFloat);
-  QuantizedRows rows{torch::empty({M, K}, options.dtype(at::kChar)), torch::empty({blocks}, options),
-                     torch::empty({blocks}, options.dtype(at::kInt)), M};
-  if (xc.scalar_type() == at::kBFloat16) {
-    quantize_activations(xc.data_ptr<at::BFloat16>(), blocks, rows.a.data_ptr<int8_t>(), rows.d.data_ptr<float>(),
-                         rows.offset.data_ptr<int32_t>());
-  } else {
-    quantize_activations(xc.data_ptr<float>(), blocks, rows.a.data_ptr<int8_t>(), rows.d.data_ptr<float>(),
-                         rows.offset.data_ptr<int32_t>());
-  }
-  return rows;
+  return x.contiguous();
 }
+
+// Room for x [M, K] quantized: the int8 values, then each block's scale and offset.
+struct QuantizedRows {
+  std::vector<int32_t> buffer;
+  int8_t* a;
+  float* d;
+  int32_t* offset;
+  QuantizedRows(int64_t M, int64_t K) : buffer(M * K / 4 + 2 * M * (K / packed::kBlock)) {
+    a = reinterpret_cast<int8_t*>(buffer.data());
+    d = reinterpret_cast<float*>(buffer.data() + M * K / 4);
+    offset = buffer.data() + M * K / 4 + M * (K / packed::kBlock);
+  }
+};
 
 // Is `weight` int8 tiles [N/64, K/4, 64] with fp32 scales [N/64 * 64] for out_features <= N?
 void check_int8_tiles(const torch::Tensor& weight, const torch::Tensor& scales, int64_t K, int64_t out_features) {
@@ -645,6 +679,20 @@ torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x, int64_
   return out.to(x.scalar_type()).reshape(sizes);
 }
 
+// A packed weight of kind 1 (int8) or 2 (int4) over x [..., K]: [..., out_features] in x's dtype.
+torch::Tensor dynamic_matmul_rows(int kind, const torch::Tensor& x, const torch::Tensor* operands, int64_t out_features,
+                                  bool vnni) {
+  const auto xc = checked_activations(x, vnni);
+  const int64_t K = xc.size(-1), M = xc.numel() / K;
+  QuantizedRows rows(M, K);
+  auto y = torch::empty({M, dynamic_width(kind, operands[0])}, xc.options().dtype(at::kFloat));
+  float_or_bf16(xc.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    dynamic_matmul(kind, xc.data_ptr<T>(), M, K, operands, vnni, rows.a, rows.d, rows.offset, y.data_ptr<float>());
+  });
+  return shaped_like(y, x, out_features);
+}
+
 }  // namespace
 
 // x [..., K] (fp32 or bf16) against a packed int8 weight; [..., out_features] in x's dtype.
@@ -673,19 +721,10 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, c
 // VNNI kernel, else its AVX2 twin (the same results).
 torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                                   int64_t out_features, bool vnni) {
-  using namespace packed;
-  const QuantizedRows rows = quantized_rows(x, vnni);  // checks x first
-  const int64_t K = x.size(-1), tiles = weight.size(0);
-  check_int8_tiles(weight, scales, K, out_features);
-  auto y = torch::empty({rows.M, tiles * kTile}, rows.d.options());
-  const DynamicProblem pr{rows.a.data_ptr<int8_t>(), rows.d.data_ptr<float>(), rows.offset.data_ptr<int32_t>(),
-                          reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), scales.data_ptr<float>(),
-                          y.data_ptr<float>(), rows.M, K, tiles};
-  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / (K * kTile)),
-                   [&](int64_t begin, int64_t end) {
-                     vnni ? dynamic_run_tiles(pr, begin, end) : avx2_dynamic_run_tiles(pr, begin, end);
-                   });
-  return shaped_like(y, x, out_features);
+  checked_activations(x, vnni);  // x first
+  check_int8_tiles(weight, scales, x.size(-1), out_features);
+  const torch::Tensor operands[] = {weight, scales};
+  return dynamic_matmul_rows(1, x, operands, out_features, vnni);
 }
 
 // x [..., K] (fp32 or bf16) against packed int4 groups of 32 (Q4_1), activations quantized to int8
@@ -693,7 +732,7 @@ torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
 torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                                   const torch::Tensor& mins, int64_t out_features, bool vnni) {
   using namespace packed;
-  const QuantizedRows rows = quantized_rows(x, vnni);  // checks x first
+  checked_activations(x, vnni);  // x first
   const int64_t K = x.size(-1), tiles = weight.size(0);
   TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
                   weight.size(1) * 8 == K && weight.size(2) == kInt4Tile,
@@ -702,20 +741,6 @@ torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == tiles * (K / kBlock) * kInt4Tile,
                 "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
   TORCH_CHECK(out_features <= tiles * kInt4Tile, "out_features exceeds the packed tiles");
-  auto y = torch::empty({rows.M, tiles * kInt4Tile}, rows.d.options());
-  const Int4Problem pr{rows.a.data_ptr<int8_t>(),
-                       rows.d.data_ptr<float>(),
-                       rows.offset.data_ptr<int32_t>(),
-                       reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()),
-                       reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                       reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()),
-                       y.data_ptr<float>(),
-                       rows.M,
-                       K,
-                       tiles};
-  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 15) / (K * kInt4Tile / 2)),
-                   [&](int64_t begin, int64_t end) {
-                     vnni ? int4_run_tiles(pr, begin, end) : avx2_int4_run_tiles(pr, begin, end);
-                   });
-  return shaped_like(y, x, out_features);
+  const torch::Tensor operands[] = {weight, scales, mins};
+  return dynamic_matmul_rows(2, x, operands, out_features, vnni);
 }

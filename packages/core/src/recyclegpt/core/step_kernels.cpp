@@ -494,20 +494,140 @@ void check_rows(const torch::Tensor& x, const char* name) {
 #undef INLINE  // quant_kernels.cpp, in the same translation unit, defines its own
 #undef AVX2_TARGET
 
+// f(T{}) for T = float or at::BFloat16, as `dtype` (one of them) says: the step's dtypes, without the
+// double instantiations of AT_DISPATCH_FLOATING_TYPES_AND that raw-row code has no use for.
+template <typename F>
+void float_or_bf16(at::ScalarType dtype, F&& f) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "expected fp32 or bf16, got ", dtype);
+  if (dtype == at::kFloat) {
+    f(float{});
+  } else {
+    f(at::BFloat16{});
+  }
+}
+
+// The kernels over raw rows, for the tensor functions below and for whole layers in one call
+// (layer_kernels.cpp), which run them over buffers of their own: no tensor a kernel call.
+namespace step {
+
+template <typename T>
+void rms_norm(const T* x, const T* w, T* out, int64_t rows, int64_t d, float eps) {
+  if (avx2()) {
+    rms_norm_rows_avx2(x, w, out, rows, d, eps);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row<float>(x + r * d, w, out + r * d, d, eps);
+  }
+}
+
+template <typename T>
+void add_rms_norm(const T* x, const T* delta, const T* w, T* sum, T* out, int64_t rows, int64_t d, float eps) {
+  if (avx2()) {
+    add_rms_norm_rows_avx2(x, delta, w, sum, out, rows, d, eps);
+  } else {
+    add_rms_norm_rows<float>(x, delta, w, sum, out, rows, d, eps);
+  }
+}
+
+template <typename T>
+void silu_mul(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  if (avx2()) {
+    silu_mul_rows_avx2(gate_up, out, rows, width);
+  } else {
+    silu_mul_rows<float>(gate_up, out, rows, width);
+  }
+}
+
+// rope_attend over raw rows: qkv [B, T, (H + 2 KV) * hd]; cos, sin rows [T, hd] a batch row, that
+// far apart (0: shared); keys, values one layer's [B, KV, max_len, hd]; mask additive [T, start + T]
+// a batch row, that far apart, or null (causal); out [B, T, H * hd]; queries room for B * T * H * hd.
+template <typename T>
+struct Attend {
+  const T *qkv, *cos, *sin;
+  int64_t rope_batch_stride;
+  T *keys, *values;
+  const T* mask;
+  int64_t mask_batch_stride;
+  T* out;
+  float* queries;
+  int64_t batch, steps, heads, kv_heads, hd, max_len, start;
+};
+
+template <typename T>
+void rope_attend(const Attend<T>& a) {
+  const int64_t batch = a.batch, steps = a.steps, heads = a.heads, kv_heads = a.kv_heads, hd = a.hd;
+  const int64_t max_len = a.max_len, start = a.start, total = start + steps;
+  const int64_t row_width = (heads + 2 * kv_heads) * hd, group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  // Rotated queries in fp32 (their values rounded to qkv's dtype, as eager keeps them).
+  const Rotation<T> rotation{a.qkv, a.cos, a.sin, a.keys, a.values, a.queries, batch, steps, heads, kv_heads, hd,
+                             row_width, max_len, start, a.rope_batch_stride};
+  if (avx2()) {
+    rotate_rows_avx2(rotation);
+  } else {
+    rotate_rows<float>(rotation);
+  }
+  const T* mp = a.mask;
+  const T* kp = a.keys;
+  const T* vp = a.values;
+  const float* queries = a.queries;
+  T* op = a.out;
+  // Big enough chunks that a one-token step does not pay for waking the thread pool.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, total * hd));
+  const bool use_avx2 = avx2();
+  if (use_avx2 && group <= 4) {  // a job: one row's heads that share a kv head
+    const int64_t groups = batch * steps * kv_heads;
+    at::parallel_for(0, groups, std::max<int64_t>(1, grain / group), [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(group * total);
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t kvh = job % kv_heads, t = (job / kv_heads) % steps, b = job / (kv_heads * steps);
+        const int64_t first_head = (b * steps + t) * heads + kvh * group;
+        const float* q = queries + first_head * hd;
+        const T* k = kp + (b * kv_heads + kvh) * max_len * hd;
+        const T* v = vp + (b * kv_heads + kvh) * max_len * hd;
+        const T* m = mp ? mp + b * a.mask_batch_stride + t * total : nullptr;
+        const int64_t visible = mp ? total : start + t + 1;
+        T* o = op + first_head * hd;
+        switch (group) {
+          case 1: attend_group_avx2<1>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+          case 2: attend_group_avx2<2>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+          case 3: attend_group_avx2<3>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+          default: attend_group_avx2<4>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
+        }
+      }
+    });
+    return;
+  }
+  const int64_t jobs = batch * steps * heads;
+  at::parallel_for(0, jobs, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(total), acc(hd);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t h = job % heads, t = (job / heads) % steps, b = job / (heads * steps);
+      const float* q = queries + job * hd;
+      const int64_t kvh = h / group;
+      const T* k = kp + (b * kv_heads + kvh) * max_len * hd;
+      const T* v = vp + (b * kv_heads + kvh) * max_len * hd;
+      const T* m = mp ? mp + b * a.mask_batch_stride + t * total : nullptr;
+      const int64_t visible = mp ? total : start + t + 1;  // the mask hides the future itself
+      T* o = op + (b * steps + t) * heads * hd + h * hd;
+      if (use_avx2) {
+        attend_row_avx2(q, k, v, m, visible, hd, scale, scores.data(), acc.data(), o);
+      } else {
+        attend_row<float>(q, k, v, m, visible, hd, scale, scores.data(), acc.data(), o);
+      }
+    }
+  });
+}
+
+}  // namespace step
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   check_rows(x, "x");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous(), "weight must match x");
   const int64_t d = x.size(-1), rows = x.numel() / d;
   auto out = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
-    const auto* xp = x.data_ptr<scalar_t>();
-    const auto* wp = weight.data_ptr<scalar_t>();
-    auto* op = out.data_ptr<scalar_t>();
-    if (avx2()) {
-      rms_norm_rows_avx2(xp, wp, op, rows, d, static_cast<float>(eps));
-    } else {
-      for (int64_t r = 0; r < rows; ++r) rms_norm_row<float>(xp + r * d, wp, op + r * d, d, static_cast<float>(eps));
-    }
+    step::rms_norm(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, d,
+                   static_cast<float>(eps));
   });
   return out;
 }
@@ -523,16 +643,8 @@ std::vector<torch::Tensor> add_rms_norm(
   auto sum = torch::empty_like(x);
   auto out = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
-    const auto* xp = x.data_ptr<scalar_t>();
-    const auto* dp = delta.data_ptr<scalar_t>();
-    const auto* wp = weight.data_ptr<scalar_t>();
-    auto* sp = sum.data_ptr<scalar_t>();
-    auto* op = out.data_ptr<scalar_t>();
-    if (avx2()) {
-      add_rms_norm_rows_avx2(xp, dp, wp, sp, op, rows, d, static_cast<float>(eps));
-    } else {
-      add_rms_norm_rows<float>(xp, dp, wp, sp, op, rows, d, static_cast<float>(eps));
-    }
+    step::add_rms_norm(x.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                       sum.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, d, static_cast<float>(eps));
   });
   return {sum, out};
 }
@@ -545,13 +657,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   sizes.back() = width;
   auto out = torch::empty(sizes, gate_up.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
-    const auto* gp = gate_up.data_ptr<scalar_t>();
-    auto* op = out.data_ptr<scalar_t>();
-    if (avx2()) {
-      silu_mul_rows_avx2(gp, op, rows, width);
-    } else {
-      silu_mul_rows<float>(gp, op, rows, width);
-    }
+    step::silu_mul(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, width);
   });
   return out;
 }
@@ -590,75 +696,15 @@ torch::Tensor rope_attend(
                     mask.size(-2) == steps && (mask.size(0) == 1 || mask.size(0) == batch),
                 "mask must be additive [B or 1, 1, T, start + T] in qkv's dtype");
   }
-  const int64_t rope_batch_stride = cos.size(0) == 1 ? 0 : steps * hd;
-  const int64_t mask_batch_stride = has_mask ? (mask.size(0) == 1 ? 0 : steps * total) : 0;
-  const int64_t row_width = (heads + 2 * kv_heads) * hd, group = heads / kv_heads;
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   auto out = torch::empty({batch, steps, heads * hd}, qkv.options());
-  // Rotated queries in fp32 (their values rounded to qkv's dtype, as eager keeps them).
   std::vector<float> queries(batch * steps * heads * hd);
-
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rope_attend", [&] {
     using T = scalar_t;
-    const T* src = qkv.data_ptr<T>();
-    const T* cp = cos.data_ptr<T>();
-    const T* sp = sin.data_ptr<T>();
-    T* kp = keys.data_ptr<T>();
-    T* vp = values.data_ptr<T>();
-    const Rotation<T> rotation{src, cp, sp, kp, vp, queries.data(), batch, steps, heads, kv_heads, hd,
-                               row_width, max_len, start, rope_batch_stride};
-    if (avx2()) {
-      rotate_rows_avx2(rotation);
-    } else {
-      rotate_rows<float>(rotation);
-    }
-    const T* mp = has_mask ? mask.data_ptr<T>() : nullptr;
-    T* op = out.data_ptr<T>();
-    // Big enough chunks that a one-token step does not pay for waking the thread pool.
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, total * hd));
-    const bool use_avx2 = avx2();
-    if (use_avx2 && group <= 4) {  // a job: one row's heads that share a kv head
-      const int64_t groups = batch * steps * kv_heads;
-      at::parallel_for(0, groups, std::max<int64_t>(1, grain / group), [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(group * total);
-        for (int64_t job = begin; job < end; ++job) {
-          const int64_t kvh = job % kv_heads, t = (job / kv_heads) % steps, b = job / (kv_heads * steps);
-          const int64_t first_head = (b * steps + t) * heads + kvh * group;
-          const float* q = queries.data() + first_head * hd;
-          const T* k = kp + (b * kv_heads + kvh) * max_len * hd;
-          const T* v = vp + (b * kv_heads + kvh) * max_len * hd;
-          const T* m = has_mask ? mp + b * mask_batch_stride + t * total : nullptr;
-          const int64_t visible = has_mask ? total : start + t + 1;
-          T* o = op + first_head * hd;
-          switch (group) {
-            case 1: attend_group_avx2<1>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
-            case 2: attend_group_avx2<2>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
-            case 3: attend_group_avx2<3>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
-            default: attend_group_avx2<4>(q, k, v, m, visible, hd, scale, scores.data(), o); break;
-          }
-        }
-      });
-      return;
-    }
-    const int64_t jobs = batch * steps * heads;
-    at::parallel_for(0, jobs, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(total), acc(hd);
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t h = job % heads, t = (job / heads) % steps, b = job / (heads * steps);
-        const float* q = queries.data() + job * hd;
-        const int64_t kvh = h / group;
-        const T* k = kp + (b * kv_heads + kvh) * max_len * hd;
-        const T* v = vp + (b * kv_heads + kvh) * max_len * hd;
-        const T* m = has_mask ? mp + b * mask_batch_stride + t * total : nullptr;
-        const int64_t visible = has_mask ? total : start + t + 1;  // the mask hides the future itself
-        T* o = op + (b * steps + t) * heads * hd + h * hd;
-        if (use_avx2) {
-          attend_row_avx2(q, k, v, m, visible, hd, scale, scores.data(), acc.data(), o);
-        } else {
-          attend_row<float>(q, k, v, m, visible, hd, scale, scores.data(), acc.data(), o);
-        }
-      }
-    });
+    step::rope_attend(step::Attend<T>{qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(),
+                                      cos.size(0) == 1 ? 0 : steps * hd, keys.data_ptr<T>(), values.data_ptr<T>(),
+                                      has_mask ? mask.data_ptr<T>() : nullptr,
+                                      has_mask ? (mask.size(0) == 1 ? 0 : steps * total) : 0, out.data_ptr<T>(),
+                                      queries.data(), batch, steps, heads, kv_heads, hd, max_len, start});
   });
   return out;
 }
