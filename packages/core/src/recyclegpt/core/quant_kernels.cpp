@@ -586,7 +586,7 @@ void dynamic_matmul(int kind, const T* x, int64_t M, int64_t K, const torch::Ten
   if (kind == 1) {
     const DynamicProblem pr{a, d, offset, reinterpret_cast<const uint32_t*>(operands[0].data_ptr<int32_t>()),
                             operands[1].data_ptr<float>(), y, M, K, tiles};
-    at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / (K * kTile)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 18) / (K * kTile)), [&](int64_t begin, int64_t end) {
       vnni ? dynamic_run_tiles(pr, begin, end) : avx2_dynamic_run_tiles(pr, begin, end);
     });
     return;

@@ -130,6 +130,9 @@ class QuantizedLinear(nn.Module):
 
     kernel_dtype = torch.bfloat16  # the activation dtype torch's CPU kernel takes
     row_block: int | None = KERNEL_ROW_BLOCK  # run 5-7 rows as block + rest (None: never split)
+    # How many times any quantized linear has dropped its kernel copy: a one-call step built over
+    # kernel copies (recyclegpt.core.step_kernels.WholeLayers) is current while this is unchanged.
+    kernel_drops = 0
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -138,12 +141,17 @@ class QuantizedLinear(nn.Module):
         self._kernel: tuple | None = None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._kernel = None  # .to(...) moved or cast the buffers the kernel copy came from
+        self.drop_kernel()  # .to(...) moved or cast the buffers the kernel copy came from
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._kernel = None
+        self.drop_kernel()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def drop_kernel(self) -> None:
+        """Forget the kernel copy (the next call makes it anew)."""
+        self._kernel = None
+        QuantizedLinear.kernel_drops += 1
 
     def copy_bias_from(self, linear: nn.Linear) -> None:
         """Take ``linear``'s bias unchanged (the weight is what a subclass converts)."""
