@@ -259,7 +259,8 @@ class _DecodeState:
     def append(self, new_tokens: torch.Tensor, eos_token_id: int | None) -> None:
         """Write tokens [B, k] at the end; note rows that reach EOS."""
         count = min(new_tokens.shape[1], self.max_new_tokens - self.num_new)
-        new_tokens = new_tokens[:, :count]
+        if count < new_tokens.shape[1]:
+            new_tokens = new_tokens[:, :count]
         self.tokens[:, self.length : self.length + count] = new_tokens
         if eos_token_id is not None:
             for row, tokens in enumerate(new_tokens.tolist()):
