@@ -370,3 +370,29 @@ def test_a_refused_step_and_steps_of_other_shapes_leave_the_next_steps_bits_alon
     for shape in ((3, 7), (2, 1), (1, 16)):
         run(torch.randint(1, 97, shape))
     assert torch.equal(run(ids), expected)
+
+
+def test_a_cast_or_replaced_weight_is_what_the_next_whole_step_reads(monkeypatch, prompts) -> None:
+    """Whole steps keep their per-step-constant arguments between steps: casting the model, or
+    replacing its embedding, makes them again (and a cast to bf16 over fp32-matmul linears declines)."""
+    needs("w8a8")
+    stack_calls: list[tuple[int, int]] = []
+    counted_calls(monkeypatch, stack_calls)
+    torch.manual_seed(0)
+    model = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval(), quantize="w8a8")
+    model.generate(prompts[2], 4)  # fp32 whole steps made their arguments
+    model.to(torch.bfloat16)
+    _, reference = prepared_pair("w8a8", torch.bfloat16)
+    assert_same_states(model, reference, prompts)  # bf16 w8a8 whole steps, made again
+    assert stack_calls and all(layers in (3, 1) for _, layers in stack_calls)
+    model.model.embed_tokens.weight = torch.nn.Parameter(reference.model.embed_tokens.weight.detach().clone() * 2)
+    reference.model.embed_tokens.weight = torch.nn.Parameter(reference.model.embed_tokens.weight.detach() * 2)
+    assert_same_states(model, reference, prompts)  # the new embedding, not the one kept
+
+    stack_calls.clear()
+    fp32_kernels = prepare_for_decoding(RecycleGPT(tiny_config(num_layers=3)).eval())
+    fp32_kernels.generate(prompts[2], 3)
+    assert stack_calls
+    stack_calls.clear()
+    fp32_kernels.to(torch.bfloat16).generate(prompts[2], 3)
+    assert stack_calls == []  # bf16 steps over the fp32 matmul's linears run layer by layer
