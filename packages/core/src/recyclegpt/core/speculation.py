@@ -30,6 +30,7 @@ calls before it and on how fast the machine ran its steps.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -164,10 +165,8 @@ class ConfidenceCalibration:
 
     @staticmethod
     def bin(probability: float) -> int:
-        for index, upper in enumerate(CALIBRATION_EDGES[1:-1]):
-            if probability < upper:
-                return index
-        return len(CALIBRATION_EDGES) - 2
+        """The first bin whose upper edge exceeds ``probability`` (the last for 0.95 and above)."""
+        return bisect.bisect_right(CALIBRATION_EDGES, probability, 1, len(CALIBRATION_EDGES) - 1) - 1
 
     def __call__(self, probability: float) -> float:
         """The learned chance that a draft given ``probability`` is accepted."""
@@ -214,13 +213,26 @@ class DraftPlanner:
         self.acceptance[depth - 1] = (1 - self.smoothing) * self._a(depth) + self.smoothing * hit
         self.observed[depth - 1] += 1
 
-    def rate(self, depth: int) -> float:
-        """Expected tokens per millisecond of a cycle that drafts ``depth`` tokens."""
-        tokens, chain = 1.0, 1.0
-        for j in range(1, depth + 1):
-            chain *= self._a(j)
+    def _acceptances(self, depth: int) -> list[float]:
+        """[a_1, ..., a_depth] as :meth:`_a` gives them, in one pass (planning asks for every depth
+        each cycle: one call a depth cost ~20 us a cycle, a share of a small model's)."""
+        while len(self.acceptance) < depth:
+            self.acceptance.append(self.prior)
+            self.observed.append(0)
+        found: list[float] = []
+        for j in range(depth):
+            found.append(self.acceptance[j] if j == 0 or self.observed[j] else found[-1])
+        return found
+
+    def rates(self, limit: int) -> list[float]:
+        """Expected tokens per millisecond of a cycle that drafts 0, 1, ..., ``limit`` tokens."""
+        base_ms, drafting_ms = self.costs.base_ms, self.costs.drafting_ms
+        found, tokens, chain = [1.0 / base_ms[1]], 1.0, 1.0
+        for depth, accepted in enumerate(self._acceptances(limit), start=1):
+            chain *= accepted
             tokens += chain
-        return tokens / (self.costs.base_ms[depth + 1] + self.costs.drafting_ms(depth))
+            found.append(tokens / (base_ms[depth + 1] + drafting_ms(depth)))
+        return found
 
     def plan(self, limit: int) -> int:
         """Draft depth for the next cycle, at most ``limit`` (0: a standard step). Drafting may go
@@ -229,7 +241,8 @@ class DraftPlanner:
         self.probing = False
         if limit < 1:
             return 0
-        best = max(range(limit + 1), key=self.rate)
+        rates = self.rates(limit)
+        best = rates.index(max(rates))  # the shallowest of equals
         if best > 0:
             self.cycles_since_probe = 0
             return best
@@ -243,8 +256,8 @@ class DraftPlanner:
     def chain_acceptance(self, depth: int) -> float:
         """Estimated chance that drafts 1..depth are all accepted."""
         chain = 1.0
-        for j in range(1, depth + 1):
-            chain *= self._a(j)
+        for accepted in self._acceptances(depth):
+            chain *= accepted
         return chain
 
     def keep_drafting(self, depth: int, chain_confidence: float | None = None) -> bool:
