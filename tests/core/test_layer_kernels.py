@@ -345,7 +345,8 @@ def test_a_continuous_batch_steps_in_whole_steps_with_the_bits_of_the_layers_pat
 def test_a_refused_step_and_steps_of_other_shapes_leave_the_next_steps_bits_alone(prompts, quantize) -> None:
     """The one-call steps keep their intermediate rows in scratch memory the thread reuses: a step the
     kernel refuses (a token outside the table), and steps of other batch sizes and lengths between
-    them, do not change what a step gives."""
+    them (one wide enough to spread over several blocks, traded for one at the next step), do not
+    change what a step gives."""
     needs(quantize)
     whole, _ = prepared_pair(quantize)
     kernels, step = build(), whole.model.layers_step
@@ -367,7 +368,7 @@ def test_a_refused_step_and_steps_of_other_shapes_leave_the_next_steps_bits_alon
             *step.heads, step.norm.weight, step.norm.eps, torch.empty(0), torch.empty(0),
         )  # fmt: skip
     assert cache.keys.abs().sum() == 0  # refused before any layer wrote its keys
-    for shape in ((3, 7), (2, 1), (1, 16)):
+    for shape in ((3, 7), (2, 1), (1, 16), (600, 16), (2, 3)):  # 600 x 16 rows outgrow a scratch block
         run(torch.randint(1, 97, shape))
     assert torch.equal(run(ids), expected)
 

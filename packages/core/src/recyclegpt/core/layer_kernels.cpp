@@ -57,31 +57,44 @@ torch::Tensor padded_causal_mask(const torch::Tensor& key_valid, int64_t batch, 
 
 // Scratch memory for a step's intermediate rows, kept by each thread from step to step: pieces of
 // 64-byte aligned blocks, taken in order and given back together (rewind), so that after the first
-// steps a step allocates nothing.
+// steps a step allocates nothing. A step that outgrew the first block (a wider batch) spreads over
+// several; the next step's reset trades them for one block as large as that step's pieces were in
+// all, so a thread keeps about what its widest step needs, not a block for every shape it saw.
 class Scratch {
  public:
   struct Mark {
-    size_t block, used;
+    size_t block, used, taken;
   };
-  Mark mark() const { return {block_, used_}; }
-  void rewind(Mark m) { block_ = m.block, used_ = m.used; }
-  void reset() { rewind({0, 0}); }  // a step's first call: nothing taken is in use (a failed step's too)
+  Mark mark() const { return {block_, used_, taken_}; }
+  void rewind(Mark m) { block_ = m.block, used_ = m.used, taken_ = m.taken; }
+
+  // A step's first call: nothing taken is in use (a failed step's pieces neither).
+  void reset() {
+    if (blocks_.size() > 1) {
+      blocks_.clear();
+      blocks_.emplace_back(std::max(most_, kMinBlock));
+    }
+    rewind({0, 0, 0});
+  }
 
   template <typename U>
   U* take(int64_t count) {
     const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(U) + 63) & ~size_t{63};
     for (;; ++block_, used_ = 0) {
-      if (block_ == blocks_.size()) blocks_.emplace_back(std::max<size_t>(bytes, size_t{1} << 20));
+      if (block_ == blocks_.size()) blocks_.emplace_back(std::max(bytes, kMinBlock));
       Block& b = blocks_[block_];
       if (used_ + bytes <= b.size) {
         U* p = reinterpret_cast<U*>(b.data + used_);
         used_ += bytes;
+        taken_ += bytes;
+        most_ = std::max(most_, taken_);
         return p;
       }
     }
   }
 
  private:
+  static constexpr size_t kMinBlock = size_t{1} << 20;
   struct Block {
     explicit Block(size_t n) : memory(new char[n + 64]), size(n) {
       data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(memory.get()) + 63) & ~uintptr_t{63});
@@ -92,6 +105,8 @@ class Scratch {
   };
   std::vector<Block> blocks_;
   size_t block_ = 0, used_ = 0;
+  size_t taken_ = 0;  // bytes of the pieces in use
+  size_t most_ = 0;   // the most ever in use at once: what one block must hold
 };
 
 Scratch& scratch() {
@@ -102,6 +117,9 @@ Scratch& scratch() {
 // The checks the tensor functions make of a linear's operands, for inputs of width K in `dtype`.
 void check_step_linear(const torch::Tensor* operands, const int64_t* ints, int64_t K, at::ScalarType dtype) {
   const auto& w = operands[0];
+  TORCH_CHECK(ints[0] >= 0 && ints[0] <= 2, "unknown linear kind ", ints[0]);
+  for (int64_t j = 0; j < kOperands[ints[0]]; ++j)
+    TORCH_CHECK(operands[j].device().is_cpu(), "a linear's operands must be CPU tensors");
   switch (ints[0]) {
     case 0:
       TORCH_CHECK(dtype == at::kFloat && dense::supported(), "an fp32-matmul linear needs fp32 steps on AVX2");
@@ -195,6 +213,8 @@ void run_layers(T* x, int64_t batch, int64_t steps, int64_t d, const std::vector
   TORCH_CHECK(keys.dim() == 5 && values.sizes() == keys.sizes() && keys.strides() == values.strides() &&
                   keys.scalar_type() == c10::CppTypeToScalarType<T>::value && values.scalar_type() == keys.scalar_type(),
               "keys and values must be caches [L, B, KV, max_len, hd] of as many layers, in the step's dtype");
+  TORCH_CHECK(keys.device().is_cpu() && values.device().is_cpu(), "the cache must be on the CPU");
+  if (count == 0) return;
   TORCH_CHECK(keys.select(0, 0).is_contiguous() && values.select(0, 0).is_contiguous(),
               "each layer's keys and values must be contiguous");
   const int64_t max_len = keys.size(3), hd = keys.size(4), heads = in.heads, kv_heads = in.kv_heads;
@@ -223,8 +243,8 @@ void run_layers(T* x, int64_t batch, int64_t steps, int64_t d, const std::vector
     }
     TORCH_CHECK(cursor <= end, "fewer tensors than the layers' linears read");
     for (int j = 0; j < 2; ++j)
-      TORCH_CHECK(t[j].scalar_type() == dtype && t[j].is_contiguous() && t[j].numel() == d,
-                  "a norm's weight must be [d] in the step's dtype");
+      TORCH_CHECK(t[j].scalar_type() == dtype && t[j].is_contiguous() && t[j].numel() == d && t[j].device().is_cpu(),
+                  "a norm's weight must be a CPU tensor [d] in the step's dtype");
     const int64_t qkv_width = (heads + 2 * kv_heads) * hd, attended_width = heads * hd;
     TORCH_CHECK(out_width(lin[0], n) == qkv_width, "qkv width does not match the heads");
     TORCH_CHECK(out_width(lin[1], n + kLinearInts) == d && out_width(lin[3], n + 3 * kLinearInts) == d,
@@ -293,7 +313,7 @@ torch::Tensor decode_layers_step(
               "cos and sin must be [B or 1, 1, T, head_dim] in x's dtype");
   const bool has_mask = mask.defined() && mask.numel() > 0;
   if (has_mask) {
-    TORCH_CHECK(mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
+    TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
                     mask.size(-2) == steps && (mask.size(0) == 1 || mask.size(0) == batch),
                 "mask must be additive [B or 1, 1, T, start + T] in x's dtype");
   }
@@ -350,8 +370,11 @@ torch::Tensor decode_stack_step(
   TORCH_CHECK(cos_table.dim() == 2 && sin_table.sizes() == cos_table.sizes() && cos_table.is_contiguous() &&
                   sin_table.is_contiguous() && sin_table.scalar_type() == cos_table.scalar_type(),
               "cos and sin must be contiguous tables [max_len, head_dim]");
-  TORCH_CHECK(norm_weight.scalar_type() == dtype && norm_weight.is_contiguous() && norm_weight.numel() == d,
-              "the final norm's weight must be [d] in the embedding's dtype");
+  TORCH_CHECK(norm_weight.scalar_type() == dtype && norm_weight.is_contiguous() && norm_weight.numel() == d &&
+                  norm_weight.device().is_cpu(),
+              "the final norm's weight must be a CPU tensor [d] in the embedding's dtype");
+  TORCH_CHECK(cos_table.device().is_cpu() && keys.dim() == 5 && keys.size(4) == hd,
+              "the rotary tables must be CPU tables as wide as the cache's head_dim");
   const bool positioned = positions.numel() > 0;
   if (positioned)
     TORCH_CHECK(positions.dim() == 2 && positions.size(0) == batch && positions.size(1) == steps &&

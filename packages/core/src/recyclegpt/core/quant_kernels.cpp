@@ -680,9 +680,9 @@ torch::Tensor shaped_like(const torch::Tensor& y, const torch::Tensor& x, int64_
 }
 
 // A packed weight of kind 1 (int8) or 2 (int4) over x [..., K]: [..., out_features] in x's dtype.
-torch::Tensor dynamic_matmul_rows(int kind, const torch::Tensor& x, const torch::Tensor* operands, int64_t out_features,
-                                  bool vnni) {
-  const auto xc = checked_activations(x, vnni);
+// `xc`: x as checked_activations gives it back.
+torch::Tensor dynamic_matmul_rows(int kind, const torch::Tensor& x, const torch::Tensor& xc, const torch::Tensor* operands,
+                                  int64_t out_features, bool vnni) {
   const int64_t K = xc.size(-1), M = xc.numel() / K;
   QuantizedRows rows(M, K);
   auto y = torch::empty({M, dynamic_width(kind, operands[0])}, xc.options().dtype(at::kFloat));
@@ -721,10 +721,10 @@ torch::Tensor int8_matmul(const torch::Tensor& x, const torch::Tensor& weight, c
 // VNNI kernel, else its AVX2 twin (the same results).
 torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                                   int64_t out_features, bool vnni) {
-  checked_activations(x, vnni);  // x first
+  const auto xc = checked_activations(x, vnni);  // x first
   check_int8_tiles(weight, scales, x.size(-1), out_features);
   const torch::Tensor operands[] = {weight, scales};
-  return dynamic_matmul_rows(1, x, operands, out_features, vnni);
+  return dynamic_matmul_rows(1, x, xc, operands, out_features, vnni);
 }
 
 // x [..., K] (fp32 or bf16) against packed int4 groups of 32 (Q4_1), activations quantized to int8
@@ -732,7 +732,7 @@ torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
 torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                                   const torch::Tensor& mins, int64_t out_features, bool vnni) {
   using namespace packed;
-  checked_activations(x, vnni);  // x first
+  const auto xc = checked_activations(x, vnni);  // x first
   const int64_t K = x.size(-1), tiles = weight.size(0);
   TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
                   weight.size(1) * 8 == K && weight.size(2) == kInt4Tile,
@@ -742,5 +742,5 @@ torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
                 "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
   TORCH_CHECK(out_features <= tiles * kInt4Tile, "out_features exceeds the packed tiles");
   const torch::Tensor operands[] = {weight, scales, mins};
-  return dynamic_matmul_rows(2, x, operands, out_features, vnni);
+  return dynamic_matmul_rows(2, x, xc, operands, out_features, vnni);
 }

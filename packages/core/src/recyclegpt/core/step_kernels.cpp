@@ -695,7 +695,7 @@ torch::Tensor rope_attend(
   const bool has_mask = mask.defined() && mask.numel() > 0;
   const int64_t total = start + steps;
   if (has_mask) {
-    TORCH_CHECK(mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
+    TORCH_CHECK(mask.dim() == 4 && mask.scalar_type() == dtype && mask.is_contiguous() && mask.size(-1) == total &&
                     mask.size(-2) == steps && (mask.size(0) == 1 || mask.size(0) == batch),
                 "mask must be additive [B or 1, 1, T, start + T] in qkv's dtype");
   }
