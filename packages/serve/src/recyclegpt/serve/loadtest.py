@@ -20,6 +20,7 @@ import httpx
 from jsonargparse import ArgumentParser
 
 from recyclegpt.core import DECODING_MODES
+from recyclegpt.core.quantize import QUANTIZE_CHOICES
 
 OPENERS = (
     "Once upon a time, a little robot",
@@ -95,9 +96,16 @@ async def bench(url: str, headers: dict, decoding: str, concurrency: int, reques
 
 
 def direct_generate_seconds(
-    model_dir: str, dtype: str, cpu_threads: int | None, decoding: str, requests: int, max_tokens: int
+    model_dir: str,
+    dtype: str,
+    cpu_threads: int | None,
+    decoding: str,
+    requests: int,
+    max_tokens: int,
+    quantize: str = "none",
 ) -> list[float]:
-    """model.generate timed in this process on the same prompts the server got."""
+    """model.generate timed in this process on the same prompts the server got, with the weights
+    ``quantize`` makes of them (give what the server was started with)."""
     import torch
 
     from recyclegpt.core import RecycleGPT
@@ -106,7 +114,7 @@ def direct_generate_seconds(
         torch.set_num_threads(cpu_threads)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     # from_pretrained resolves auto as the server's worker does
-    model = RecycleGPT.from_pretrained(model_dir, dtype=dtype, device=device, fuse=True)
+    model = RecycleGPT.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize, fuse=True)
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     seconds = []
@@ -132,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=str | None, default=None, help="also time model.generate directly")
     parser.add_argument("--dtype", type=Literal["auto", "bf16", "fp32"], default="auto", help="for the direct run")
     parser.add_argument("--cpu-threads", type=int | None, default=None, help="for the direct run")
+    parser.add_argument(
+        "--quantize",
+        type=Literal[QUANTIZE_CHOICES],
+        default="none",
+        help="for the direct run: the server's --quantize, so that both decode the same weights",
+    )
     args = parser.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         overhead = 1000 * (run.percentile(0.5) - statistics.median(run.generate_seconds))  # vs the worker's own call
         if args.model_dir:
             seconds = direct_generate_seconds(
-                args.model_dir, args.dtype, args.cpu_threads, decoding, args.requests, args.max_tokens
+                args.model_dir, args.dtype, args.cpu_threads, decoding, args.requests, args.max_tokens, args.quantize
             )
             direct = f"{1000 * statistics.median(seconds):.1f}"
             overhead = 1000 * (run.percentile(0.5) - statistics.median(seconds))
