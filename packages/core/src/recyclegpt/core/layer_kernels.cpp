@@ -127,24 +127,15 @@ void check_step_linear(const torch::Tensor* operands, const int64_t* ints, int64
                   "an fp32 linear's weight must be a contiguous fp32 matrix [N, ", K, "]");
       return;
     case 1:
-    case 2: {
-      TORCH_CHECK(ints[2] ? int8_dynamic_supported() : int8_dynamic_avx2_supported(),
-                  "this CPU does not run the int8-activation kernels asked for");
+    case 2:
+      check_dynamic_kernel(ints[2] != 0);
       TORCH_CHECK(K % packed::kBlock == 0, "int8 activations need in_features a multiple of 32, got ", K);
       if (ints[0] == 1) {
         check_int8_tiles(w, operands[1], K, ints[1]);
       } else {
-        TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && w.dim() == 3 && w.size(1) * 8 == K &&
-                        w.size(2) == packed::kInt4Tile,
-                    "int4 weight must be packed tiles [N/32, K/8, 32] of int32 lanes");
-        for (int j = 1; j <= 2; ++j)
-          TORCH_CHECK(operands[j].scalar_type() == at::kHalf && operands[j].is_contiguous() &&
-                          operands[j].numel() == w.size(0) * (K / packed::kBlock) * packed::kInt4Tile,
-                      "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
-        TORCH_CHECK(ints[1] <= dynamic_width(2, w), "out_features exceeds the packed tiles");
+        check_int4_tiles(w, operands[1], operands[2], K, ints[1]);
       }
       return;
-    }
     default: TORCH_CHECK(false, "unknown linear kind ", ints[0]);
   }
 }
@@ -392,14 +383,13 @@ torch::Tensor decode_stack_step(
   }
   const torch::Tensor mask =
       key_valid.numel() > 0 ? layers::padded_causal_mask(key_valid, batch, start, steps, dtype) : torch::Tensor();
-  auto x = torch::empty({batch, steps, d}, embed.options());
   auto out = torch::empty({batch, steps, d}, embed.options());
   float_or_bf16(dtype, [&](auto tag) {
     using T = decltype(tag);
     layers::Scratch& pieces = layers::scratch();
     pieces.reset();
     const T* table = embed.data_ptr<T>();
-    T* xp = x.data_ptr<T>();
+    T* xp = pieces.take<T>(M * d);  // the residual stream, through every layer
     if (prev.numel() == 0) {
       for (int64_t i = 0; i < M; ++i) std::memcpy(xp + i * d, table + id[i] * d, d * sizeof(T));
     } else {

@@ -612,15 +612,20 @@ int64_t dynamic_width(int kind, const torch::Tensor& weight) {
   return weight.size(0) * (kind == 1 ? packed::kTile : packed::kInt4Tile);
 }
 
-// x [..., K] checked for the int8-activation kernels, contiguous.
-torch::Tensor checked_activations(const torch::Tensor& x, bool vnni) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be an fp32 or bf16 CPU tensor");
+// Does this CPU run the int8-activation kernel asked for (`vnni`: the AVX-512 VNNI one, else its AVX2 twin)?
+void check_dynamic_kernel(bool vnni) {
   if (vnni) {
     TORCH_CHECK(int8_dynamic_supported(), "vnni=True needs AVX-512 with VNNI (avx512f/bw/vl/dq, avx512vnni)");
   } else {
     TORCH_CHECK(int8_dynamic_avx2_supported(), "vnni=False needs AVX2, FMA and F16C");
   }
+}
+
+// x [..., K] checked for the int8-activation kernels, contiguous.
+torch::Tensor checked_activations(const torch::Tensor& x, bool vnni) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be an fp32 or bf16 CPU tensor");
+  check_dynamic_kernel(vnni);
   TORCH_CHECK(x.size(-1) % packed::kBlock == 0, "int8 activations need in_features a multiple of 32, got ",
               x.size(-1));
   // Read in place (bf16 too: converting it first cost an aten call a matmul, ~1 ms a SmolLM2 step).
@@ -650,6 +655,22 @@ void check_int8_tiles(const torch::Tensor& weight, const torch::Tensor& scales, 
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
               "scales must be fp32 [N/64 * 64]");
   TORCH_CHECK(out_features <= tiles * kTile, "out_features exceeds the packed tiles");
+}
+
+// Is `weight` int4 tiles [N/32, K/8, 32] with fp16 scales and minimums [N/32, K/32, 32] for
+// out_features <= N?
+void check_int4_tiles(const torch::Tensor& weight, const torch::Tensor& scales, const torch::Tensor& mins, int64_t K,
+                      int64_t out_features) {
+  using packed::kBlock;
+  using packed::kInt4Tile;
+  const int64_t tiles = weight.size(0);
+  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
+                  weight.size(1) * 8 == K && weight.size(2) == kInt4Tile,
+              "int4 weight must be packed tiles [N/32, K/8, 32] of int32 lanes");
+  for (const auto* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == tiles * (K / kBlock) * kInt4Tile,
+                "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
+  TORCH_CHECK(out_features <= tiles * kInt4Tile, "out_features exceeds the packed tiles");
 }
 
 // fp32 y [M, padded] -> bf16 out [M, n], rounded to nearest even as torch rounds, eight lanes at a
@@ -731,16 +752,8 @@ torch::Tensor int8_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& w
 // in blocks of 32 on the fly; [..., out_features] in x's dtype. `vnni` as for int8_dynamic_matmul.
 torch::Tensor int4_dynamic_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
                                   const torch::Tensor& mins, int64_t out_features, bool vnni) {
-  using namespace packed;
   const auto xc = checked_activations(x, vnni);  // x first
-  const int64_t K = x.size(-1), tiles = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == at::kInt && weight.is_contiguous() && weight.dim() == 3 &&
-                  weight.size(1) * 8 == K && weight.size(2) == kInt4Tile,
-              "int4 weight must be packed tiles [N/32, K/8, 32] of int32 lanes");
-  for (const auto* t : {&scales, &mins})
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == tiles * (K / kBlock) * kInt4Tile,
-                "int4 scales and minimums must be fp16 [N/32, K/32, 32]");
-  TORCH_CHECK(out_features <= tiles * kInt4Tile, "out_features exceeds the packed tiles");
+  check_int4_tiles(weight, scales, mins, x.size(-1), out_features);
   const torch::Tensor operands[] = {weight, scales, mins};
   return dynamic_matmul_rows(2, x, xc, operands, out_features, vnni);
 }

@@ -201,21 +201,17 @@ class DraftPlanner:
         return self.costs.max_tokens - 1
 
     def _a(self, depth: int) -> float:
-        """a_depth; a depth never verified yet borrows the estimate of the depth before it."""
-        while len(self.acceptance) < depth:
-            self.acceptance.append(self.prior)
-            self.observed.append(0)
-        if self.observed[depth - 1] == 0 and depth > 1:
-            return self._a(depth - 1)
-        return self.acceptance[depth - 1]
+        """a_depth (depth >= 1), as :meth:`_acceptances` gives it."""
+        return self._acceptances(depth)[-1]
 
     def _update(self, depth: int, hit: float) -> None:
         self.acceptance[depth - 1] = (1 - self.smoothing) * self._a(depth) + self.smoothing * hit
         self.observed[depth - 1] += 1
 
     def _acceptances(self, depth: int) -> list[float]:
-        """[a_1, ..., a_depth] as :meth:`_a` gives them, in one pass (planning asks for every depth
-        each cycle: one call a depth cost ~20 us a cycle, a share of a small model's)."""
+        """[a_1, ..., a_depth]: a depth never verified yet borrows the estimate of the depth before it.
+        One pass for every depth (planning asks for every depth each cycle: one pass a depth cost ~20
+        us a cycle, a share of a small model's)."""
         while len(self.acceptance) < depth:
             self.acceptance.append(self.prior)
             self.observed.append(0)
